@@ -1,0 +1,38 @@
+"""The device mesh: one ``data`` axis; batches sharded over it, parameters replicated."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all global devices, every process's).
+
+    Built with ``Mesh`` directly: ``jax.make_mesh`` defaults to Explicit axis types, which
+    reject ops such as ``z @ z.T`` on batch-sharded arrays.
+    """
+    devs = np.asarray(jax.devices() if devices is None else list(devices))
+    return Mesh(devs, (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over ``data``; other axes whole."""
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices."""
+    n = mesh.devices.size
+    if batch_size <= 0 or batch_size % n:
+        raise ValueError(
+            f"batch size {batch_size} must be a positive multiple of the number of devices "
+            f"({n}); use a batch size such as {max(n, (max(batch_size, 1) // n) * n)}")
