@@ -288,7 +288,7 @@ class SlimBatchNorm(nn.Module):
                           self.param_dtype)[:c]
         if train:
             mean, var = grouped_moments(x, self.group_size)  # (G, C)
-            if self.is_mutable_collection("bn_moments"):
+            if self.is_mutable_collection("bn_moments") and not self.is_initializing():
                 whole_mean = jnp.mean(mean, axis=0)
                 whole_var = jnp.mean(var + jnp.square(mean), axis=0) - jnp.square(whole_mean)
                 self.sow("bn_moments", "mean", whole_mean)
