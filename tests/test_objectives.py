@@ -163,6 +163,8 @@ def test_bad_arguments():
             obj.nt_xent(a, b, tau)
         with pytest.raises(ValueError, match="tau must be > 0"):
             obj.distill_loss("infonce", (a, b), (a, b), tau=tau)
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            obj.base_loss("mse", (a, b), (a, b), tau=tau)  # checked even where unused
     with pytest.raises(ValueError, match="same shape"):
         obj.nt_xent(a, b[:4], 0.5)
     with pytest.raises(ValueError, match="pair"):

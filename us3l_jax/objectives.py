@@ -154,6 +154,7 @@ def base_loss(name: str, outputs: Sequence[Array], targets: Sequence[Array] | No
       targets are the teacher's or the online projections, stop-gradiented by the caller).
     """
     name = check_loss_name(name, "base")
+    _check_tau(tau)
     o1, o2 = _two(outputs, "outputs")
     if name == "infonce":
         if targets is None:
@@ -175,6 +176,7 @@ def distill_loss(name: str, students: Sequence[Array], teachers: Sequence[Array]
     with teacher view u ≠ v.
     """
     name = check_loss_name(name, "distill")
+    _check_tau(tau)
     if name == "none":
         return jnp.zeros((), jnp.float32)
     s1, s2 = _two(students, "students")
