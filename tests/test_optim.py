@@ -1,0 +1,239 @@
+"""Grouped weight decay against the official GroupReg numbers (§12 item 10), the per-epoch
+cosine learning rate (§12 item 12) and SGD/LARS steps computed by hand."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from us3l_jax import optim
+
+LAM, ALPHA, G, E = 5e-5, 0.05, 8, 400
+SPE = 3  # steps per epoch in these tests
+# Final official per-group factors (reference §6), 8 channels per group for K = 64.
+FACTORS_64 = np.repeat([1.0, 0.95, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65], 8)
+
+
+def official_reg(params, factors):
+    """R = Σ λ_i p² over a BN γ (grouped on axis 0), an HWIO conv (grouped on the output axis)
+    and a dense kernel (uniform), written out directly from the reference."""
+    return (LAM * jnp.sum(factors * params["bn"]["scale"] ** 2)
+            + LAM * jnp.sum(factors * params["conv"]["kernel"] ** 2)
+            + LAM * jnp.sum(params["dense"]["kernel"] ** 2))
+
+
+def ones_params():
+    return {"bn": {"scale": jnp.ones(64)}, "conv": {"kernel": jnp.ones((3, 3, 64, 64))},
+            "dense": {"kernel": jnp.ones((64, 32))}}
+
+
+def decay_terms(tx, params, step):
+    """The decay alone: updates of zero gradients at training iteration ``step``."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    out, _ = tx.update(zeros, tx.init(params), params, step=step)
+    return out
+
+
+@pytest.fixture(scope="module")
+def group_tx():
+    return optim.grouped_weight_decay(LAM, ALPHA, G, warmup=0, total=E, steps_per_epoch=SPE)
+
+
+def test_official_totals():
+    # §12 item 10 at epoch >= 200: 2.64e-3 for a 64-ones BN γ, 1.52064 for the ones conv.
+    f = optim.group_decay_factors(64, G, ALPHA)
+    np.testing.assert_allclose(f, FACTORS_64, atol=1e-12)
+    assert LAM * f.sum() == pytest.approx(2.64e-3, rel=1e-9)
+    assert LAM * 3 * 3 * 64 * f.sum() == pytest.approx(1.52064, rel=1e-9)
+
+
+def test_gradient_is_twice_lambda_i_p(group_tx):
+    params = ones_params()
+    got = decay_terms(group_tx, params, step=250 * SPE)
+    want = jax.grad(lambda p: official_reg(p, jnp.asarray(FACTORS_64, jnp.float32)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+    np.testing.assert_allclose(got["bn"]["scale"], 2 * LAM * FACTORS_64, rtol=1e-6)
+    np.testing.assert_allclose(got["dense"]["kernel"], 2 * LAM, rtol=1e-6)  # always uniform
+    # Random values: still exactly the gradient of R.
+    rnd = jax.tree.map(lambda p: jax.random.normal(jax.random.key(0), p.shape), params)
+    got = decay_terms(group_tx, rnd, step=399 * SPE)
+    want = jax.grad(lambda p: official_reg(p, jnp.asarray(FACTORS_64, jnp.float32)))(rnd)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12), got, want)
+
+
+def test_conv_grouped_on_output_axis(group_tx):
+    # Flax HWIO: output channels are the last axis. One nonzero output channel vs input channel.
+    k_out = jnp.zeros((3, 3, 64, 64)).at[:, :, 0, 63].set(1.0)
+    k_in = jnp.zeros((3, 3, 64, 64)).at[:, :, 63, 0].set(1.0)
+    for k, factor in ((k_out, 0.65), (k_in, 1.0)):
+        got = decay_terms(group_tx, {"k": k}, step=300 * SPE)["k"]
+        assert float(jnp.sum(got)) == pytest.approx(9 * 2 * LAM * factor, rel=1e-5)
+
+
+def test_alpha_ramp(group_tx):
+    # §12 item 10: epoch 0 uses exactly λ everywhere; epoch 100 of 400 (α_t = 0.025) gives a
+    # last-group factor of 0.825; the factor is constant within an epoch.
+    assert float(optim.alpha_schedule(ALPHA, 0, 0, E)) == 0.0
+    assert float(optim.alpha_schedule(ALPHA, 100, 0, E)) == pytest.approx(0.025)
+    assert float(optim.alpha_schedule(ALPHA, 200, 0, E)) == pytest.approx(0.05)
+    f = optim.group_decay_factors(64, G, optim.alpha_schedule(ALPHA, 100, 0, E))
+    assert f[-1] == pytest.approx(0.825, abs=1e-7)
+    bn = {"scale": jnp.ones(64)}
+    np.testing.assert_array_equal(decay_terms(group_tx, bn, 0)["scale"], np.float32(2 * LAM))
+    for it in range(SPE):
+        last = decay_terms(group_tx, bn, 100 * SPE + it)["scale"][-1]
+        assert float(last) == pytest.approx(2 * LAM * 0.825, rel=1e-6)
+    # Warm-up 200 of 400 (CIFAR R-50): uniform until 200, then full α with no ramp.
+    assert float(optim.alpha_schedule(ALPHA, 199, 200, E)) == 0.0
+    assert float(optim.alpha_schedule(ALPHA, 200, 200, E)) == pytest.approx(0.05)
+    # Warm-up 200 of 800 (MBv2-BYOL): ramp from 200 to 400.
+    assert float(optim.alpha_schedule(ALPHA, 300, 200, 800)) == pytest.approx(0.025)
+
+
+def test_group_rules():
+    # K < G: everything in the last group.
+    np.testing.assert_allclose(optim.group_decay_factors(5, G, ALPHA), 0.65)
+    # Remainder goes to the last group: K = 20, K_G = 2 -> channels 14..19 in group 7.
+    assert list(optim.group_indices(20, G)) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5] + [6, 6] + [7] * 6
+    # Paper Eq. 5 (1-based k): boundaries shift by one channel, the last channel reaches G.
+    paper = optim.group_indices(64, G, rule="paper")
+    assert list(paper[:9]) == [0] * 7 + [1, 1] and paper[-1] == G and paper[-2] == G - 1
+    assert optim.group_decay_factors(64, G, ALPHA, rule="paper")[-1] == pytest.approx(0.6)
+
+
+def test_alpha_zero_is_plain_weight_decay():
+    params = {"conv": jax.random.normal(jax.random.key(1), (3, 3, 4, 16)),
+              "bn": jax.random.normal(jax.random.key(2), (16,)),
+              "dense": jax.random.normal(jax.random.key(3), (16, 8))}
+    grads = jax.tree.map(lambda p: jnp.cos(p), params)
+    ours = optim.grouped_weight_decay(LAM, 0.0, G, total=E)
+    ref = optax.add_decayed_weights(2 * LAM)
+    got, _ = ours.update(grads, ours.init(params), params, step=300)
+    want, _ = ref.update(grads, ref.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_masks(group_tx):
+    params = {"backbone": {"scale": jnp.ones(64)}, "predictor": {"scale": jnp.ones(64)}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    mask = {"backbone": {"scale": True}, "predictor": {"scale": False}}
+    tx = optim.grouped_weight_decay(LAM, ALPHA, G, total=E, mask=lambda p: mask)
+    out, state = tx.update(zeros, tx.init(params), params)
+    assert float(jnp.sum(out["backbone"]["scale"])) > 0
+    np.testing.assert_array_equal(out["predictor"]["scale"], 0.0)
+    assert int(state.count) == 1
+    # Per-call override (e.g. predictor included at sub-widths).
+    all_on = jax.tree.map(lambda _: True, params)
+    out, _ = group_tx.update(zeros, group_tx.init(params), params, decay_mask=all_on)
+    assert float(jnp.sum(out["predictor"]["scale"])) > 0
+
+
+def test_count_drives_schedule_without_step():
+    tx = optim.grouped_weight_decay(LAM, ALPHA, G, total=4)  # per step: α ramps 0 -> α by 2
+    p = {"s": jnp.ones(16)}
+    zeros = {"s": jnp.zeros(16)}
+    state = tx.init(p)
+    lasts = []
+    for _ in range(3):
+        out, state = jax.jit(tx.update)(zeros, state, p)
+        lasts.append(float(out["s"][-1]) / (2 * LAM))
+    assert lasts == pytest.approx([1.0, 1 - 7 * ALPHA / 2, 1 - 7 * ALPHA], abs=1e-6)
+
+
+def test_lr_schedule():
+    # §12 item 12: US3L CIFAR, lr 0.5 over 400 epochs, stepped per epoch.
+    lr = optim.cosine_lr(0.5, E, steps_per_epoch=98)
+    assert float(lr(0)) == 0.5
+    assert float(lr(200 * 98)) == pytest.approx(0.25, rel=1e-6)
+    want = 0.5 * 0.5 * (1 + math.cos(math.pi * 399 / 400))
+    assert float(lr(399 * 98)) == pytest.approx(want, rel=1e-4)
+    assert want == pytest.approx(7.7e-6, rel=0.01)
+    assert len({float(lr(137 * 98 + i)) for i in range(98)}) == 1
+    assert float(lr(138 * 98)) < float(lr(137 * 98))
+    # Per step with a warm-up of 10 steps: linear up to the base, then cosine to 0.
+    lr = optim.cosine_lr(1.0, 110, warmup=10)
+    assert [float(lr(t)) for t in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert float(lr(10)) == 1.0
+    assert float(lr(60)) == pytest.approx(0.5, rel=1e-6)
+    assert float(lr(110)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_sgd_momentum_steps_by_hand():
+    # torch.optim.SGD(lr=lr(e), momentum=0.9, weight_decay=2λ): b = 0.9 b + g + 2λ p; p -= lr·b.
+    tx, lr = optim.make_optimizer(0.5, 4, steps_per_epoch=1, reg_lambda=LAM, reg_alpha=0.0)
+    p = {"w": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5])}
+    g1 = {"w": jnp.array([0.1, 0.2, -0.3]), "b": jnp.array([1.0])}
+    g2 = {"w": jnp.array([-0.4, 0.0, 0.2]), "b": jnp.array([-1.0])}
+    state = tx.init(p)
+    upd, state = tx.update(g1, state, p)
+    p1 = optax.apply_updates(p, upd)
+    upd, state = tx.update(g2, state, p1)
+    p2 = optax.apply_updates(p1, upd)
+    lr0, lr1 = 0.5, 0.5 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert float(lr(1)) == pytest.approx(lr1, rel=1e-6)
+    for k in p:
+        x0, a, b = (np.asarray(t[k], np.float64) for t in (p, g1, g2))
+        buf = a + 2 * LAM * x0
+        x1 = x0 - lr0 * buf
+        buf = 0.9 * buf + b + 2 * LAM * x1
+        x2 = x1 - lr1 * buf
+        np.testing.assert_allclose(p2[k], x2, rtol=1e-5)  # float32 arithmetic
+
+
+def test_step_extra_arg_for_several_updates_per_iteration():
+    # Per-width updates: three updates in one iteration all use that iteration's lr and α.
+    tx, lr = optim.make_optimizer(0.5, 10, steps_per_epoch=2, reg_lambda=LAM, reg_alpha=ALPHA)
+    p = {"s": jnp.ones(16)}
+    zeros = {"s": jnp.zeros(16)}
+    state = tx.init(p)
+    update = jax.jit(tx.update)  # the iteration is traced
+    for _ in range(3):
+        upd, state = update(zeros, state, p, step=jnp.int32(9))  # epoch 4: α_t = α·4/5 (ramp to epoch 5)
+    # With zero gradients the momentum buffer holds decays: b3 = (1 + 0.9 + 0.81)·d.
+    alpha_t = float(optim.alpha_schedule(ALPHA, 4, 0, 10))
+    d_last = 2 * LAM * (1 - 7 * alpha_t)
+    assert float(upd["s"][-1]) == pytest.approx(-float(lr(9)) * 2.71 * d_last, rel=1e-5)
+    assert float(lr(9)) == pytest.approx(0.5 * math.cos(math.pi / 2 * 0.4) ** 2, rel=1e-6)
+
+
+def test_lars_trust_ratio():
+    tx, lr = optim.make_optimizer(2.0, 10, reg_lambda=LAM, reg_alpha=0.0, lars=True)
+    p = {"w": jnp.array([[3.0, 4.0]]), "b": jnp.array([1.0])}
+    g = {"w": jnp.array([[0.6, -0.8]]), "b": jnp.array([0.5])}
+    upd, _ = tx.update(g, tx.init(p), p)
+    for k in p:
+        u = np.asarray(g[k]) + 2 * LAM * np.asarray(p[k])
+        ratio = 0.001 * np.linalg.norm(p[k]) / np.linalg.norm(u)
+        np.testing.assert_allclose(upd[k], -2.0 * ratio * u, rtol=1e-5)
+    # SimCLR-style: leave 1-D params out of the adaptation.
+    tx, _ = optim.make_optimizer(2.0, 10, lars=True,
+                                 lars_mask=lambda ps: jax.tree.map(lambda x: x.ndim > 1, ps))
+    upd, _ = tx.update(g, tx.init(p), p, step=0)
+    np.testing.assert_allclose(upd["b"], -2.0 * np.asarray(g["b"]), rtol=1e-6)
+    assert float(jnp.linalg.norm(upd["w"])) == pytest.approx(2.0 * 0.001 * 5.0, rel=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown group rule 'eq5'; valid: official, paper"):
+        optim.grouped_weight_decay(LAM, ALPHA, total=E, rule="eq5")
+    with pytest.raises(ValueError, match="groups must be a positive integer, got 0"):
+        optim.grouped_weight_decay(LAM, ALPHA, 0, total=E)
+    with pytest.raises(ValueError, match="lam .* must be >= 0, got -1"):
+        optim.grouped_weight_decay(-1.0, ALPHA, total=E)
+    with pytest.raises(ValueError, match="warmup must be a non-negative integer, got -5"):
+        optim.grouped_weight_decay(LAM, ALPHA, total=E, warmup=-5)
+    with pytest.raises(ValueError, match="total must be a positive integer, got 0"):
+        optim.alpha_schedule(ALPHA, 0, 0, 0)
+    with pytest.raises(ValueError, match="base learning rate must be > 0"):
+        optim.cosine_lr(0.0, 10)
+    with pytest.raises(ValueError, match=r"warmup must be an integer in \[0, total=10\)"):
+        optim.cosine_lr(0.1, 10, warmup=10)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        optim.make_optimizer(0.1, 10, momentum=1.0)
+    with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer"):
+        optim.make_optimizer(0.1, 10, steps_per_epoch=0)
+    tx = optim.grouped_weight_decay(LAM, ALPHA, total=E)
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update({"a": jnp.ones(2)}, tx.init(None))

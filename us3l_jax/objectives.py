@@ -1,0 +1,198 @@
+"""SSL objectives of US3L: NT-Xent, InfoNCE distillation and negative cosine (reference §4).
+
+Pure functions on arrays. All math runs in float32 whatever the input dtype, and the
+contrastive losses use log-sum-exp (the official code uses plain exp/log, which overflows for
+small temperatures; the values agree otherwise).
+
+Negatives can be restricted to groups of ``group_size`` consecutive examples: the batch is
+reshaped to (B/g, g, D), each group is an independent NT-Xent problem, and the loss is the mean
+over groups. The official CNN code computes its losses per GPU (128 examples, no all_gather),
+so ``group_size=128`` reproduces it on any number of devices; ``None`` uses the whole batch.
+
+Nothing here stops gradients: callers pass ``jax.lax.stop_gradient(teacher)`` where the
+reference detaches (momentum-teacher outputs, SimSiam/BYOL targets).
+"""
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Names accepted by the lookups; "mse" is the paper's name for the negative cosine (§4.5).
+BASE_LOSSES = ("infonce", "mse", "neg_cosine")
+DISTILL_LOSSES = ("none", "infonce", "mse", "neg_cosine")
+
+_NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
+_COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity
+
+
+def l2_normalize(x: Array, eps: float = _NORMALIZE_EPS) -> Array:
+    """Rows divided by ``max(||x||, eps)`` in float32, as ``F.normalize(x, dim=-1)``.
+
+    The norm is ``sqrt(max(sum x², eps²))``: the same value as clamping the norm, but with a
+    finite gradient at a zero row (``sqrt`` at 0 has none).
+    """
+    x = jnp.asarray(x, jnp.float32)
+    sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def _check_tau(tau: float) -> None:
+    # A traced temperature (e.g. a schedule) cannot be checked here; concrete ones must be > 0.
+    if isinstance(tau, numbers.Real) and not tau > 0:
+        raise ValueError(f"temperature tau must be > 0, got {tau!r}")
+
+
+def _check_pair(a: Array, b: Array, what: str) -> None:
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(
+            f"{what} needs two (batch, dim) arrays of the same shape, got {a.shape} and {b.shape}")
+
+
+def _groups(batch: int, group_size: int | None) -> int:
+    """Group size to use; raises if ``batch`` does not split into whole groups."""
+    if group_size is None:
+        return batch
+    g = int(group_size)
+    if g != group_size or g <= 0 or batch % g:
+        raise ValueError(
+            f"batch {batch} is not divisible by the loss group size {group_size!r}; use a "
+            f"positive divisor of the batch, or None for the whole batch")
+    return g
+
+
+def nt_xent(a: Array, b: Array, tau: float, group_size: int | None = None) -> Array:
+    """NT-Xent with the official ``nt_xentv2`` semantics (reference §4.1).
+
+    Rows of ``a`` and ``b`` (B, D) are L2-normalised and stacked to X = [n(a); n(b)] (2B rows).
+    Row i's positive is its partner in the other half; its denominator sums over all 2B−1 other
+    rows (positive included, self excluded). Returns the mean over the 2B rows (and over groups
+    when ``group_size`` splits the batch). Symmetric: ``nt_xent(a, b) == nt_xent(b, a)``.
+    """
+    _check_tau(tau)
+    a = jnp.asarray(a)
+    b = jnp.asarray(b)
+    _check_pair(a, b, "nt_xent")
+    batch, dim = a.shape
+    g = _groups(batch, group_size)
+    za = l2_normalize(a).reshape(batch // g, g, dim)
+    zb = l2_normalize(b).reshape(batch // g, g, dim)
+    x = jnp.concatenate([za, zb], axis=1)  # (groups, 2g, D)
+    # The similarity matrix is tiny next to the backbone: keep it in full float32 precision
+    # (no TF32/bf16 passes on accelerators).
+    logits = jnp.einsum("nid,njd->nij", x, x, precision=jax.lax.Precision.HIGHEST) / tau
+    self_mask = jnp.eye(2 * g, dtype=bool)
+    logits = jnp.where(self_mask, -jnp.inf, logits)
+    pos = jnp.sum(za * zb, axis=-1) / tau  # (groups, g)
+    pos = jnp.concatenate([pos, pos], axis=1)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - pos)
+
+
+def simclr_infonce(z1: Array, z2: Array, tau: float, group_size: int | None = None) -> Array:
+    """SimCLR base loss (``InfoNCEv2``, reference §4.2): NT-Xent between the two online views."""
+    return nt_xent(z1, z2, tau, group_size)
+
+
+def infonce_distill(s1: Array, s2: Array, t1: Array, t2: Array, tau: float,
+                    group_size: int | None = None) -> Array:
+    """``InfoNCEv2_distill`` (reference §4.3): ½[NT-Xent(s1, t2) + NT-Xent(s2, t1)].
+
+    Cross-view pairs only (student view v against teacher view u ≠ v). This is the US3L base
+    loss (students = online max-width outputs, teachers = momentum-encoder outputs) and the
+    InfoNCE distillation loss of paper Eq. 7. The teacher arrays are used as given: wrap them
+    in ``jax.lax.stop_gradient`` where the teacher must not learn (as the official code does).
+    """
+    return 0.5 * (nt_xent(s1, t2, tau, group_size) + nt_xent(s2, t1, tau, group_size))
+
+
+def _cosine(x: Array, y: Array) -> Array:
+    """Row-wise cosine similarity, each norm clamped at 1e-8 (``nn.CosineSimilarity(dim=1)``)."""
+    return jnp.sum(l2_normalize(x, _COSINE_EPS) * l2_normalize(y, _COSINE_EPS), axis=-1)
+
+
+def neg_cosine(p1: Array, p2: Array, t1: Array, t2: Array) -> Array:
+    """The paper's "MSE" loss, really −cos (reference §4.5): −½[mean cos(p2, t1) + mean cos(p1, t2)].
+
+    Cross-view pairs only; range [−1, 1]. (The true MSE of normalised vectors, 2 − 2cos, has
+    twice this gradient; the official learning rates assume this convention.)
+    """
+    for p, t in ((p1, t2), (p2, t1)):
+        _check_pair(jnp.asarray(p), jnp.asarray(t), "neg_cosine")
+    return -0.5 * (jnp.mean(_cosine(p2, t1)) + jnp.mean(_cosine(p1, t2)))
+
+
+def check_loss_name(name: str, kind: str) -> str:
+    """Canonical loss name (``"neg_cosine"`` for ``"mse"``) or a ValueError listing valid ones.
+
+    ``kind`` is ``"base"`` or ``"distill"``. Call it when validating a config, before tracing.
+    """
+    valid = {"base": BASE_LOSSES, "distill": DISTILL_LOSSES}.get(kind)
+    if valid is None:
+        raise ValueError(f"loss kind must be 'base' or 'distill', got {kind!r}")
+    if name not in valid:
+        raise ValueError(f"unknown {kind} loss {name!r}; valid names: {', '.join(valid)}")
+    return "neg_cosine" if name == "mse" else name
+
+
+def _two(views: Sequence[Array], what: str) -> tuple[Array, Array]:
+    if len(views) != 2:
+        raise ValueError(f"{what} must be a pair (view 1, view 2), got {len(views)} arrays")
+    return views[0], views[1]
+
+
+def base_loss(name: str, outputs: Sequence[Array], targets: Sequence[Array] | None = None, *,
+              tau: float = 0.5, group_size: int | None = None) -> Array:
+    """Base-network loss by name (paper Table 7 "base loss").
+
+    * ``"infonce"`` with ``targets`` (momentum-teacher outputs): ``infonce_distill`` (US3L);
+      without targets: ``simclr_infonce`` between the two online views (SimCLR).
+    * ``"mse"``/``"neg_cosine"``: ``neg_cosine(outputs, targets)`` (BYOL/SimSiam-style; the
+      targets are the teacher's or the online projections, stop-gradiented by the caller).
+    """
+    name = check_loss_name(name, "base")
+    _check_tau(tau)
+    o1, o2 = _two(outputs, "outputs")
+    if name == "infonce":
+        if targets is None:
+            return simclr_infonce(o1, o2, tau, group_size)
+        t1, t2 = _two(targets, "targets")
+        return infonce_distill(o1, o2, t1, t2, tau, group_size)
+    if targets is None:
+        raise ValueError("the 'mse' (negative cosine) base loss needs targets")
+    t1, t2 = _two(targets, "targets")
+    return neg_cosine(o1, o2, t1, t2)
+
+
+def distill_loss(name: str, students: Sequence[Array], teachers: Sequence[Array], *,
+                 tau: float = 0.5, group_size: int | None = None) -> Array:
+    """Sub-network distillation loss by name (paper Table 7 "distill loss").
+
+    ``"none"`` gives 0; ``"mse"``/``"neg_cosine"`` the negative cosine (US3L default, Eq. 6);
+    ``"infonce"`` the cross-view InfoNCE distillation (Eq. 7). Student view v is always paired
+    with teacher view u ≠ v.
+    """
+    name = check_loss_name(name, "distill")
+    _check_tau(tau)
+    if name == "none":
+        return jnp.zeros((), jnp.float32)
+    s1, s2 = _two(students, "students")
+    t1, t2 = _two(teachers, "teachers")
+    if name == "infonce":
+        return infonce_distill(s1, s2, t1, t2, tau, group_size)
+    return neg_cosine(s1, s2, t1, t2)
+
+
+def embedding_std(z: Array) -> Array:
+    """Per-dimension std over the batch of L2-normalised embeddings, averaged over dimensions.
+
+    SimSiam's collapse monitor: about 1/sqrt(D) for well-spread embeddings, 0 when all
+    outputs collapse to one vector. Population std (ddof 0).
+    """
+    z = jnp.asarray(z)
+    if z.ndim != 2:
+        raise ValueError(f"embedding_std needs a (batch, dim) array, got shape {z.shape}")
+    return jnp.mean(jnp.std(l2_normalize(z), axis=0))

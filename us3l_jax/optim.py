@@ -1,0 +1,297 @@
+"""Grouped weight decay (paper §3.2.3, reference §6) and the SGD/LARS optimizer (reference §7).
+
+Group regularization gives the trailing channels of a layer — used only by wide sub-networks —
+a smaller L2 coefficient: channel group i of G gets λ_i = λ·(1 − α_t·i). The official code adds
+R = Σ λ_i·p² (no ½) to the loss, whose gradient is 2·λ_i·p; here that gradient is added to the
+updates by an optax transform, so λ = 5e-5 is weight decay 1e-4 and α = 0 is plain L2.
+
+Schedules (learning rate, α ramp) read the update count kept in their state, or the training
+iteration passed as the extra argument ``step=`` to ``update``. Pass ``step`` whenever one
+iteration makes several optimizer updates (the official per-width updates), otherwise the
+schedules would advance once per update.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Array = jax.Array
+PyTree = Any
+Schedule = Callable[[Any], Array]
+MaskOrFn = PyTree | Callable[[PyTree], PyTree] | None
+
+GROUP_RULES = ("official", "paper")
+
+
+# ------------------------------------------------------------------------------------------
+# Per-channel factors and the α ramp
+# ------------------------------------------------------------------------------------------
+
+
+def _check_positive_int(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def group_indices(size: int, groups: int, rule: str = "official") -> np.ndarray:
+    """Group index of each of ``size`` channels (0 = leading channels, most decay).
+
+    ``"official"`` (GroupReg.py): K_G = K // G and channel c (0-based) is in group
+    min(c // K_G, G − 1), so the last group absorbs the remainder; with K < G every channel is
+    in group G − 1. ``"paper"`` (Eq. 5): ⌊k / K_G⌋ with 1-based k, i.e. the boundaries shift by
+    one channel and the last channel (K divisible by G) reaches index G, a factor 1 − G·α
+    (the "max decay fraction G×α" of appendix B.3); K_G is at least 1.
+    """
+    size = _check_positive_int("size", size)
+    groups = _check_positive_int("groups", groups)
+    c = np.arange(size)
+    kg = size // groups
+    if rule == "official":
+        if kg == 0:
+            return np.full(size, groups - 1)
+        return np.minimum(c // kg, groups - 1)
+    if rule == "paper":
+        return (c + 1) // max(kg, 1)
+    raise ValueError(f"unknown group rule {rule!r}; valid: {', '.join(GROUP_RULES)}")
+
+
+def group_decay_factors(size: int, groups: int, alpha_t: float,
+                        rule: str = "official") -> np.ndarray:
+    """Per-channel factors 1 − α_t·i (λ_i = λ·factor) for a grouped axis of ``size`` channels."""
+    return 1.0 - float(alpha_t) * group_indices(size, groups, rule)
+
+
+def alpha_schedule(alpha: float, t: Any, warmup: int, total: int) -> Array:
+    """α_t of the official ``cal_lambda`` at time ``t`` (epochs officially, or steps).
+
+    0 before ``warmup`` (plain L2); then a linear ramp reaching α at ``total // 2``; α after.
+    If ``warmup >= total // 2`` there is no ramp: α from ``warmup`` on. Traceable in ``t``.
+    """
+    total = _check_positive_int("total", total)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    half = total // 2
+    t = jnp.asarray(t, jnp.float32)
+    if warmup >= half:
+        return jnp.where(t < warmup, 0.0, alpha).astype(jnp.float32)
+    ramp = alpha * (t - warmup) / (half - warmup)
+    return jnp.where(t < warmup, 0.0, jnp.where(t < half, ramp, alpha)).astype(jnp.float32)
+
+
+def default_group_axis(shape: tuple[int, ...]) -> int | None:
+    """Axis grouped by the official GroupReg, in Flax layouts; None = uniform λ.
+
+    Conv kernels (4-D, HWIO): the output channels, the last axis (PyTorch's dim 0; depthwise
+    kernels (kh, kw, 1, C) too). 1-D parameters (BN scale/bias, biases): axis 0. Dense kernels
+    (2-D) and anything else: uniform.
+    """
+    if len(shape) == 4:
+        return 3
+    if len(shape) == 1:
+        return 0
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# Transforms
+# ------------------------------------------------------------------------------------------
+
+
+class CountState(NamedTuple):
+    """Number of updates applied so far (the schedules' time when no ``step`` is passed)."""
+    count: Array
+
+
+def _init_count(params: PyTree) -> CountState:
+    del params
+    return CountState(count=jnp.zeros([], jnp.int32))
+
+
+def _schedule_time(state: CountState, step: Any, steps_per_epoch: int | None) -> Array:
+    """Schedule time: ``step`` (or the update count), in epochs if ``steps_per_epoch``."""
+    t = state.count if step is None else jnp.asarray(step, jnp.int32)
+    return t // steps_per_epoch if steps_per_epoch else t
+
+
+def _resolve_mask(mask: MaskOrFn, params: PyTree) -> PyTree:
+    if mask is None:
+        return jax.tree.map(lambda _: True, params)
+    return mask(params) if callable(mask) else mask
+
+
+def _check_units(steps_per_epoch: int | None) -> int | None:
+    return None if steps_per_epoch is None else _check_positive_int(
+        "steps_per_epoch", steps_per_epoch)
+
+
+def grouped_weight_decay(
+    lam: float,
+    alpha: float = 0.05,
+    groups: int = 8,
+    *,
+    warmup: int = 0,
+    total: int,
+    steps_per_epoch: int | None = None,
+    mask: MaskOrFn = None,
+    rule: str = "official",
+    group_axis: Callable[[tuple[int, ...]], int | None] = default_group_axis,
+) -> optax.GradientTransformationExtraArgs:
+    """Adds the gradient of the group regularizer, 2·λ_i·p, to the updates.
+
+    Args:
+      lam: λ of R = Σ λ_i·p² (the official ``REGULARIZER_LAMBDA``; 5e-5 ⇔ weight decay 1e-4).
+      alpha: decay reduction per group (0.05); α = 0 is exactly
+        ``optax.add_decayed_weights(2 * lam)``.
+      groups: G, number of channel groups (8).
+      warmup, total: α ramp (``alpha_schedule``) in epochs if ``steps_per_epoch`` is given
+        (official), else in steps.
+      mask: pytree of Python bools (or a function of params giving one): True = regularized. The
+        momentum teacher is not an optimizer parameter at all, so needs no mask. ``update``
+        also takes ``decay_mask=`` to override it for one call (e.g. to leave the auxiliary
+        head out at width 1.0, as the official code does).
+      rule: "official" or "paper" channel grouping (``group_indices``).
+      group_axis: which axis of a parameter of a given shape is grouped (None = uniform λ).
+
+    ``update(updates, state, params, step=None, decay_mask=None)``: ``step`` is the training
+    iteration (defaults to this transform's update count).
+    """
+    if not lam >= 0:
+        raise ValueError(f"lam (regularization strength) must be >= 0, got {lam!r}")
+    groups = _check_positive_int("groups", groups)
+    if rule not in GROUP_RULES:
+        raise ValueError(f"unknown group rule {rule!r}; valid: {', '.join(GROUP_RULES)}")
+    steps_per_epoch = _check_units(steps_per_epoch)
+    alpha_schedule(alpha, 0, warmup, total)  # validates warmup/total now, not at first update
+
+    def update_fn(updates, state, params=None, *, step=None, decay_mask=None, **extra):
+        del extra
+        if params is None:
+            raise ValueError("grouped_weight_decay needs params: call update(grads, state, params)")
+        alpha_t = alpha_schedule(alpha, _schedule_time(state, step, steps_per_epoch),
+                                 warmup, total)
+        masks = _resolve_mask(mask if decay_mask is None else decay_mask, params)
+
+        def decay(u, p, m):
+            if isinstance(m, jax.core.Tracer):
+                raise TypeError("decay masks must hold Python bools (static), not traced arrays")
+            if not m:
+                return u
+            axis = group_axis(p.shape) if alpha != 0 else None
+            if axis is None:
+                coef = jnp.asarray(2.0 * lam, jnp.float32)
+            else:
+                idx = group_indices(p.shape[axis], groups, rule).astype(np.float32)
+                shape = [1] * p.ndim
+                shape[axis] = p.shape[axis]
+                coef = 2.0 * lam * (1.0 - alpha_t * jnp.asarray(idx.reshape(shape)))
+            return u + (coef * p).astype(u.dtype)
+
+        new = jax.tree.map(decay, updates, params, masks)
+        return new, CountState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(_init_count, update_fn)
+
+
+def scale_by_schedule_at(schedule: Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiplies updates by −schedule(t) (gradient descent), t = ``step`` extra arg or count.
+
+    ``schedule`` takes step numbers (``cosine_lr`` converts them to epochs itself).
+    """
+
+    def update_fn(updates, state, params=None, *, step=None, **extra):
+        del params, extra
+        lr = schedule(_schedule_time(state, step, None))
+        new = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+        return new, CountState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(_init_count, update_fn)
+
+
+# ------------------------------------------------------------------------------------------
+# Learning rate and the optimizer
+# ------------------------------------------------------------------------------------------
+
+
+def cosine_lr(base_lr: float, total: int, *, steps_per_epoch: int | None = None,
+              warmup: int = 0) -> Schedule:
+    """Cosine learning rate as a function of the step number (traceable).
+
+    With ``steps_per_epoch`` the time unit is the epoch e = step // steps_per_epoch and the rate
+    is constant within an epoch (official: lr(e) = base·½(1 + cos(π·e/E)), ``total`` = E).
+    Without it ``total``/``warmup`` are steps. A linear warm-up gives base·(t + 1)/warmup for
+    t < warmup, then the cosine runs over the remaining total − warmup. Computed as
+    base·cos²(π/2·frac), equal to base·½(1 + cos(π·frac)) but accurate in float32 near the end.
+    """
+    total = _check_positive_int("total", total)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) \
+            or not 0 <= warmup < total:
+        raise ValueError(f"warmup must be an integer in [0, total={total}), got {warmup!r}")
+    if not base_lr > 0:
+        raise ValueError(f"base learning rate must be > 0, got {base_lr!r}")
+    steps_per_epoch = _check_units(steps_per_epoch)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.int32)
+        t = (t // steps_per_epoch if steps_per_epoch else t).astype(jnp.float32)
+        frac = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
+        lr = base_lr * jnp.square(jnp.cos(0.5 * math.pi * frac))
+        if warmup:
+            lr = jnp.where(t < warmup, base_lr * (t + 1) / warmup, lr)
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+def make_optimizer(
+    base_lr: float,
+    total: int,
+    *,
+    steps_per_epoch: int | None = None,
+    warmup: int = 0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    reg_lambda: float = 0.0,
+    reg_alpha: float = 0.0,
+    reg_groups: int = 8,
+    reg_warmup: int = 0,
+    reg_rule: str = "official",
+    decay_mask: MaskOrFn = None,
+    lars: bool = False,
+    trust_coefficient: float = 0.001,
+    lars_mask: MaskOrFn = None,
+) -> tuple[optax.GradientTransformationExtraArgs, Schedule]:
+    """SGD with momentum (PyTorch semantics), grouped weight decay and a cosine schedule.
+
+    Order per update: g + 2·λ_i·p (``grouped_weight_decay``; skipped when ``reg_lambda`` is 0)
+    → optional LARS trust ratio (trust·||p||/||u||, as apex LARC with clip=False; ``lars_mask``
+    picks the adapted params, default all) → momentum buffer b = μ·b + u → −lr(t)·b. So
+    ``reg_lambda=5e-5, reg_alpha=0`` is ``torch.optim.SGD(lr, momentum=0.9, weight_decay=1e-4)``.
+    ``total``, ``warmup`` and ``reg_warmup`` are epochs when ``steps_per_epoch`` is given
+    (official: per-epoch lr and α), else steps.
+
+    Returns ``(tx, lr_schedule)``; ``tx.update`` takes the extra args ``step=`` (the training
+    iteration; needed when an iteration makes several updates) and ``decay_mask=``.
+    """
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if not trust_coefficient > 0:
+        raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}")
+    schedule = cosine_lr(base_lr, total, steps_per_epoch=steps_per_epoch, warmup=warmup)
+    parts = []
+    if reg_lambda:
+        parts.append(grouped_weight_decay(
+            reg_lambda, reg_alpha, reg_groups, warmup=reg_warmup, total=total,
+            steps_per_epoch=steps_per_epoch, mask=decay_mask, rule=reg_rule))
+    if lars:
+        trust = optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient)
+        parts.append(trust if lars_mask is None else optax.masked(trust, lars_mask))
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    parts.append(scale_by_schedule_at(schedule))
+    return optax.chain(*parts), schedule
