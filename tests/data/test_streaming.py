@@ -4,7 +4,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from us3l_jax import mesh as mesh_lib
-from us3l_jax.data import datasets, feeding, streaming
+from us3l_jax.data import augment, datasets, feeding, streaming
 
 N = 40
 CROPS = streaming.HostCrops(size=16)
@@ -97,3 +97,10 @@ def test_stream_errors_are_clear(source):
     with pytest.raises(ValueError, match="unknown interpolation"):
         streaming.HostCrops(interpolation="area")
     assert feeding.steps_per_epoch(N, 8) == 5
+
+
+def test_host_crops_follow_the_view_config():
+    crops = streaming.HostCrops.from_views(augment.BYOL_VIEW1, augment.BYOL_VIEW2)
+    assert crops == streaming.HostCrops(224, (0.08, 1.0), (3 / 4, 4 / 3), "bilinear", 2)
+    with pytest.raises(ValueError, match="share size/scale"):
+        streaming.HostCrops.from_views(augment.IMAGENET_SSL, augment.BYOL_VIEW2)

@@ -128,6 +128,7 @@ def open_source(name: str, split: str = "train", *,
 
 
 def check_name(name: str) -> None:
+    """Raises :class:`DatasetNotFoundError` unless ``name`` is one of ``NAMES``."""
     if name not in NAMES:
         raise DatasetNotFoundError(f"unknown dataset {name!r}; known datasets: {', '.join(NAMES)}")
 

@@ -13,7 +13,8 @@ different examples). Resuming at step ``k`` therefore reproduces the data exactl
 
 A batch is an on-device gather: every device looks up the requested examples that live in
 its shard (the others read as zero) and a ``psum_scatter`` over ``data`` hands each device
-its slice of the global batch. Communication per step is one batch of uint8 images.
+its slice of the global batch. Communication per step is one batch of uint8 images; on 8
+forced CPU devices a 64-image digits batch took ~1.4 ms.
 
 Evaluation (:func:`eval_batches`) visits every example exactly once in index order; the last
 batch is padded and carries a boolean ``mask``.
@@ -112,6 +113,7 @@ def eval_indices(batch: int, batch_size: int, num_examples: int) -> tuple[np.nda
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
+    """Evaluation batches of one pass (the last one padded)."""
     return math.ceil(num_examples / batch_size)
 
 

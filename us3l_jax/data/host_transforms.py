@@ -21,6 +21,7 @@ Box = tuple[int, int, int, int]  # (top, left, height, width), torchvision's (i,
 
 
 def check_interpolation(name: str) -> None:
+    """Raises ``ValueError`` unless ``name`` is a supported interpolation."""
     if name not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {name!r}; allowed: {', '.join(INTERPOLATIONS)}")
 

@@ -17,18 +17,18 @@ the thread, process or device count, and an iterator started at step ``k`` (or r
 Multi-host: process ``p`` reads only slots ``feeding.local_batch_slice(B, p, P)`` of each
 global batch and ``jax.make_array_from_process_local_data`` assembles the global array.
 
-Measured throughput (``experiments/bench_input.py --stream``; this 2-core CPU, 2 threads,
-a synthetic source of 500x375 JPEGs decoded with PIL as ``tfds.data_source`` does): about
-75 images/s for two 224 RandomResizedCrop views (about 13 ms per image, ~9 ms of it JPEG
-decoding) and about 80 images/s for Resize(256)+CenterCrop(224). Host work scales with cores:
-a GPU host feeding one accelerator at ~2,500 images/s (ResNet-50 SSL) needs ~32 busy cores;
-decode is the bound, not the pipeline.
+Measured throughput (``experiments/bench_input.py``, 2026-11-21, this 2-core CPU shared with
+other jobs (load ~4), 2 grain threads, a synthetic source of 500x375 JPEGs decoded with PIL as
+``tfds.data_source`` does): 260-450 images/s for two 224 RandomResizedCrop views and 300-470
+images/s for Resize(256)+CenterCrop(224). On one idle core an image costs 1.2 ms to decode and
+1.5 ms for its two crops (~370 images/s per core), so a host feeding an accelerator at 2,500
+images/s needs ~7 cores; decoding, not the pipeline, is the bound.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -38,7 +38,10 @@ from jax.sharding import Mesh
 
 from us3l_jax import mesh as mesh_lib
 from us3l_jax.data import feeding, host_transforms
+from us3l_jax.data.augment import ViewConfig
 from us3l_jax.data.feeding import Batch
+
+HostTransform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 _INFINITE_STEPS = 2 ** 40
 
@@ -60,6 +63,18 @@ class HostCrops:
         if self.size <= 0 or self.num_views <= 0:
             raise ValueError(f"size and num_views must be positive, got {self.size}, "
                              f"{self.num_views}")
+
+    @classmethod
+    def from_views(cls, cfg1: ViewConfig, cfg2: ViewConfig | None = None) -> HostCrops:
+        """The host crops of an SSL recipe; run the rest on device with
+        ``augment.ssl_views(key, crops, replace(cfg1, crop=False), replace(cfg2, crop=False))``.
+        """
+        cfg2 = cfg1 if cfg2 is None else cfg2
+        geometry = [(c.size, c.scale, c.ratio, c.interpolation) for c in (cfg1, cfg2)]
+        if geometry[0] != geometry[1]:
+            raise ValueError(f"both views must share size/scale/ratio/interpolation to be "
+                             f"cropped by one HostCrops, got {geometry[0]} and {geometry[1]}")
+        return cls(*geometry[0], num_views=2)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         h, w = image.shape[:2]
@@ -95,7 +110,7 @@ class StreamingDataset:
     """
 
     def __init__(self, source: Sequence[dict[str, Any]], *, global_batch_size: int,
-                 transform, seed: int = 0, train: bool = True, mesh: Mesh | None = None,
+                 transform: HostTransform, seed: int = 0, train: bool = True, mesh: Mesh | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  num_threads: int = 16, prefetch_batches: int = 2):
         self.source = source
