@@ -1,0 +1,10 @@
+"""Input pipeline.
+
+* ``datasets``: ``load(name, split)`` -> in-memory ``ArrayDataset`` (TFDS without TensorFlow,
+  sklearn digits); ``open_source`` for streaming; ``DatasetNotFoundError`` (never downloads).
+* ``feeding``: ``DeviceDataset`` (images once on device, sharded over ``data``),
+  ``TrainFeeder`` (batch at step k = f(seed, k)), ``eval_batches`` (each example once, masked).
+* ``streaming``: grain pipeline for ImageNet-size data (host decode + crops, resumable).
+* ``augment``: jitted, per-example SSL / linear-eval / eval views on device.
+* ``host_transforms``: torchvision-on-PIL geometry for the host side.
+"""
