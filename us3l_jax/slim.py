@@ -273,6 +273,7 @@ class SlimBatchNorm(nn.Module):
     slim: bool = True
     group_size: int | None = None
     epsilon: float = 1e-5
+    affine: bool = True  # False: no scale/bias (SimSiam's last projector BN)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -282,10 +283,6 @@ class SlimBatchNorm(nn.Module):
         exp_c = channels(self.num_features, width, self.ratio) if self.slim \
             else self.num_features
         _check_in(self.name or "SlimBatchNorm", c, exp_c, self.num_features, width)
-        scale = self.param("scale", nn.initializers.ones, (self.num_features,),
-                           self.param_dtype)[:c]
-        bias = self.param("bias", nn.initializers.zeros, (self.num_features,),
-                          self.param_dtype)[:c]
         if train:
             mean, var = grouped_moments(x, self.group_size)  # (G, C)
             if self.is_mutable_collection("bn_moments") and not self.is_initializing():
@@ -310,7 +307,12 @@ class SlimBatchNorm(nn.Module):
                                    jnp.float32)
             mean, var = ra_mean.value[:c], ra_var.value[:c]
             y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        if self.affine:
+            scale = self.param("scale", nn.initializers.ones, (self.num_features,),
+                               self.param_dtype)[:c]
+            bias = self.param("bias", nn.initializers.zeros, (self.num_features,),
+                              self.param_dtype)[:c]
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
 
 

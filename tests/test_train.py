@@ -1,0 +1,312 @@
+"""The US3L step: EMA timing, update modes, decay masks, loss design, programs, sharding.
+
+One tiny slimmable ResNet (base width 16, one block per stage, 8x8 inputs) is shared by all
+tests; the trainers are module-scoped so each program compiles once per test session.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from us3l_jax import mesh as mesh_lib
+from us3l_jax import models, objectives, optim, sampling
+from us3l_jax.models.heads import SSLModel
+from us3l_jax.train import MethodConfig, TABLE7_CASES, TrainState, US3LTrainer
+
+BATCH, SIZE, GROUP = 16, 8, 8
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def noisy_views(key, images):
+    """A cheap, deterministic stand-in for the SSL augmentation: two noisy copies."""
+    x = images.astype(jnp.float32) / 255.0
+    k1, k2 = jax.random.split(key)
+    return (x + 0.1 * jax.random.normal(k1, x.shape),
+            x + 0.1 * jax.random.normal(k2, x.shape))
+
+
+def make_trainer(method=MethodConfig(group_size=GROUP), lr=0.1, reg_lambda=5e-5,
+                 mesh=None, total_steps=20):
+    bb = models.create("cifar_resnet18", base_width=16, stage_sizes=(1, 1, 1, 1),
+                       bn_group_size=method.group_size)
+    model = SSLModel(bb, proj_hidden=32, proj_out=16, head_hidden=32,
+                     use_predictor=method.uses_predictor,
+                     use_distill_head=method.uses_distill_head, bn_group_size=method.group_size)
+    tx, schedule = optim.make_optimizer(lr, total_steps, reg_lambda=reg_lambda, reg_alpha=0.05)
+    return US3LTrainer(model, method, tx, noisy_views, mesh or mesh_lib.make_mesh(jax.devices()[:1]),
+                       total_steps=total_steps, lr_schedule=schedule)
+
+
+def make_images(seed=0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)), jnp.uint8)
+
+
+@pytest.fixture(scope="module")
+def acc():
+    return make_trainer()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return make_images()
+
+
+def copy_state(state):
+    return jax.tree.map(jnp.copy, state)
+
+
+def assert_trees_close(a, b, **kw):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+
+
+# ------------------------------------------------------------------------ configuration
+
+
+def test_method_config_validation():
+    with pytest.raises(ValueError, match=r"base_loss='l2' is not one of \('infonce', 'mse'\)"):
+        MethodConfig(base_loss="l2")
+    with pytest.raises(ValueError, match="distill_loss='kl' is not one of"):
+        MethodConfig(distill_loss="kl")
+    with pytest.raises(ValueError, match="tau must be > 0, got 0.0"):
+        MethodConfig(tau=0.0)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        MethodConfig(tau=-1)
+    with pytest.raises(ValueError, match="aux_head='shared' shares the base network's predictor"):
+        MethodConfig(base_loss="infonce", aux_head="shared")
+    with pytest.raises(ValueError, match="update_mode='sgd' is not one of"):
+        MethodConfig(update_mode="sgd")
+    with pytest.raises(ValueError, match="group_size must be positive"):
+        MethodConfig(group_size=0)
+
+
+def test_sampler_validation():
+    with pytest.raises(ValueError, match="width_range .* is invalid"):
+        sampling.SamplerConfig(width_range=(1.0, 0.25))
+    with pytest.raises(ValueError, match="the sandwich rule needs num_samples >= 2"):
+        sampling.SamplerConfig(num_samples=1, sandwich=True)
+
+
+def test_table7_cases():
+    # Paper Table 7 (= appendix Table 17 cases 1, 3, 7, 8, 9, 12, 15, 17, 18-20, 22-25, 27, 28).
+    assert sorted(TABLE7_CASES) == list(range(1, 18))
+    us3l = MethodConfig.table7(13)
+    assert (us3l.base_loss, us3l.distill_loss, us3l.aux_head, us3l.momentum_base,
+            us3l.momentum_sub) == ("infonce", "mse", "new", True, True)
+    assert MethodConfig.table7(13) == MethodConfig()  # the defaults are US3L
+    c1 = MethodConfig.table7(1)  # SimSiam on every width: collapses in the paper
+    assert (c1.base_loss, c1.distill_loss, c1.uses_teacher) == ("mse", "none", False)
+    c2 = MethodConfig.table7(2)  # US+SimSiam: inplace distillation through the shared predictor
+    assert (c2.aux_head, c2.uses_predictor, c2.uses_distill_head) == ("shared", True, False)
+    for case in TABLE7_CASES:
+        m = MethodConfig.table7(case, tau=0.2)
+        assert m.tau == 0.2
+        assert m.uses_teacher == (m.momentum_base or m.momentum_sub)
+    with pytest.raises(ValueError, match="Table 7 has cases 1-17, got 18"):
+        MethodConfig.table7(18)
+
+
+def test_decay_groups_follow_official_groupreg():
+    m = MethodConfig()
+    assert m.decay_groups(sub=False) == {"backbone", "projector"}
+    assert m.decay_groups(sub=True) == {"backbone", "projector", "distill_head"}
+    byol = MethodConfig(base_loss="mse", aux_head="new")
+    assert byol.decay_groups(sub=True) == {"backbone", "projector", "predictor", "distill_head"}
+
+
+# ------------------------------------------------------------------------ the step
+
+
+def test_ema_is_updated_once_per_iteration_before_the_teacher_forward(acc, images):
+    state0 = acc.init_state(jax.random.key(0), images)
+    # The teacher starts as an exact copy of {backbone, projector}.
+    assert_trees_close(state0.ema_params, {k: state0.params[k] for k in ("backbone", "projector")},
+                       rtol=0, atol=0)
+    p0 = copy_state(state0.params)
+    e0 = copy_state(state0.ema_params)
+    state1, _ = acc.step(copy_state(state0), images, (1.0, 0.5, 0.25), 0)
+    expected = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e0,
+                            {k: p0[k] for k in ("backbone", "projector")})
+    # e0 == p0 at init, so perturb: a second step starting from state1 moves the teacher by
+    # exactly one EMA step towards state1's params, although three widths ran.
+    assert_trees_close(state1.ema_params, expected, rtol=1e-6, atol=1e-7)
+    p1 = copy_state(state1.params)
+    e1 = copy_state(state1.ema_params)
+    state2, _ = acc.step(state1, images, (1.0, 0.75, 0.25), 1)
+    expected = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e1,
+                            {k: p1[k] for k in ("backbone", "projector")})
+    assert_trees_close(state2.ema_params, expected, rtol=1e-6, atol=1e-7)
+    assert int(state2.step) == 2
+
+
+def test_accumulate_is_one_update_with_summed_gradients(acc, images):
+    """Paper Algorithm 1: loss = base + sum of distill losses, one backward, one step."""
+    state0 = acc.init_state(jax.random.key(1), images)
+    state0, _ = acc.step(state0, images, (1.0,), 0)  # make the teacher differ from the student
+    start = copy_state(state0)
+    widths = (1.0, 0.5, 0.25)
+    new, metrics = acc.step(state0, images, widths, 1)
+
+    v1, v2 = noisy_views(jax.random.fold_in(start.rng, 1), images)
+    ema, teacher_out, _ = acc._ema_and_teacher(start.params, start.ema_params, 1, v1, v2)
+
+    def total(params):
+        base, (targets, _) = acc._base_loss(params, teacher_out, v1, v2, 1.0)
+        subs = [acc._sub_loss(params, targets, v1, v2, w)[0] for w in widths[1:]]
+        return base + sum(subs)
+
+    loss, grads = jax.jit(jax.value_and_grad(total))(start.params)
+    mask = {k: jax.tree.map(lambda _: True, v) for k, v in start.params.items()}
+    updates, _ = acc.tx.update(grads, start.opt_state, start.params, step=1, decay_mask=mask)
+    expected = optax.apply_updates(start.params, updates)
+    assert_trees_close(new.params, expected, rtol=2e-5, atol=2e-6)
+    assert_trees_close(new.ema_params, ema, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(float(metrics["loss/total"]), float(loss), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(optax.global_norm(grads)),
+                               rtol=1e-4)
+
+
+def test_per_width_is_sequential_single_updates(images):
+    """Official code: one SGD step per width, sharing momentum; later widths see the updated
+    parameters; targets fixed by the base step."""
+    tr = make_trainer(MethodConfig(group_size=GROUP, update_mode="per_width"))
+    state0 = tr.init_state(jax.random.key(2), images)
+    start = copy_state(state0)
+    widths = (1.0, 0.5)
+    new, metrics = tr.step(state0, images, widths, 0)
+
+    v1, v2 = noisy_views(jax.random.fold_in(start.rng, 0), images)
+    ema, teacher_out, _ = tr._ema_and_teacher(start.params, start.ema_params, 0, v1, v2)
+    grad_base = jax.jit(jax.grad(tr._base_loss, has_aux=True), static_argnums=4)
+    grad_sub = jax.jit(jax.grad(tr._sub_loss, has_aux=True), static_argnums=4)
+    params, opt = start.params, start.opt_state
+    g, (targets, _) = grad_base(params, teacher_out, v1, v2, 1.0)
+    base_mask = {k: jax.tree.map(lambda _, on=k in ("backbone", "projector"): on, v)
+                 for k, v in params.items()}
+    u, opt = tr.tx.update(g, opt, params, step=0, decay_mask=base_mask)
+    params = optax.apply_updates(params, u)
+    g, _ = grad_sub(params, targets, v1, v2, 0.5)
+    full_mask = {k: jax.tree.map(lambda _: True, v) for k, v in params.items()}
+    u, opt = tr.tx.update(g, opt, params, step=0, decay_mask=full_mask)
+    params = optax.apply_updates(params, u)
+    # Separately compiled programs reassociate float32 sums (4e-7 after the base update), and
+    # small-batch BN amplifies that in the next gradient (5e-6 measured). Taking the sub-width
+    # gradient at the start parameters instead (the wrong order) differs by 0.1.
+    assert_trees_close(new.params, params, rtol=1e-4, atol=5e-5)
+    assert_trees_close(new.opt_state, opt, rtol=1e-3, atol=5e-4)
+    assert int(new.step) == 1
+    # Both updates used the iteration's learning rate (not a per-update count).
+    assert float(metrics["lr"]) == pytest.approx(0.1)
+
+
+def test_unused_head_is_untouched_until_first_used(acc, images):
+    state = acc.init_state(jax.random.key(3), images)
+    head0 = copy_state(state.params["distill_head"])
+    bb0 = copy_state(state.params["backbone"])
+    for s in range(3):  # stage 1: base width only
+        state, _ = acc.step(state, images, (1.0,), s)
+    assert_trees_close(state.params["distill_head"], head0, rtol=0, atol=0)
+    assert not np.allclose(state.params["backbone"]["conv1"]["kernel"], bb0["conv1"]["kernel"])
+    state, _ = acc.step(state, images, (1.0, 0.5, 0.25), 3)
+    assert not np.allclose(state.params["distill_head"]["fc2"]["kernel"],
+                           head0["fc2"]["kernel"])
+
+
+def test_base_loss_is_infonce_against_the_teacher(acc, images):
+    """US3L base loss (reference §4.3): NT-Xent of online z against the other view's teacher z."""
+    state = acc.init_state(jax.random.key(4), images)
+    v1, v2 = noisy_views(jax.random.key(5), images)
+    model = acc.model
+    enc = lambda p, v: model.apply({"params": p}, v, 1.0, method=SSLModel.encode)
+    teacher = jax.tree.map(lambda a: a * 1.01, state.ema_params)
+    k1, k2 = enc(teacher, v1), enc(teacher, v2)
+    z1, z2 = enc(state.params, v1), enc(state.params, v2)
+    expected = objectives.infonce_distill(z1, z2, k1, k2, 0.5, group_size=GROUP)
+    got, (targets, metrics) = jax.jit(acc._base_loss, static_argnums=4)(
+        state.params, (k1, k2), v1, v2, 1.0)
+    np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
+    # With momentum for sub-networks, their targets are the teacher outputs.
+    np.testing.assert_allclose(targets[0], k1, rtol=1e-6)
+    np.testing.assert_allclose(float(metrics["embed_std"]),
+                               float(objectives.embedding_std(z1)), rtol=1e-5)
+
+
+def test_metrics_and_bounded_programs(images):
+    tr = make_trainer()
+    state = tr.init_state(jax.random.key(6), images)
+    grid = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0)
+    cfg = sampling.SamplerConfig(grid=grid, schedule=None, num_samples=4, seed=3)
+    seen = set()
+    for s in range(6):
+        widths = sampling.sample_widths(cfg, s, 10, 20)
+        seen.add(widths)
+        state, m = tr.step(state, images, widths, s)
+    m = jax.device_get(m)
+    for key in ("loss/base", "loss/sub0", "loss/sub2", "loss/total", "lr", "grad_norm",
+                "embed_std", "ema_momentum"):
+        assert np.isfinite(m[key]), key
+    assert 0 < m["embed_std"] <= 1 / np.sqrt(16) + 1e-6
+    assert len(seen) > 3  # several width combinations ...
+    # ... but one program per distinct width and kind: views + base + subs + apply.
+    subs = {w for ws in seen for w in ws[1:]}
+    assert tr.num_programs == 1 + 1 + len(subs) + 1 <= 3 + len(grid)
+
+
+def test_compile_ahead_programs_are_used(images):
+    tr = make_trainer()
+    state = tr.init_state(jax.random.key(7), images)
+    futures = tr.compile_ahead(state, images, [1.0], [0.5])
+    for f in futures:
+        f.result()
+    assert tr.compiled_programs == len(futures) == 5  # views, base, sub, 2 apply variants
+    ref = make_trainer()
+    ref_state = ref.init_state(jax.random.key(7), images)
+    a, _ = tr.step(state, images, (1.0, 0.5), 0)
+    b, _ = ref.step(ref_state, images, (1.0, 0.5), 0)
+    assert_trees_close(a.params, b.params, rtol=0, atol=0)
+
+
+def test_one_and_eight_devices_agree():
+    """The same steps on a 1-device and an 8-device mesh (forced CPU devices) give the same
+    losses and parameters: BN statistics and negatives are defined by the group size, not by
+    the device count. Two iterations agree to 1e-5; the tiny model's 1x1-pixel last stage
+    (BN over 8 values per group) amplifies float32 reassociation, so a third drifts to ~1.5e-5."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {REPO!r})
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_default_matmul_precision", "highest")
+        from tests.test_train import make_trainer, make_images
+        from us3l_jax import mesh as mesh_lib
+        out = {{}}
+        for n in (1, 8):
+            mesh = mesh_lib.make_mesh(jax.devices()[:n])
+            tr = make_trainer(mesh=mesh)
+            images = jax.device_put(make_images(), mesh_lib.batch_sharding(mesh))
+            state = tr.init_state(jax.random.key(0), images)
+            losses = []
+            for s, ws in enumerate([(1.0, 0.5, 0.25), (1.0, 0.75, 0.25)]):
+                state, m = tr.step(state, images, ws, s)
+                losses.append(float(m["loss/total"]))
+            assert len(state.params["backbone"]["conv1"]["kernel"].sharding.device_set) == n
+            out[n] = dict(losses=losses, params=[np.asarray(x).ravel()[:50].tolist()
+                          for x in jax.tree.leaves(state.params)])
+        print(json.dumps(out))
+    """)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(out["8"]["params"], out["1"]["params"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,116 @@
+"""SSL heads and the model bundle (reference §3.1-3.3).
+
+The projector's first layer reads the slimmed backbone feature (input slimmed, output not);
+everything after it, and the predictor / auxiliary distillation head, is full width. Head BNs
+use batch statistics (per group of ``bn_group_size`` examples, like the official per-GPU BN).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from us3l_jax.slim import SlimBatchNorm, SlimDense
+
+PROJECTOR_STYLES = ("simclr", "byol", "simsiam")
+
+
+class Projector(nn.Module):
+    """Linear(feat->hidden) -> BN -> ReLU -> Linear(hidden->hidden) -> BN -> ReLU -> Linear(->out).
+
+    ``style`` selects the official variants: ``simclr`` (SimCLR_Momentum: middle Linear with
+    bias), ``byol`` (middle Linear without bias), ``simsiam`` (as byol, and the last Linear is
+    followed by a non-affine BN; its frozen bias cancels inside that BN, so it is omitted).
+    """
+    in_features: int
+    slim_in: bool
+    hidden: int = 2048
+    out: int = 256
+    style: str = "simclr"
+    bn_group_size: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, width: float) -> jax.Array:
+        if self.style not in PROJECTOR_STYLES:
+            raise ValueError(f"unknown projector style {self.style!r}; valid: {PROJECTOR_STYLES}")
+        bn = dict(slim=False, group_size=self.bn_group_size, dtype=self.dtype)
+        x = SlimDense(self.in_features, self.hidden, use_bias=True, slim_in=self.slim_in,
+                      dtype=self.dtype, name="fc1")(h, width)
+        x = nn.relu(SlimBatchNorm(self.hidden, name="bn1", **bn)(x, 1.0, True))
+        x = SlimDense(self.hidden, self.hidden, use_bias=self.style == "simclr", slim_in=False,
+                      dtype=self.dtype, name="fc2")(x)
+        x = nn.relu(SlimBatchNorm(self.hidden, name="bn2", **bn)(x, 1.0, True))
+        x = SlimDense(self.hidden, self.out, use_bias=self.style != "simsiam", slim_in=False,
+                      dtype=self.dtype, name="fc3")(x)
+        if self.style == "simsiam":
+            x = SlimBatchNorm(self.out, affine=False, name="bn3", **bn)(x, 1.0, True)
+        return x
+
+
+class Predictor(nn.Module):
+    """Linear(d->hidden, no bias) -> BN -> ReLU -> Linear(hidden->d): the BYOL/SimSiam predictor
+    and the US3L auxiliary distillation head g (reference §3.1-3.2)."""
+    features: int
+    hidden: int = 2048
+    bn_group_size: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        x = SlimDense(self.features, self.hidden, use_bias=False, slim_in=False,
+                      dtype=self.dtype, name="fc1")(z)
+        x = SlimBatchNorm(self.hidden, slim=False, group_size=self.bn_group_size,
+                          dtype=self.dtype, name="bn1")(x, 1.0, True)
+        return SlimDense(self.hidden, self.features, use_bias=True, slim_in=False,
+                         dtype=self.dtype, name="fc2")(nn.relu(x))
+
+
+class SSLModel(nn.Module):
+    """Backbone + projector, with an optional ``predictor`` (the asymmetric head of MSE-based
+    methods, applied to the base network) and an optional ``distill_head`` (a new auxiliary
+    head g for sub-networks). Params: ``{backbone, projector[, predictor][, distill_head]}``;
+    the momentum teacher is a copy of ``{backbone, projector}``.
+    """
+    backbone: nn.Module
+    proj_hidden: int = 2048
+    proj_out: int = 256
+    proj_style: str = "simclr"
+    use_predictor: bool = False
+    use_distill_head: bool = False
+    head_hidden: int = 2048
+    bn_group_size: int | None = None
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        bb = self.backbone
+        full, smallest = bb.feature_dim(1.0), bb.feature_dim(bb.min_width)
+        kw = dict(bn_group_size=self.bn_group_size, dtype=self.dtype)
+        self.projector = Projector(full, slim_in=smallest < full, hidden=self.proj_hidden,
+                                   out=self.proj_out, style=self.proj_style, **kw)
+        if self.use_predictor:
+            self.predictor = Predictor(self.proj_out, self.head_hidden, **kw)
+        if self.use_distill_head:
+            self.distill_head = Predictor(self.proj_out, self.head_hidden, **kw)
+
+    def encode(self, x: jax.Array, width: float) -> jax.Array:
+        """Projector output z at ``width`` (BN in train mode: batch statistics)."""
+        return self.projector(self.backbone(x, width=width, train=True), width)
+
+    def predict(self, z: jax.Array) -> jax.Array:
+        return self.predictor(z)
+
+    def distill(self, z: jax.Array) -> jax.Array:
+        return self.distill_head(z)
+
+    def __call__(self, x: jax.Array, width: float = 1.0) -> dict[str, jax.Array]:
+        """Every head's output (used by ``init`` so that all parameters are created)."""
+        z = self.encode(x, width)
+        out = {"z": z}
+        if self.use_predictor:
+            out["p"] = self.predict(z)
+        if self.use_distill_head:
+            out["g"] = self.distill(z)
+        return out
