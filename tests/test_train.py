@@ -155,7 +155,7 @@ def test_accumulate_is_one_update_with_summed_gradients(acc, images):
     widths = (1.0, 0.5, 0.25)
     new, metrics = acc.step(state0, images, widths, 1)
 
-    v1, v2 = noisy_views(jax.random.fold_in(start.rng, 1), images)
+    v1, v2 = noisy_views(jax.random.fold_in(jax.random.wrap_key_data(start.rng), 1), images)
     ema, teacher_out, _ = acc._ema_and_teacher(start.params, start.ema_params, 1, v1, v2)
 
     def total(params):
@@ -183,7 +183,7 @@ def test_per_width_is_sequential_single_updates(images):
     widths = (1.0, 0.5)
     new, metrics = tr.step(state0, images, widths, 0)
 
-    v1, v2 = noisy_views(jax.random.fold_in(start.rng, 0), images)
+    v1, v2 = noisy_views(jax.random.fold_in(jax.random.wrap_key_data(start.rng), 0), images)
     ema, teacher_out, _ = tr._ema_and_teacher(start.params, start.ema_params, 0, v1, v2)
     grad_base = jax.jit(jax.grad(tr._base_loss, has_aux=True), static_argnums=4)
     grad_sub = jax.jit(jax.grad(tr._sub_loss, has_aux=True), static_argnums=4)

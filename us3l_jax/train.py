@@ -157,7 +157,8 @@ class TrainState:
     """Everything a run needs to continue exactly: ``step`` (iterations done), ``params``
     ({backbone, projector[, predictor][, distill_head]}), ``ema_params`` (teacher copy of
     {backbone, projector}, or None), ``opt_state`` and the base PRNG key ``rng`` (per-step keys
-    are ``fold_in(rng, step)``, so resuming at step k reproduces the same randomness)."""
+    are ``fold_in(rng, step)``, so resuming at step k reproduces the same randomness). ``rng``
+    is raw key data (uint32), which checkpoints store as a plain array."""
     step: jax.Array
     params: Any
     ema_params: Any
@@ -240,7 +241,8 @@ class US3LTrainer:
             ema = _teacher_subset(params) if self.method.uses_teacher else None
             ema = jax.tree.map(jnp.copy, ema)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                              opt_state=self.tx.init(params), rng=data_rng)
+                              opt_state=self.tx.init(params),
+                              rng=jax.random.key_data(data_rng))
 
         return jax.jit(init, out_shardings=self._repl)(init_rng)
 
@@ -333,7 +335,8 @@ class US3LTrainer:
 
     def _make_views(self):
         def views(rng, step, images):
-            return self.views_fn(jax.random.fold_in(rng, step), images)
+            key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+            return self.views_fn(key, images)
         r, b = self._repl, self._batch
         return self._jit(views, (r, r, b), (b, b))
 

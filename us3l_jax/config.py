@@ -1,0 +1,297 @@
+"""The run configuration: its schema (``get_default``), validation, and builders.
+
+Config files in ``configs/`` start from ``get_default()`` and override fields. The config is
+locked, typed ``ml_collections.ConfigDict``: an override of a key that does not exist, or of
+the wrong type, fails in ``config_flags`` before anything runs; ``validate`` then checks every
+value (by building the objects it describes) and the constraints between fields, and raises
+``ConfigError`` naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from us3l_jax import models, optim, sampling, slim
+from us3l_jax.data import augment, datasets
+from us3l_jax.models.heads import PROJECTOR_STYLES, SSLModel
+from us3l_jax.train import MethodConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "none")
+PROTOCOLS = ("fast", "knn", "paper")
+
+
+class ConfigError(ValueError):
+    """A config value or combination of values that cannot run."""
+
+
+def get_default() -> ml_collections.ConfigDict:
+    """US3L on CIFAR-100 with ResNet-18 (paper Table 2 recipe; reference §7.2, first row)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cifar_resnet18"
+    c.model.dtype = "float32"  # compute dtype; parameters are always float32
+    c.model.base_width = config_dict.placeholder(int)  # ResNet only: stage planes base*(1,2,4,8)
+    c.model.stage_sizes = config_dict.placeholder(tuple)  # ResNet only: blocks per stage
+
+    c.heads = ml_collections.ConfigDict()
+    c.heads.proj_hidden = 2048
+    c.heads.proj_out = 256
+    c.heads.proj_style = "simclr"
+    c.heads.head_hidden = 2048
+
+    c.method = ml_collections.ConfigDict()
+    c.method.base_loss = "infonce"
+    c.method.distill_loss = "mse"
+    c.method.aux_head = "new"
+    c.method.momentum_base = True
+    c.method.momentum_sub = True
+    c.method.tau = 0.5
+    c.method.distill_weight = 1.0
+    # Examples per group for BN statistics and contrastive negatives: the official per-GPU
+    # batch (128 on CIFAR), so results do not depend on the device count. None: whole batch.
+    c.method.group_size = config_dict.placeholder(int)
+    c.method.group_size = 128
+    c.method.update_mode = "accumulate"
+    c.method.ema_momentum = 0.99
+    c.method.ema_schedule = "constant"
+
+    c.sampler = ml_collections.ConfigDict()
+    c.sampler.width_range = (0.25, 1.0)
+    c.sampler.num_samples = 3
+    c.sampler.sandwich = True
+    c.sampler.schedule = "A"  # or "none"
+    c.sampler.stage_by = "epoch"  # official; "iteration" as paper Algorithm 1
+    # Random widths from a grid of this step (deduplicated by channel configuration), which
+    # bounds the number of compiled programs; None draws continuously as the paper.
+    c.sampler.grid_step = config_dict.placeholder(float)
+    c.sampler.individual_width = config_dict.placeholder(float)  # individually trained baseline
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "cifar100"
+    c.data.data_dir = config_dict.placeholder(str)
+    c.data.image_size = config_dict.placeholder(int)  # digits: upsampled size (default 32)
+    c.data.augment = "cifar"
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.batch_size = 512
+    c.optim.epochs = 400
+    c.optim.lr = 0.5
+    c.optim.schedule_unit = "epoch"  # official: lr and alpha change once per epoch; or "step"
+    c.optim.warmup_epochs = 0
+    c.optim.momentum = 0.9
+    # Group regularization (paper Eq. 4-5): lambda of sum(lambda_i p^2), i.e. weight decay
+    # 2*lambda; alpha = 0 is plain L2 weight decay.
+    c.optim.reg_lambda = 5e-5
+    c.optim.reg_alpha = 0.05
+    c.optim.reg_groups = 8
+    c.optim.reg_warmup_epochs = 0
+    c.optim.reg_rule = "official"
+    c.optim.lars = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.log_every_steps = 20
+    c.train.checkpoint_every_steps = config_dict.placeholder(int)  # default: once per epoch
+    c.train.keep_checkpoints = 3
+    c.train.max_steps = config_dict.placeholder(int)  # stop early (smoke runs); None: full run
+    c.train.compile_ahead = True
+    c.train.compilation_cache_dir = config_dict.placeholder(str)
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.online_every_epochs = 0  # 0 disables the online probe during pretraining
+    c.eval.online_protocol = "knn"
+    c.eval.online_widths = (1.0, 0.5, 0.25)
+    c.eval.final_sweep = False
+    c.eval.sweep_protocol = "fast"
+    c.eval.sweep_widths = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25)
+    c.eval.calibration_batches = 100
+    c.eval.batch_size = 512
+    c.eval.paper_row = config_dict.placeholder(str)  # e.g. "table2/resnet18/ours"
+    return c
+
+
+# ------------------------------------------------------------------------------------------
+# Builders
+# ------------------------------------------------------------------------------------------
+
+
+def _model_kwargs(config) -> dict[str, Any]:
+    m = config.model
+    kw: dict[str, Any] = {"dtype": DTYPES[m.dtype], "min_width": config.sampler.width_range[0],
+                          "bn_group_size": config.method.group_size}
+    if m.base_width is not None:
+        kw["base_width"] = int(m.base_width)
+    if m.stage_sizes is not None:
+        kw["stage_sizes"] = tuple(int(s) for s in m.stage_sizes)
+    return kw
+
+
+def build_backbone(config, num_classes: int | None = None, **overrides: Any):
+    """The slimmable backbone the config trains (features when ``num_classes`` is None)."""
+    return models.create(config.model.name, num_classes=num_classes,
+                         **{**_model_kwargs(config), **overrides})
+
+
+def build_method(config) -> MethodConfig:
+    return MethodConfig(**config.method.to_dict())
+
+
+def build_model(config) -> SSLModel:
+    method = build_method(config)
+    h = config.heads
+    return SSLModel(build_backbone(config), proj_hidden=h.proj_hidden, proj_out=h.proj_out,
+                    proj_style=h.proj_style, use_predictor=method.uses_predictor,
+                    use_distill_head=method.uses_distill_head, head_hidden=h.head_hidden,
+                    bn_group_size=config.method.group_size, dtype=DTYPES[config.model.dtype])
+
+
+def build_sampler(config) -> sampling.SamplerConfig:
+    s = config.sampler
+    grid = None
+    if s.grid_step is not None:
+        backbone = build_backbone(config)
+        grid = tuple(slim.distinct_widths(backbone.channel_config, *s.width_range,
+                                          step=s.grid_step))
+    return sampling.SamplerConfig(
+        width_range=tuple(s.width_range), num_samples=s.num_samples, sandwich=s.sandwich,
+        schedule=None if s.schedule == "none" else s.schedule, stage_by=s.stage_by, grid=grid,
+        individual_width=s.individual_width, seed=config.seed)
+
+
+def build_optimizer(config, steps_per_epoch: int):
+    """(optax transform, lr schedule as a function of the iteration)."""
+    o = config.optim
+    per_epoch = o.schedule_unit == "epoch"
+    unit = (lambda epochs: epochs) if per_epoch else (lambda epochs: epochs * steps_per_epoch)
+    return optim.make_optimizer(
+        o.lr, unit(o.epochs), steps_per_epoch=steps_per_epoch if per_epoch else None,
+        warmup=unit(o.warmup_epochs), momentum=o.momentum, reg_lambda=o.reg_lambda,
+        reg_alpha=o.reg_alpha, reg_groups=o.reg_groups, reg_warmup=unit(o.reg_warmup_epochs),
+        reg_rule=o.reg_rule, lars=o.lars)
+
+
+def build_views(config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
+    """The two SSL view recipes (reference §8): ``cifar`` (no blur), ``imagenet`` (blur 0.5,
+    224), ``byol`` (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2), ``none`` (full crop,
+    no colour ops, no flip: for debugging)."""
+    name = config.data.augment
+    if name == "cifar":
+        size = 32 if config.data.image_size is None else config.data.image_size
+        v = dataclasses.replace(augment.CIFAR_SSL, size=size)
+        return v, v
+    if name == "imagenet":
+        return augment.IMAGENET_SSL, augment.IMAGENET_SSL
+    if name == "byol":
+        return augment.BYOL_VIEW1, augment.BYOL_VIEW2
+    size = 32 if config.data.image_size is None else config.data.image_size
+    v = augment.ViewConfig(size=size, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0,
+                           grayscale_p=0.0, flip_p=0.0)
+    return v, v
+
+
+# ------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------
+
+
+def _choice(path: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"config.{path}={value!r} is not one of {tuple(allowed)}")
+
+
+def _positive(path: str, value: Any) -> None:
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f"config.{path} must be > 0, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks every field; raises ``ConfigError`` naming the first bad one."""
+    _choice("model.name", config.model.name, models.NAMES)
+    _choice("model.dtype", config.model.dtype, DTYPES)
+    _choice("heads.proj_style", config.heads.proj_style, PROJECTOR_STYLES)
+    _choice("data.dataset", config.data.dataset, datasets.NAMES)
+    _choice("data.augment", config.data.augment, AUGMENT_PRESETS)
+    _choice("optim.schedule_unit", config.optim.schedule_unit, ("epoch", "step"))
+    _choice("eval.online_protocol", config.eval.online_protocol, PROTOCOLS)
+    _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
+    for path in ("optim.batch_size", "optim.epochs", "optim.lr", "train.log_every_steps",
+                 "train.keep_checkpoints", "eval.batch_size", "heads.proj_hidden",
+                 "heads.proj_out", "heads.head_hidden"):
+        section, key = path.split(".")
+        _positive(path, config[section][key])
+    if config.model.name not in ("cifar_resnet18", "cifar_resnet50", "resnet18", "resnet50"):
+        for key in ("base_width", "stage_sizes"):
+            if config.model[key] is not None:
+                raise ConfigError(f"config.model.{key} only applies to ResNets, not "
+                                  f"{config.model.name!r}")
+    try:
+        method = build_method(config)
+    except ValueError as e:
+        raise ConfigError(f"config.method: {e}") from None
+    try:
+        sampler = build_sampler(config)
+    except ValueError as e:
+        raise ConfigError(f"config.sampler: {e}") from None
+    try:
+        backbone = build_backbone(config)
+        for w in config.sampler.width_range:
+            backbone.feature_dim(w)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    if sampler.individual_width is not None:
+        try:
+            slim.validate_width(sampler.individual_width, sampler.width_range[0])
+        except ValueError as e:
+            raise ConfigError(f"config.sampler.individual_width: {e}") from None
+    for path in ("eval.online_widths", "eval.sweep_widths"):
+        section, key = path.split(".")
+        for w in config[section][key]:
+            try:
+                slim.validate_width(w, config.sampler.width_range[0])
+            except ValueError as e:
+                raise ConfigError(f"config.{path}: {e} (the trained range is "
+                                  f"{tuple(config.sampler.width_range)})") from None
+    g = method.group_size
+    if g is not None and config.optim.batch_size % g:
+        raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
+                          f"multiple of config.method.group_size={g}")
+    if config.optim.warmup_epochs >= config.optim.epochs:
+        raise ConfigError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be "
+                          f"below config.optim.epochs={config.optim.epochs}")
+    if config.train.max_steps is not None and config.train.max_steps <= 0:
+        raise ConfigError(f"config.train.max_steps must be > 0 or None, got "
+                          f"{config.train.max_steps}")
+    try:
+        build_views(config)
+        build_optimizer(config, steps_per_epoch=1)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """The inverse of ``to_json``, typed like ``get_default()`` (tuples restored)."""
+    loaded = json.loads(text)
+    c = get_default()
+
+    def merge(dst, src, path=""):
+        for k, v in src.items():
+            if k not in dst:
+                raise ConfigError(f"saved config has unknown key {path + k!r}")
+            if isinstance(dst[k], ml_collections.ConfigDict):
+                merge(dst[k], v, f"{path}{k}.")
+            else:
+                dst[k] = tuple(v) if isinstance(v, list) else v
+
+    merge(c, loaded)
+    return c
