@@ -6,6 +6,10 @@
   convs, (out, in) linear weights, BN running statistics), so sub-networks go to PyTorch
   detection frameworks and torchvision ImageNet weights load into our ResNets. No torch needed.
 * ``save_safetensors`` / ``load_safetensors``: atomic safetensors files of such dicts.
+
+torchvision ImageNet weights (a ``.pth``) need one step in a PyTorch environment first, e.g.
+``safetensors.torch.save_file(torchvision.models.resnet50(weights=...).state_dict(), f)``;
+then ``from_torch_state_dict("resnet50", load_safetensors(f))``.
 """
 from __future__ import annotations
 
@@ -228,10 +232,11 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], width: float
     weights for ``resnet18``/``resnet50``) gives the full-size variables of the slimmable model
     ``models.create(name, **model_kw)``. A dict exported at a smaller ``width`` must be loaded
     with that ``width`` and gives the variables of the plain network of that width
-    (``plain_network``): the channels beyond the slice are not in the file, so it is not turned
-    into a slimmable model. ``num_classes`` defaults to the classifier size in the dict (no
-    classifier keys: a feature extractor). ``num_batches_tracked`` entries are optional and
-    ignored. Raises ``ValueError`` naming missing, unexpected or misshaped keys.
+    (``us3l_jax.models.plain.plain_network(models.create(name, ...), width)``): the channels
+    beyond the slice are not in the file, so it is not turned into a slimmable model.
+    ``num_classes`` defaults to the classifier size in the dict (no classifier keys: a feature
+    extractor). ``num_batches_tracked`` entries are optional and ignored. Raises
+    ``ValueError`` naming missing, unexpected or misshaped keys.
     """
     sd = dict(state_dict)
     model = _build(name, model_kw, lambda fam: (
