@@ -88,6 +88,18 @@ def test_slimmable_equals_sliced_plain_network(name, width):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_plain_network_keeps_bn_groups():
+    # Training BN over groups of 2 of the 4 examples (the per-device statistics option).
+    _, x, variables = _setup("cifar_resnet18")
+    kw = dict(TINY, bn_group_size=2)
+    model = models.create("cifar_resnet18", num_classes=10, **kw)
+    plain, sliced = export.slice_to_width("cifar_resnet18", variables, 0.3, **kw)
+    want = jax.jit(lambda v, x: model.apply(v, x, width=0.3, train=True))(variables, x)
+    np.testing.assert_allclose(_plain_fn(plain, True)(sliced, x), want, rtol=1e-5, atol=1e-5)
+    ungrouped = _slim_fn("cifar_resnet18", 0.3, True)(variables, x)
+    assert np.max(np.abs(want - ungrouped)) > 1e-3  # the grouping changes the function
+
+
 def test_sliced_channel_counts_follow_make_divisible():
     _, _, variables = _setup("resnet50")
     _, sliced = export.slice_to_width("resnet50", variables, 0.3, **TINY)
