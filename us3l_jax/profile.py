@@ -1,0 +1,234 @@
+"""Parameters and MACs of a backbone at a width, counted exactly on the host.
+
+The model's forward at the width is traced abstractly (``jax.eval_shape``, nothing computed)
+while ``flax.linen.intercept_methods`` records every conv / BN / dense call with its input and
+output shapes, so the counts follow the architecture code itself. Two conventions:
+
+* ``paper`` (default) reproduces the paper's Tables 6 and 12 (reference §2.6): thop's classic
+  hooks on a plain network with a ``num_classes`` classifier. Params = conv + BN affine +
+  classifier weight and bias. MACs = conv (+1 per output for a conv bias) + classifier
+  (in x out) + BN 2 x (elements of its input) + global average pool (H*W + 1) x C.
+  ReLU and max-pool count 0. At 1.0/0.75/0.5/0.25 the slimmable channels (make_divisible)
+  equal the paper's int(c*w).
+* ``backbone``: the sliced backbone actually trained (reference §2.5): params = conv + BN
+  affine, MACs = conv only; no classifier.
+
+CLI: ``python -m us3l_jax.profile --model resnet50 --widths 1.0,0.75,0.5,0.25
+--input-size 224 --num-classes 1000 [--json] [--convention paper|backbone]``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from us3l_jax import models, slim
+from us3l_jax.slim import SlimBatchNorm, SlimConv, SlimDense
+
+CONVENTIONS = ("paper", "backbone")
+_KINDS = {SlimConv: "conv", SlimBatchNorm: "bn", SlimDense: "dense"}
+
+# Tables 6 (R-50) and 12 (R-18) of the paper: 224x224, 1000 classes, paper convention.
+PAPER_FIGURES: dict[tuple[str, float], tuple[str, str]] = {
+    ("resnet50", 1.0): ("22.56M", "4.11G"), ("resnet50", 0.75): ("14.77M", "2.34G"),
+    ("resnet50", 0.5): ("6.92M", "1.06G"), ("resnet50", 0.25): ("1.99M", "0.28G"),
+    ("resnet18", 1.0): ("11.69M", "n/a"), ("resnet18", 0.75): ("6.68M", "1.05G"),
+    ("resnet18", 0.5): ("3.06M", "0.49G"), ("resnet18", 0.25): ("0.83M", "0.14G"),
+}
+PAPER_NOTES: dict[tuple[str, float], str] = {
+    ("resnet50", 1.0): "paper's 22.56M is a typo for 25.56M (reference 2.6)",
+    ("resnet18", 1.0): "paper's MACs cell is garbled ('1'); 1.82G expected",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One conv / BN / dense call seen while tracing: shapes are (N, H, W, C) or (N, C)."""
+    kind: str
+    path: tuple[str, ...]
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_size: int = 1
+    strides: int = 1
+    depthwise: bool = False
+    use_bias: bool = False
+
+
+def trace_layers(module: nn.Module, input_shape: Sequence[int], **call_kw: Any) -> list[Layer]:
+    """Every slimmable-layer call of ``module.init(rng, x, **call_kw)`` for ``x`` of
+    ``input_shape``, in call order (abstract evaluation: no compute, no memory)."""
+    layers: list[Layer] = []
+
+    def record(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        m = context.module
+        kind = next((k for cls, k in _KINDS.items() if isinstance(m, cls)), None)
+        if kind is not None and context.method_name == "__call__":
+            layers.append(Layer(kind, tuple(m.path), tuple(args[0].shape), tuple(y.shape),
+                                getattr(m, "kernel_size", 1), getattr(m, "strides", 1),
+                                getattr(m, "depthwise", False),
+                                getattr(m, "use_bias", False)))
+        return y
+
+    def init(x):
+        with nn.intercept_methods(record):
+            return module.init(jax.random.key(0), x, **call_kw)
+
+    jax.eval_shape(init, jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32))
+    return layers
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+
+
+def count(layers: Sequence[Layer], convention: str = "paper") -> dict[str, int]:
+    """Params and MACs of traced ``layers`` (batch 1) under ``convention``, with a breakdown."""
+    _check_convention(convention)
+    paper = convention == "paper"
+    c = dict(conv_params=0, bn_params=0, fc_params=0, conv_macs=0, bn_macs=0, fc_macs=0,
+             pool_macs=0)
+    for layer in layers:
+        cin, cout = layer.in_shape[-1], layer.out_shape[-1]
+        out_elems = math.prod(layer.out_shape[1:])
+        if layer.kind == "conv":
+            per_out = layer.kernel_size ** 2 * (1 if layer.depthwise else cin)
+            c["conv_params"] += per_out * cout + (cout if layer.use_bias else 0)
+            c["conv_macs"] += out_elems * (per_out + (1 if layer.use_bias else 0))
+        elif layer.kind == "bn":
+            c["bn_params"] += 2 * cin
+            c["bn_macs"] += 2 * math.prod(layer.in_shape[1:]) if paper else 0
+        elif paper:  # the classifier; the backbone convention has none
+            c["fc_params"] += cin * cout + (cout if layer.use_bias else 0)
+            c["fc_macs"] += cin * cout
+    maps = [layer for layer in layers if layer.kind != "dense"]
+    if paper and maps:
+        # Global average pool of the last feature map: thop counts (kernel adds + 1 div) per
+        # output, i.e. (H*W + 1) * C.
+        _, h, w, ch = maps[-1].out_shape
+        c["pool_macs"] = (h * w + 1) * ch
+    c["params"] = c["conv_params"] + c["bn_params"] + c["fc_params"]
+    c["macs"] = c["conv_macs"] + c["bn_macs"] + c["fc_macs"] + c["pool_macs"]
+    return c
+
+
+def profile(name: str, width: float, input_size: int = 224, num_classes: int | None = 1000,
+            convention: str = "paper", in_channels: int = 3, **model_kw: Any) -> dict[str, Any]:
+    """Params and MACs of backbone ``name`` at ``width`` for one ``input_size`` image.
+
+    Returns a dict with ``params``, ``macs``, their breakdown (``conv_/bn_/fc_params``,
+    ``conv_/bn_/fc_/pool_macs``) and the arguments. ``convention='backbone'`` ignores
+    ``num_classes``. ``model_kw`` goes to ``models.create`` (e.g. ``base_width`` for tests).
+    Raises ``ValueError`` for an unknown name or convention, a bad size, or a width outside
+    the model's range.
+    """
+    _check_convention(convention)
+    if not isinstance(input_size, int) or input_size < 1:
+        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer or None, got {num_classes!r}")
+    classes = num_classes if convention == "paper" else None
+    model = models.create(name, num_classes=classes, **model_kw)
+    width = slim.validate_width(width, model.min_width)
+    layers = trace_layers(model, (1, input_size, input_size, in_channels), width=width,
+                          train=True)
+    return dict(name=name, width=width, input_size=input_size, num_classes=classes,
+                convention=convention, **count(layers, convention))
+
+
+# ------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------
+
+
+def paper_figures(r: dict[str, Any]) -> dict[str, str]:
+    """The paper's figures (and a note) for a ``profile`` row of a Table 6/12 setting, else {}.
+    Only meaningful for default model arguments."""
+    key = (r["name"], r["width"])
+    if (r["convention"] != "paper" or r["input_size"] != 224
+            or r["num_classes"] != 1000 or key not in PAPER_FIGURES):
+        return {}
+    p, m = PAPER_FIGURES[key]
+    return dict(paper_params=p, paper_macs=m, note=PAPER_NOTES.get(key, ""))
+
+
+def _human(n: int) -> str:
+    """4111514624 -> '4.11G', 555417600 -> '555.4M' (the paper's and reference's styles)."""
+    return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n < 1e8 else f"{n / 1e6:.1f}M"
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table of ``profile`` rows (with the paper's figures where present)."""
+    head = ["width", "params", "MACs", "~params", "~MACs"]
+    with_paper = any("paper_params" in r for r in rows)
+    if with_paper:
+        head += ["paper params", "paper MACs", "note"]
+    body = []
+    for r in rows:
+        line = [f"{r['width']}", f"{r['params']:,}", f"{r['macs']:,}",
+                _human(r["params"]), _human(r["macs"])]
+        if with_paper:
+            line += [r.get("paper_params", ""), r.get("paper_macs", ""), r.get("note", "")]
+        body.append(line)
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+    def fmt(cells: list[str]) -> str:  # numbers right-aligned, the note left-aligned
+        out = [c.ljust(w) if h == "note" else c.rjust(w) for c, w, h in zip(cells, widths, head)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _widths(text: str) -> list[float]:
+    try:
+        widths = [float(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        widths = []
+    if not widths:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated numbers, got {text!r}")
+    return widths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _Parser(prog="python -m us3l_jax.profile",
+                     description="Params and MACs per width (" + __doc__.split("\n")[0] + ")")
+    parser.add_argument("--model", required=True, help=f"one of: {', '.join(models.NAMES)}")
+    parser.add_argument("--widths", type=_widths, default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--convention", choices=CONVENTIONS, default="paper")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    try:
+        rows = []
+        for w in args.widths:
+            r = profile(args.model, w, args.input_size, args.num_classes, args.convention)
+            rows.append({**r, **paper_figures(r)})
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{args.model}, {args.input_size}x{args.input_size}, convention {args.convention}"
+              + (f", {args.num_classes} classes" if args.convention == "paper" else ""))
+        print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
