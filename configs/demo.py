@@ -11,8 +11,8 @@ layout of one block per stage and base width 16, widths [0.25, 1.0]. Needs no do
 Expected: ``demo`` runs 12 epochs (264 steps) in a few minutes on 2 CPU cores and ends with a
 fast linear-probe sweep over widths 1.0/0.75/0.5/0.25 whose accuracies are all far above the
 10% chance level (the digits are easy; see README for the figures we measured).
-``smoke`` is the same run cut to a few dozen steps (well under a minute after compilation),
-for tests and quick checks.
+``smoke`` is the same run cut to 4 epochs (88 steps through all four sampling stages, on a
+coarser width grid): well under a minute after compilation, for tests and quick checks.
 """
 from us3l_jax import config as config_lib
 
@@ -40,10 +40,12 @@ def get_config(arg: str | None = None):
     c.eval.batch_size = 64
     c.eval.calibration_batches = 20
     if arg == "smoke":
+        # 4 epochs = 88 steps: every stage of schedule "A" (1.0 only; then min width 0.75,
+        # 0.5, 0.25) runs; a coarse grid keeps the programs to compile few.
         c.optim.epochs = 4
-        c.train.max_steps = 24
-        c.train.log_every_steps = 4
-        c.train.checkpoint_every_steps = 8
+        c.sampler.grid_step = 0.25
+        c.train.log_every_steps = 11
+        c.train.checkpoint_every_steps = 22
         c.eval.sweep_widths = (1.0, 0.25)
     elif arg:
         raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke' or none")

@@ -166,10 +166,23 @@ def _fmt_time(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def fetch(tree):
+    """Host copies of replicated device values; works when they span several processes,
+    where ``jax.device_get`` would refuse non-addressable arrays."""
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(jax.device_get(a))
+    return jax.tree.map(one, tree)
+
+
+@jax.jit
+def _finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _all_finite(tree) -> bool:
-    return bool(jax.device_get(jax.jit(
-        lambda t: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(t)])))(
-            tree)))
+    return bool(fetch(_finite(tree)))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
@@ -228,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             state, metrics = trainer.step(state, batch.images, widths, step)
             done = step + 1
             if done % config.train.log_every_steps == 0 or done == end or done == start + 1:
-                metrics = jax.device_get(metrics)
+                metrics = fetch(metrics)
                 if not all(np.isfinite(v) for v in metrics.values()):
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step}: " + ", ".join(

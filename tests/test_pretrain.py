@@ -1,0 +1,176 @@
+"""The pretraining loop on the real (offline) digits data: exact resume after an interruption
+(clean stop, kill -9, SIGTERM), corrupt-checkpoint fallback, config mismatch, NaN stop.
+
+Every run is ``configs/demo.py:smoke`` cut to ``STEPS`` iterations (stage 1 plus a few steps
+with sub-networks); one uninterrupted reference run is shared by the module.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from us3l_jax import checkpointing, pretrain
+from tests.helpers import REPO, demo_config, run_main
+
+STEPS = 30  # stage 1 ends at step 22 (one epoch); 8 more steps train sub-networks
+
+
+def smoke(**overrides):
+    c = demo_config("smoke", **overrides)
+    c.train.max_steps = STEPS
+    c.train.checkpoint_every_steps = 5
+    c.train.log_every_steps = 5
+    c.train.compile_ahead = False
+    return c
+
+
+def final_params(workdir):
+    return checkpointing.load_pretrained(workdir).params
+
+
+def assert_bitwise_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    state = pretrain.train(smoke(), workdir)
+    return workdir, state
+
+
+def test_reference_run_writes_checkpoints_and_logs(reference):
+    workdir, state = reference
+    assert int(state.step) == STEPS
+    steps = checkpointing.Checkpointer(workdir, smoke()).all_steps()
+    assert steps == [20, 25, 30]  # every 5 steps, keep 3
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 5, 10, 15, 20, 25, 30]
+    assert all(np.isfinite(r["loss/total"]) for r in records)
+    # Sub-networks train after stage 1 (step 22): two distillation terms appear.
+    assert "loss/sub1" not in records[4] and "loss/sub1" in records[6]
+    assert records[-1]["num_widths"] == 3
+    assert os.path.isdir(os.path.join(workdir, "tb"))
+    assert checkpointing.read_config(workdir).model.base_width == 16
+
+
+def test_resume_after_stop_at_random_step_is_exact(reference, tmp_path):
+    ref_dir, ref_state = reference
+    k = int(np.random.default_rng().integers(1, STEPS))
+    print(f"interrupting at step {k}")
+    first = smoke()
+    first.train.max_steps = k
+    pretrain.train(first, str(tmp_path))
+    state = pretrain.train(smoke(), str(tmp_path))  # same command: resumes from step k
+    assert int(state.step) == STEPS
+    assert_bitwise_equal(state.params, ref_state.params)
+    assert_bitwise_equal(state.ema_params, ref_state.ema_params)
+    assert_bitwise_equal(state.opt_state, ref_state.opt_state)
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+    path = os.path.join(workdir, "metrics.jsonl")
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.stdout.read()[-2000:]}")
+        if os.path.exists(path):
+            steps = [json.loads(line)["step"] for line in open(path) if line.strip()]
+            if steps and steps[-1] >= step:
+                return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for the run")
+
+
+SMOKE_FLAGS = [f"--config.train.max_steps={STEPS}", "--config.train.checkpoint_every_steps=5",
+               "--config.train.log_every_steps=5", "--config.train.compile_ahead=False",
+               "--config.eval.final_sweep=False"]
+
+
+def test_kill_9_then_rerun_ends_with_identical_params(reference, tmp_path):
+    ref_dir, ref_state = reference
+    workdir = str(tmp_path / "run")
+    proc = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS, wait=False)
+    _wait_for_step(workdir, 12, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = checkpointing.Checkpointer(workdir, smoke()).all_steps()
+    assert done and done[-1] < STEPS
+    out = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert f"resuming {workdir} from step {done[-1]}" in out.stdout
+    assert_bitwise_equal(final_params(workdir), ref_state.params)
+
+
+def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
+    ref_dir, ref_state = reference
+    workdir = str(tmp_path / "run")
+    proc = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS, wait=False)
+    _wait_for_step(workdir, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == pretrain.PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "Traceback" not in out
+    stopped = int(out.split("preempted at step ")[1].split(";")[0])
+    assert checkpointing.Checkpointer(workdir, smoke()).all_steps()[-1] == stopped
+    out = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS)
+    assert out.returncode == 0
+    assert_bitwise_equal(final_params(workdir), ref_state.params)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, caplog):
+    ref_dir, _ = reference
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(ref_dir, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "30", "state")
+    for root, _, files in os.walk(state_dir):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    ckpt = checkpointing.Checkpointer(workdir, smoke())
+    with caplog.at_level("WARNING"):
+        step, state = ckpt.restore_latest(pretrain.abstract_state(smoke()))
+    ckpt.close()
+    assert step == 25
+    assert "checkpoint 30" in caplog.text and "unreadable" in caplog.text
+    assert int(state.step) == 25
+
+
+def test_restoring_into_a_different_model_is_refused(reference):
+    ref_dir, _ = reference
+    other = smoke()
+    other.model.base_width = 32
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"different config \(model.base_width: checkpoint 16 vs config 32"):
+        pretrain.train(other, ref_dir)
+    other = smoke()
+    other.sampler.width_range = (0.5, 1.0)
+    other.eval.sweep_widths = (1.0, 0.5)
+    other.eval.online_widths = (1.0, 0.5)
+    with pytest.raises(checkpointing.CheckpointError, match="sampler.width_range"):
+        pretrain.train(other, ref_dir)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = smoke()
+    c.optim.lr = 1e12
+    c.train.log_every_steps = 1
+    with pytest.raises(pretrain.NonFiniteLossError, match="non-finite loss at step") as e:
+        pretrain.train(c, str(tmp_path))
+    steps = checkpointing.Checkpointer(str(tmp_path), c).all_steps()
+    # Whatever was saved before the blow-up is finite.
+    for s in steps:
+        assert s < int(str(e.value).split("at step ")[1].split(":")[0]) + 1
+    if steps:
+        params = final_params(str(tmp_path))
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))

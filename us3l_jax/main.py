@@ -1,0 +1,147 @@
+"""Entry point: ``python -m us3l_jax.main --config=configs/<file>.py[:<arg>] --workdir=<dir>``.
+
+Overrides: ``--config.<key>=<value>`` (e.g. ``--config.optim.epochs=10``); the config is locked
+and typed, so a misspelt key or a wrong type stops before anything runs, and ``validate``
+checks the values. Rerunning the same command resumes from the latest checkpoint.
+
+Multi-host: ``--distributed`` calls ``jax.distributed.initialize()``, which finds the
+coordinator on TPU pods and under SLURM by itself; elsewhere pass ``--coordinator_address``,
+``--num_processes`` and ``--process_id`` (or set ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+
+Exit codes: 0 finished; 2 bad config / data / checkpoint (one-line message); 3 non-finite loss
+(the last good checkpoint is kept); 143 preempted by SIGTERM after saving (rerun to resume).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, results).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (multi-host runs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+log = logging.getLogger("us3l")
+
+
+def setup_logging() -> None:
+    """Our progress lines on stdout; library chatter (orbax, absl) only when it matters."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def init_distributed() -> None:
+    import jax
+    env = os.environ
+    address = _COORDINATOR.value or env.get("JAX_COORDINATOR_ADDRESS")
+    if not (_DISTRIBUTED.value or address):
+        return
+    kwargs = {}
+    if address:
+        kwargs["coordinator_address"] = address
+        n = _NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else env.get(
+            "JAX_NUM_PROCESSES")
+        pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env.get("JAX_PROCESS_ID")
+        if n is None or pid is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id "
+                             "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+        kwargs.update(num_processes=int(n), process_id=int(pid))
+    jax.distributed.initialize(**kwargs)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _fail(message: str, code: int) -> None:
+    if os.environ.get("US3L_DEBUG") and sys.exc_info()[0] is not None:
+        raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...", 2)
+    setup_logging()
+    try:
+        config = _CONFIG.value
+        if config is not None:
+            config.to_dict()  # config_flags defers file-loading errors to first use
+    except Exception as e:  # noqa: BLE001
+        _fail(f"cannot load --config: {_one_line(e)}", 2)
+    if config is None:
+        _fail("--config is required, e.g. --config=configs/demo.py", 2)
+    if not _WORKDIR.value:
+        _fail("--workdir is required, e.g. --workdir=/tmp/us3l_demo", 2)
+    import jax
+
+    from us3l_jax import checkpointing, config as config_lib, pretrain
+    from us3l_jax.data.datasets import DatasetNotFoundError
+
+    workdir = os.path.abspath(_WORKDIR.value)
+    try:
+        config_lib.validate(config)
+        cache = config.train.compilation_cache_dir or os.path.join(
+            os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "us3l_jax", "xla")
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        init_distributed()
+        online = None
+        if config.eval.online_every_epochs:
+            from us3l_jax.evaluate.online import OnlineEvaluator
+            online = OnlineEvaluator(config)
+        pretrain.train(config, workdir, online_eval=online)
+        if config.eval.final_sweep:
+            from us3l_jax import evaluate
+            evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
+                               protocol=config.eval.sweep_protocol)
+    except (config_lib.ConfigError, DatasetNotFoundError, checkpointing.CheckpointError,
+            ValueError) as e:
+        _fail(str(e), 2)
+    except pretrain.NonFiniteLossError as e:
+        _fail(str(e), 3)
+    except pretrain.Preempted as e:
+        log.info("%s; rerun the same command to resume", e)
+        sys.exit(pretrain.PREEMPTED_EXIT_CODE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, but every failure (unknown config key, wrong type, missing or
+    broken config file) is one line on stderr and exit status 2, not a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - config_flags raises several unrelated types
+        print(f"error: invalid flags: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _one_line(e: BaseException) -> str:
+    """The useful part of an error whose text may embed a traceback (config_flags does)."""
+    text = str(e).replace("\\n", "\n")
+    if "Traceback (most recent call last)" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+    return " ".join(text.split())
+
+
+def run() -> None:
+    """Console script ``us3l``."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()
