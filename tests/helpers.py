@@ -34,8 +34,9 @@ def run_main(config: str, workdir: str, *flags: str, wait: bool = True, timeout:
     """Runs ``python -m us3l_jax.main`` as a user would; stdout and stderr merged."""
     cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}",
            f"--config.train.compilation_cache_dir={CACHE}", *flags]
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, **(env or {}))
+    full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     full_env.pop("XLA_FLAGS", None)
+    full_env.update(env or {})
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -154,15 +154,17 @@ def build_model(config) -> SSLModel:
 
 def build_sampler(config) -> sampling.SamplerConfig:
     s = config.sampler
-    grid = None
-    if s.grid_step is not None:
-        backbone = build_backbone(config)
-        grid = tuple(slim.distinct_widths(backbone.channel_config, *s.width_range,
-                                          step=s.grid_step))
-    return sampling.SamplerConfig(
+    sampler = sampling.SamplerConfig(
         width_range=tuple(s.width_range), num_samples=s.num_samples, sandwich=s.sandwich,
-        schedule=None if s.schedule == "none" else s.schedule, stage_by=s.stage_by, grid=grid,
+        schedule=None if s.schedule == "none" else s.schedule, stage_by=s.stage_by,
         individual_width=s.individual_width, seed=config.seed)
+    if s.grid_step is None:
+        return sampler
+    if not 0 < s.grid_step <= 1:
+        raise ValueError(f"grid_step must be in (0, 1], got {s.grid_step}")
+    backbone = build_backbone(config)
+    grid = slim.distinct_widths(backbone.channel_config, *sampler.width_range, step=s.grid_step)
+    return dataclasses.replace(sampler, grid=tuple(grid))
 
 
 def build_optimizer(config, steps_per_epoch: int):

@@ -65,6 +65,8 @@ def init_distributed() -> None:
     jax.distributed.initialize(**kwargs)
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_index() != 0:
+        log.setLevel(logging.WARNING)  # one progress display per job: process 0's
 
 
 def _fail(message: str, code: int) -> None:
@@ -95,12 +97,12 @@ def main(argv) -> None:
 
     workdir = os.path.abspath(_WORKDIR.value)
     try:
+        init_distributed()  # before anything touches a JAX backend (validation does)
         config_lib.validate(config)
         cache = config.train.compilation_cache_dir or os.path.join(
             os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "us3l_jax", "xla")
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        init_distributed()
         online = None
         if config.eval.online_every_epochs:
             from us3l_jax.evaluate.online import OnlineEvaluator
