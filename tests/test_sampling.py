@@ -157,3 +157,21 @@ def test_bad_run_arguments():
         sample_widths(cfg, 0, 0, 10)
     with pytest.raises(ValueError, match="schedule 'A' needs at least 4 epochs"):
         sample_widths(cfg, 0, 5, 15)
+
+
+def test_table13_half_schedules():
+    """Appendix Table 13: 'max first' alone (case 4, 2.5T) and 'gradually reduce' alone
+    (case 3, 3T) are the two halves of schedule A (case 5)."""
+    spe, total = 10, 400  # 40 epochs: stages of 10 epochs
+    mf = SamplerConfig(schedule="max_first")
+    gr = SamplerConfig(schedule="gradual")
+    assert sample_widths(mf, 99, spe, total) == (1.0,)
+    assert min(sample_widths(mf, 100, spe, total)) == 0.25  # full range right after stage 1
+    assert min(sample_widths(gr, 0, spe, total)) == 0.75  # sub-networks from step 0
+    assert min(sample_widths(gr, 199, spe, total)) == 0.75
+    assert min(sample_widths(gr, 200, spe, total)) == 0.5
+    assert min(sample_widths(gr, 399, spe, total)) == 0.25
+    assert expected_forward_count(mf, total, spe) == 1000 == 2.5 * total
+    assert expected_forward_count(gr, total, spe) == 1200 == 3 * total
+    with pytest.raises(ValueError, match="unknown width schedule 'B'"):
+        SamplerConfig(schedule="B")

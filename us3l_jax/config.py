@@ -77,8 +77,14 @@ def get_default() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar100"
     c.data.data_dir = config_dict.placeholder(str)
-    c.data.image_size = config_dict.placeholder(int)  # digits: upsampled size (default 32)
+    # Training view size (default: the augment preset's, 32 or 224); digits are also stored
+    # at this size (upsampled from 8x8).
+    c.data.image_size = config_dict.placeholder(int)
     c.data.augment = "cifar"
+    # Streaming input (host decode + crops, for data that does not fit in device memory);
+    # None: only for imagenet2012. Otherwise the uint8 images are held on device.
+    c.data.streaming = config_dict.placeholder(bool)
+    c.data.num_threads = 16  # host threads decoding/cropping (streaming only)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.batch_size = 512
@@ -179,23 +185,38 @@ def build_optimizer(config, steps_per_epoch: int):
         reg_rule=o.reg_rule, lars=o.lars)
 
 
+def is_streaming(config) -> bool:
+    if config.data.streaming is None:
+        return config.data.dataset == "imagenet2012"
+    return bool(config.data.streaming)
+
+
 def build_views(config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
     """The two SSL view recipes (reference §8): ``cifar`` (no blur), ``imagenet`` (blur 0.5,
     224), ``byol`` (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2), ``none`` (full crop,
-    no colour ops, no flip: for debugging)."""
+    no colour ops, no flip: for debugging). When streaming, the crops happen on the host, so
+    the device-side configs have ``crop=False``."""
+    v1, v2 = _view_recipe(config)
+    if is_streaming(config):
+        v1, v2 = (dataclasses.replace(v, crop=False) for v in (v1, v2))
+    return v1, v2
+
+
+def _view_recipe(config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
     name = config.data.augment
     if name == "cifar":
-        size = 32 if config.data.image_size is None else config.data.image_size
-        v = dataclasses.replace(augment.CIFAR_SSL, size=size)
-        return v, v
-    if name == "imagenet":
-        return augment.IMAGENET_SSL, augment.IMAGENET_SSL
-    if name == "byol":
-        return augment.BYOL_VIEW1, augment.BYOL_VIEW2
-    size = 32 if config.data.image_size is None else config.data.image_size
-    v = augment.ViewConfig(size=size, scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0,
-                           grayscale_p=0.0, flip_p=0.0)
-    return v, v
+        views = augment.CIFAR_SSL, augment.CIFAR_SSL
+    elif name == "imagenet":
+        views = augment.IMAGENET_SSL, augment.IMAGENET_SSL
+    elif name == "byol":
+        views = augment.BYOL_VIEW1, augment.BYOL_VIEW2
+    else:
+        v = augment.ViewConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0,
+                               grayscale_p=0.0, flip_p=0.0)
+        views = v, v
+    if config.data.image_size is not None:
+        views = tuple(dataclasses.replace(v, size=config.data.image_size) for v in views)
+    return views
 
 
 # ------------------------------------------------------------------------------------------

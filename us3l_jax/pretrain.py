@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -48,7 +49,8 @@ class Run:
     """Everything built from a config for one pretraining run."""
     config: ml_collections.ConfigDict
     mesh: Any
-    feeder: feeding.TrainFeeder | None
+    batches: Callable[[int], Iterator[feeding.Batch]] | None  # start step -> batches
+    image_spec: jax.ShapeDtypeStruct  # one training batch of uint8 images
     trainer: US3LTrainer
     sampler: sampling.SamplerConfig
     steps_per_epoch: int
@@ -63,16 +65,22 @@ def _views_fn(config):
 def build_trainer(config, mesh, steps_per_epoch: int) -> US3LTrainer:
     model = config_lib.build_model(config)
     tx, lr = config_lib.build_optimizer(config, steps_per_epoch)
+    # The teacher runs at the largest width, or at the one width of an individual baseline.
+    teacher = config.sampler.individual_width or config.sampler.width_range[1]
     return US3LTrainer(model, config_lib.build_method(config), tx, _views_fn(config), mesh,
                        total_steps=config.optim.epochs * steps_per_epoch,
-                       teacher_width=config.sampler.width_range[1], lr_schedule=lr)
+                       teacher_width=teacher, lr_schedule=lr)
 
 
-def _image_spec(config, mesh) -> jax.ShapeDtypeStruct:
-    """Shape of a training batch for tracing: parameter shapes do not depend on it, only the
-    view size and the batch (grouped BN) do."""
+def image_spec(config, mesh, image_shape: tuple[int, ...] | None = None) -> jax.ShapeDtypeStruct:
+    """A training batch of uint8 images: (B, H, W, 3) held on device, or (B, 2, S, S, 3) host
+    crops when streaming. Parameter shapes do not depend on it (only views and BN groups do)."""
     size = config_lib.build_views(config)[0].size
-    return jax.ShapeDtypeStruct((config.optim.batch_size, size, size, 3), jnp.uint8,
+    if config_lib.is_streaming(config):
+        shape = (2, size, size, 3)
+    else:
+        shape = image_shape or (size, size, 3)
+    return jax.ShapeDtypeStruct((config.optim.batch_size,) + tuple(shape), jnp.uint8,
                                 sharding=mesh_lib.batch_sharding(mesh))
 
 
@@ -80,31 +88,41 @@ def abstract_state(config, mesh=None) -> TrainState:
     """Shapes, dtypes and shardings of the TrainState a config trains (for restoring)."""
     mesh = mesh or mesh_lib.make_mesh()
     trainer = build_trainer(config, mesh, steps_per_epoch=1)
-    shapes = jax.eval_shape(trainer.init_state, jax.random.key(0), _image_spec(config, mesh))
+    shapes = jax.eval_shape(trainer.init_state, jax.random.key(0), image_spec(config, mesh))
     repl = mesh_lib.replicated(mesh)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
 
 
-def setup(config, mesh=None, *, load_data: bool = True) -> Run:
+def _streaming_batches(config, mesh):
+    from us3l_jax.data import streaming
+    source = datasets.open_source(config.data.dataset, "train", data_dir=config.data.data_dir)
+    crops = streaming.HostCrops.from_views(*config_lib._view_recipe(config))
+    stream = streaming.StreamingDataset(source, global_batch_size=config.optim.batch_size,
+                                        transform=crops, seed=config.seed, train=True, mesh=mesh,
+                                        num_threads=config.data.num_threads)
+    return stream.iterator, stream.steps_per_epoch
+
+
+def setup(config, mesh=None) -> Run:
+    """Validates the config and builds data, model and trainer for ``train``."""
     config_lib.validate(config)
     mesh = mesh or mesh_lib.make_mesh()
     mesh_lib.check_batch_size(config.optim.batch_size, mesh)
-    feeder = None
-    if load_data:
+    if config_lib.is_streaming(config):
+        batches, steps_per_epoch = _streaming_batches(config, mesh)
+        spec = image_spec(config, mesh)
+    else:
         ds = datasets.load(config.data.dataset, "train", data_dir=config.data.data_dir,
                            image_size=config.data.image_size)
         feeder = feeding.TrainFeeder(feeding.DeviceDataset(ds, mesh), config.optim.batch_size,
                                      config.seed)
-        steps_per_epoch = feeder.steps_per_epoch
-    else:
-        steps_per_epoch = feeding.steps_per_epoch(
-            datasets.num_examples(config.data.dataset, "train", data_dir=config.data.data_dir),
-            config.optim.batch_size)
+        batches, steps_per_epoch = feeder.iterate, feeder.steps_per_epoch
+        spec = image_spec(config, mesh, ds.images.shape[1:])
     if steps_per_epoch < 1:
         raise config_lib.ConfigError(
             f"config.optim.batch_size={config.optim.batch_size} is larger than the "
             f"{config.data.dataset} training split")
-    return Run(config=config, mesh=mesh, feeder=feeder,
+    return Run(config=config, mesh=mesh, batches=batches, image_spec=spec,
                trainer=build_trainer(config, mesh, steps_per_epoch),
                sampler=config_lib.build_sampler(config), steps_per_epoch=steps_per_epoch,
                total_steps=config.optim.epochs * steps_per_epoch)
@@ -195,7 +213,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     """
     t_setup = time.perf_counter()
     run = setup(config, mesh)
-    trainer, feeder = run.trainer, run.feeder
+    trainer = run.trainer
     workdir = os.path.abspath(workdir)
     end = run.total_steps if config.train.max_steps is None else min(run.total_steps,
                                                                       config.train.max_steps)
@@ -207,10 +225,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         if _main_thread() else None
     try:
         found = ckpt.restore_latest(abstract_state(config, run.mesh))
-        first_batch = feeder.batch(0).images
         if found is None:
             checkpointing.write_config(workdir, config)
-            state = trainer.init_state(jax.random.key(config.seed), first_batch)
+            state = trainer.init_state(jax.random.key(config.seed), run.image_spec)
             start = 0
             log.info("new run in %s: %s on %s, %d steps (%d epochs x %d), %d device(s)",
                      workdir, config.model.name, config.data.dataset, run.total_steps,
@@ -227,17 +244,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                 [run.sampler.width_range[1]] + subs
             if run.sampler.individual_width is not None:
                 bases = [run.sampler.individual_width]
-            trainer.compile_ahead(state, first_batch, bases, subs)
+            trainer.compile_ahead(state, run.image_spec, bases, subs)
             log.info("compiling %d programs ahead in the background", len(bases) +
                      len(subs) + 3)
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
         online_every = config.eval.online_every_epochs * run.steps_per_epoch
         t0, last_log_t, last_log_step = time.perf_counter(), time.perf_counter(), start
+        batches = run.batches(start)
         for step in range(start, end):
             widths = sampling.sample_widths(run.sampler, step, run.steps_per_epoch,
                                             run.total_steps)
-            batch = feeder.batch(step)
+            batch = next(batches)
             state, metrics = trainer.step(state, batch.images, widths, step)
             done = step + 1
             if done % config.train.log_every_steps == 0 or done == end or done == start + 1:

@@ -21,7 +21,8 @@ import math
 import numpy as np
 
 NUM_STAGES = 4
-SCHEDULES = (None, "A")
+# "A" = "max_first" + "gradual" (paper §3.2.2); the two halves alone are Table 13 cases 4 / 3.
+SCHEDULES = (None, "A", "max_first", "gradual")
 STAGE_UNITS = ("epoch", "iteration")
 
 
@@ -35,7 +36,10 @@ class SamplerConfig:
       sandwich: always include ``hi`` and the current minimum; the other s − 2 are random.
         Without it all s widths are random and the base step runs at the largest sampled
         width, which is below ``hi`` in stages 2-4 (the official behaviour, reference §5.1).
-      schedule: "A" (dynamic sampling) or None (the minimum width is ``lo`` from step 0).
+      schedule: "A" (dynamic sampling) or None (the minimum width is ``lo`` from step 0), or
+        one half of "A" (appendix Table 13): "max_first" (stage 1 trains only ``hi``, then the
+        full range) or "gradual" (the minimum width steps 0.75 -> 0.5 -> 0.25 as in "A", with
+        sub-networks from step 0: stage 1 uses stage 2's range).
       stage_by: "epoch" (official code) or "iteration" (paper Algorithm 1).
       grid: optional allowed widths (e.g. ``slim.distinct_widths(...)``); random draws pick
         uniformly among grid widths in the current range, which bounds the number of distinct
@@ -66,7 +70,8 @@ class SamplerConfig:
         object.__setattr__(self, "width_range", (lo, hi))
         schedule = None if self.schedule in (None, "none", "") else self.schedule
         if schedule not in SCHEDULES:
-            raise ValueError(f"unknown width schedule {self.schedule!r}; valid: 'A' or None")
+            raise ValueError(f"unknown width schedule {self.schedule!r}; valid: "
+                             f"{', '.join(repr(x) for x in SCHEDULES[1:])} or None")
         object.__setattr__(self, "schedule", schedule)
         if self.stage_by not in STAGE_UNITS:
             raise ValueError(f"stage_by must be one of {STAGE_UNITS}, got {self.stage_by!r}")
@@ -100,9 +105,11 @@ class SamplerConfig:
         if self.individual_width is not None:
             return
         hi = self.width_range[1]
-        stages = range(2, NUM_STAGES + 1) if self.schedule == "A" else (NUM_STAGES,)
+        stages = range(1, NUM_STAGES + 1) if self.schedule else (NUM_STAGES,)
         for s in stages:
             lo = _stage_min(self, s)
+            if lo == hi:  # only the base width trains: the grid is not consulted
+                continue
             if not _grid_in(grid, lo, hi):
                 raise ValueError(
                     f"grid {grid} has no width in [{lo}, {hi}], the range of stage {s}; add "
@@ -124,9 +131,11 @@ def _grid_in(grid: tuple[float, ...], lo: float, hi: float, open_: bool = False)
 
 def _stage_min(cfg: SamplerConfig, stage_: int) -> float:
     lo, hi = cfg.width_range
-    if stage_ == 1:
+    if stage_ == 1 and cfg.schedule in ("A", "max_first"):
         return hi
-    return lo + (NUM_STAGES - stage_) * (hi - lo) / (NUM_STAGES - 1)
+    if cfg.schedule in ("A", "gradual"):
+        return lo + (NUM_STAGES - max(stage_, 2)) * (hi - lo) / (NUM_STAGES - 1)
+    return lo
 
 
 def _check_run(step: int, steps_per_epoch: int, total_steps: int) -> None:
@@ -150,7 +159,7 @@ def _stage_of(cfg: SamplerConfig, steps: np.ndarray, steps_per_epoch: int,
     period = units // NUM_STAGES
     if period < 1:
         raise ValueError(
-            f"schedule 'A' needs at least {NUM_STAGES} {cfg.stage_by}s, got {units} "
+            f"schedule {cfg.schedule!r} needs at least {NUM_STAGES} {cfg.stage_by}s, got {units} "
             f"(total_steps={total_steps}, steps_per_epoch={steps_per_epoch})")
     return np.minimum(pos // period + 1, NUM_STAGES)
 
