@@ -1,0 +1,48 @@
+"""The baselines of paper Table 2 on CIFAR-100.
+
+Individually trained SSL models, one run per width (training cost n*T for n widths):
+
+    python -m us3l_jax.main --config=configs/baselines_cifar100.py:simclr,1.0 --workdir=runs/simclr_1.0
+    python -m us3l_jax.main --config=configs/baselines_cifar100.py:byol,0.5 --workdir=runs/byol_0.5
+    python -m us3l_jax.main --config=configs/baselines_cifar100.py:simsiam,0.25,resnet18 --workdir=runs/simsiam_0.25
+
+US-Net adapted to SSL, trained once for all widths (cost 4T):
+
+    python -m us3l_jax.main --config=configs/baselines_cifar100.py:us_simclr --workdir=runs/us_simclr
+    python -m us3l_jax.main --config=configs/baselines_cifar100.py:us_simsiam,resnet50 --workdir=runs/us_simsiam_r50
+
+Arguments: ``method[,width][,arch]`` for simclr/byol/simsiam (width default 1.0, arch
+resnet18|resnet50|mobilenet_v2), ``method[,arch]`` for us_simclr/us_simsiam.
+Expected linear accuracy (paper Table 2, %) at 1.0 0.9 0.8 0.7 0.6 0.5 0.4 0.3 0.25, ResNet-18:
+
+    simclr      66.5 65.4 64.7 63.7 62.6 61.0 59.0 56.1 53.6   (each width a separate run)
+    simsiam     66.5 65.4 64.6 63.5 62.6 60.0 58.3 54.9 52.4
+    byol        66.8 66.0 65.6 65.3 63.0 62.1 59.5 56.0 54.3
+    us_simclr   65.5 64.9 63.8 63.6 62.7 61.8 60.2 58.2 57.4
+    us_simsiam  57.5 57.4 57.3 57.0 56.3 55.4 54.5 53.1 52.4
+
+ResNet-50: byol 67.0 ... 61.2, us_simclr 70.1 ... 65.5, us_simsiam 54.7 ... 54.0; MobileNetV2:
+byol 61.2 ... 51.9, us_simclr 56.2 ... 52.2, us_simsiam collapses (all in
+``us3l_jax/evaluate/paper.py``). Recipes: ``us3l_jax.recipes.individual_cifar`` and
+``us_baseline_cifar`` (BYOL/SimSiam lr 0.1 per appendix Table 11; the official configs use
+0.05: ``--config.optim.lr=0.05``; the official US+SimCLR config samples 3 widths, the paper's
+cost column says 4: ``--config.sampler.num_samples=3``).
+"""
+from us3l_jax import recipes
+
+INDIVIDUAL = ("simclr", "byol", "simsiam")
+US = ("us_simclr", "us_simsiam")
+
+
+def get_config(arg: str | None = "simclr"):
+    method = (arg or "simclr").split(",")[0]
+    if method in INDIVIDUAL:
+        a = recipes.parse_args(arg, ("method", "width", "arch"), ("simclr", 1.0, "resnet18"))
+        c = recipes.individual_cifar(method, float(a["width"]), a["arch"])
+    elif method in US:
+        a = recipes.parse_args(arg, ("method", "arch"), ("us_simclr", "resnet18"))
+        c = recipes.us_baseline_cifar(method, a["arch"])
+    else:
+        raise ValueError(f"unknown baseline {method!r}; valid: {', '.join(INDIVIDUAL + US)}")
+    c.eval.paper_row = f"table2/{a['arch']}/{method}"
+    return c
