@@ -59,7 +59,11 @@ def test_reference_run_writes_checkpoints_and_logs(reference):
     assert all(np.isfinite(r["loss/total"]) for r in records)
     # Sub-networks train after stage 1 (step 22): two distillation terms appear.
     assert "loss/sub1" not in records[4] and "loss/sub1" in records[6]
-    assert records[-1]["num_widths"] == 3
+    last = records[-1]
+    assert last["num_widths"] == 3 and last["width/base"] == 1.0
+    assert 0.75 <= last["width/sub1"] <= last["width/sub0"] <= 1.0  # stage 2: [0.75, 1]
+    for key in ("lr", "grad_norm", "embed_std", "images_per_s_per_device", "programs"):
+        assert np.isfinite(last[key]), key
     assert os.path.isdir(os.path.join(workdir, "tb"))
     assert checkpointing.read_config(workdir).model.base_width == 16
 

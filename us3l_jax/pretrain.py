@@ -273,8 +273,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                          "images_per_s_per_device": rate / run.mesh.devices.size,
                          "programs": trainer.num_programs,
                          "compile_s": trainer.compile_seconds}
-                writer.write(done, {**metrics, **{k: v for k, v in extra.items()
-                                                 if k != "widths"}, "num_widths": len(widths)})
+                width_of = {"width/base": widths[0],
+                            **{f"width/sub{i}": w for i, w in enumerate(widths[1:])}}
+                writer.write(done, {**metrics, **width_of, "num_widths": len(widths),
+                                    **{k: v for k, v in extra.items() if k != "widths"}})
                 log.info("step %d/%d ep %.2f | %s | widths %s | %.0f img/s/dev | "
                          "programs %d (%.0fs compiling) | ETA %s", done, end, extra["epoch"],
                          " ".join(f"{k.split('/')[-1]} {float(v):.4f}"
