@@ -96,7 +96,7 @@ def plot_png(records: Sequence[Record], paper: PaperRow | None = None) -> bytes:
     for ax in (ax_w, ax_m):
         ax.set_ylabel("top-1 accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, framealpha=0.7)
     fig.suptitle(describe(records), fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
