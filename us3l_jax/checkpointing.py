@@ -53,12 +53,17 @@ def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def atomic_write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` via a temporary file and a rename: complete or absent."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temporary file and a rename: complete or absent."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,77 @@
+"""The paper's linear evaluation: schedule, optimizer semantics, frozen backbone."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from us3l_jax import mesh as mesh_lib, models
+from us3l_jax.data import augment, datasets, feeding
+from us3l_jax.evaluate import calibrate as calib, linear
+
+
+def test_cifar_schedule_is_30_then_3_at_60_then_0_3_at_80():
+    spe = 3
+    lr = linear.lr_schedule(linear.CIFAR, spe)
+    expect = {0: 30.0, 59 * spe + 2: 30.0, 60 * spe: 3.0, 79 * spe + 2: 3.0, 80 * spe: 0.3,
+              100 * spe - 1: 0.3}
+    for step, value in expect.items():
+        np.testing.assert_allclose(float(lr(step)), value, rtol=1e-6)
+    assert linear.CIFAR.epochs == 100 and linear.CIFAR.batch_size == 512
+    assert linear.CIFAR.momentum == 0.9 and linear.CIFAR.weight_decay == 0.0
+    # Shortened recipes keep the milestones at the same fractions.
+    assert linear.CIFAR.with_epochs(10).milestones == (6, 8)
+
+
+def test_imagenet_recipe_is_lars_cosine_over_60_epochs():
+    r = linear.recipe_for("auto", "imagenet2012")
+    assert (r.epochs, r.lr, r.lars, r.schedule) == (60, 0.8, True, "cosine")
+    lr = linear.lr_schedule(r, 10)
+    np.testing.assert_allclose([float(lr(0)), float(lr(309)), float(lr(599))],
+                               [0.8, 0.4, 0.8 * 0.5 * (1 + np.cos(np.pi * 59 / 60))], rtol=1e-5)
+    assert linear.recipe_for("auto", "dtd").batch_size == 256
+    assert linear.recipe_for("auto", "cifar100", epochs=2).epochs == 2
+    with pytest.raises(ValueError, match="unknown linear recipe 'fancy'"):
+        linear.recipe_for("fancy", "cifar100")
+
+
+def test_sgd_has_pytorch_momentum_semantics():
+    tx = linear.make_optimizer(linear.CIFAR, steps_per_epoch=1)
+    p = {"w": jnp.array([1.0])}
+    state = tx.init(p)
+    g1, g2 = {"w": jnp.array([0.5])}, {"w": jnp.array([-0.2])}
+    u1, state = tx.update(g1, state, p)
+    p1 = optax.apply_updates(p, u1)
+    u2, state = tx.update(g2, state, p1)
+    p2 = optax.apply_updates(p1, u2)
+    b1 = 0.5
+    b2 = 0.9 * b1 - 0.2
+    np.testing.assert_allclose(p1["w"], [1.0 - 30 * b1], rtol=1e-6)
+    np.testing.assert_allclose(p2["w"], [1.0 - 30 * b1 - 30 * b2], rtol=1e-6)
+
+
+def test_only_the_classifier_changes():
+    backbone = models.create("cifar_resnet18", base_width=8, stage_sizes=(1, 1, 1, 1),
+                             bn_group_size=None)
+    params = backbone.init(jax.random.key(0), jnp.zeros((8, 8, 8, 3)), width=1.0,
+                           train=True)["params"]
+    rng = np.random.default_rng(0)
+    toy = datasets.ArrayDataset(rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8),
+                                (np.arange(32) % 4).astype(np.int32), 4, "toy", "train")
+    data = feeding.DeviceDataset(toy, mesh_lib.make_mesh())
+    view = augment.ViewConfig(size=8, scale=(0.8, 1.0), jitter_p=0.0, grayscale_p=0.0)
+    test_view = augment.EvalConfig(resize=9, crop=8)
+    stats = calib.calibrate(backbone, params, 0.5, [augment.eval_view(data.images, test_view)])
+    params_before = jax.tree.map(np.array, params)
+    stats_before = jax.tree.map(np.array, stats)
+    recipe = dataclasses.replace(linear.CIFAR.with_epochs(2), batch_size=8)
+    init = linear.init_classifier(jax.random.split(jax.random.key(0))[0],
+                                  backbone.feature_dim(0.5), backbone.feature_dim(1.0), 4)
+    clf, losses = linear.train(backbone, params, stats, data, 0.5, view, recipe, seed=0)
+    assert clf["w"].shape == (backbone.feature_dim(0.5), 4) and clf["b"].shape == (4,)
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert not np.allclose(clf["w"], init["w"])  # trained from the documented init
+    jax.tree.map(np.testing.assert_array_equal, params, params_before)
+    jax.tree.map(np.testing.assert_array_equal, stats, stats_before)

@@ -1,0 +1,172 @@
+"""End to end on a tiny run pretrained briefly on digits: the sweep, its report, stored
+statistics, online monitoring, and the errors of bad inputs (also through the CLI)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from us3l_jax import checkpointing, pretrain, profile
+from us3l_jax.data import datasets
+from us3l_jax.evaluate import calibrate as calib, paper
+from us3l_jax.evaluate.online import OnlineEvaluator
+from us3l_jax.evaluate.sweep import run_sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+WIDTHS = (1.0, 0.5, 0.25)
+STEP = 8
+# Digits chance is 10%. A linear probe on these 16 px digits is far above chance for any
+# working feature path (measured: a random-init network of this size 64% at 0.25x and 89% at
+# 1.0x; this 8-step run 77% / 88% / 94% at 0.25x / 0.5x / 1.0x), while features misaligned
+# with their labels give ~10% (the shuffled-label probe test). 50% (5x chance) separates the
+# two with a wide margin on the 359-image test set.
+THRESHOLD = 50.0
+
+
+def demo_config():
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    try:
+        import demo
+    finally:
+        sys.path.pop(0)
+    c = demo.get_config("smoke")
+    c.train.max_steps = STEP  # 8 steps of the base width (dynamic sampling stage 1)
+    c.train.checkpoint_every_steps = STEP
+    c.train.compile_ahead = False
+    c.eval.calibration_batches = 4
+    c.eval.online_calibration_batches = 4
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    pretrain.train(demo_config(), workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def sweep(run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report"))
+    records = run_sweep(run, WIDTHS, "fast,knn", out=out, paper_row="table2/resnet18/ours",
+                        echo=None)
+    return out, records
+
+
+def test_sweep_writes_json_markdown_and_png(run, sweep):
+    out, records = sweep
+    with open(os.path.join(out, "sweep.json")) as f:
+        saved = json.load(f)
+    assert saved == records and len(records) == 6
+    assert [(r["width"], r["protocol"]) for r in records] == [
+        (w, p) for w in WIDTHS for p in ("fast", "knn")]
+    config = checkpointing.read_config(run)
+    for r in records:
+        cost = profile.profile("cifar_resnet18", r["width"], 16, None, "backbone",
+                               base_width=16, stage_sizes=(1, 1, 1, 1))
+        assert (r["params"], r["macs"]) == (cost["params"], cost["macs"])
+        assert r["dataset"] == "digits" and r["step"] == STEP and r["input_size"] == 16
+        assert r["num_test"] == 359 and r["calibration_batches"] == 4
+        assert r["paper_accuracy"] == paper.get("table2/resnet18/ours").at(r["width"])
+        assert 0.0 <= r["accuracy"] <= 100.0
+    assert config.model.name == records[0]["model"]
+    macs = [r["macs"] for r in records if r["protocol"] == "fast"]
+    assert macs == sorted(macs, reverse=True)
+    md = open(os.path.join(out, "sweep.md")).read()
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    assert lines[0].split("|")[4:7] == [" fast top-1 (%) ", " knn top-1 (%) ",
+                                        " paper: Table 2 R-18 Ours (%) "]
+    assert len(lines) == 2 + len(WIDTHS)
+    fast = {r["width"]: r["accuracy"] for r in records if r["protocol"] == "fast"}
+    assert lines[2].split("|")[1:2] == [" 1.0 "] and f"{fast[1.0]:.1f}" in lines[2]
+    assert lines[4].rstrip(" |").endswith("60.4")  # the paper's 0.25x
+    png = open(os.path.join(out, "sweep.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_fast_probe_is_well_above_chance_at_every_width(sweep):
+    _, records = sweep
+    fast = {r["width"]: r["accuracy"] for r in records if r["protocol"] == "fast"}
+    assert set(fast) == set(WIDTHS)
+    assert min(fast.values()) > THRESHOLD, fast
+
+
+def test_statistics_are_stored_per_width_and_reused(run, sweep, tmp_path):
+    _, first = sweep
+    for w in WIDTHS:
+        stats, meta = calib.load_stats(calib.stats_path(run, STEP, w))
+        assert meta["width"] == w and meta["num_batches"] == 4 and meta["mode"] == "cumulative"
+    again = run_sweep(run, [0.5], "fast", out=str(tmp_path), echo=None)
+    assert again[0]["calibration_reused"] is True
+    before = next(r for r in first if r["width"] == 0.5 and r["protocol"] == "fast")
+    assert again[0]["accuracy"] == before["accuracy"]
+    # Different settings recalibrate (and replace only that width's file).
+    other = calib.load_stats(calib.stats_path(run, STEP, 1.0))
+    changed = run_sweep(run, [0.5], "fast", out=str(tmp_path), calibration_batches=2,
+                        echo=None)
+    assert changed[0]["calibration_reused"] is False
+    assert calib.load_stats(calib.stats_path(run, STEP, 0.5))[1]["num_batches"] == 2
+    assert calib.load_stats(calib.stats_path(run, STEP, 1.0))[1] == other[1]
+
+
+def test_online_evaluator_matches_the_sweep_knn(run, sweep):
+    _, records = sweep
+    params = checkpointing.load_pretrained(run).params
+    online = OnlineEvaluator(checkpointing.read_config(run), widths=(1.0, 0.25))
+    metrics = online(params, STEP)
+    knn = {r["width"]: r["accuracy"] for r in records if r["protocol"] == "knn"}
+    assert set(metrics) == {"knn/w1.0", "knn/w0.25"}
+    # Same calibration budget and seed as the sweep: the same statistics, the same accuracy.
+    assert metrics["knn/w1.0"] == pytest.approx(knn[1.0], abs=1e-3)
+    assert metrics["knn/w0.25"] == pytest.approx(knn[0.25], abs=1e-3)
+    with pytest.raises(ValueError, match="online protocol 'paper' is too costly"):
+        OnlineEvaluator(checkpointing.read_config(run), protocol="paper")
+
+
+def test_bad_inputs_raise_clear_errors(run, tmp_path):
+    with pytest.raises(checkpointing.CheckpointError, match="no run in .*config.json not found"):
+        run_sweep(str(tmp_path / "missing"), echo=None)
+    empty = tmp_path / "empty"
+    checkpointing.write_config(str(empty), checkpointing.read_config(run))
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
+        run_sweep(str(empty), [1.0], "fast", echo=None)
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint for step 3"):
+        run_sweep(run, [1.0], "fast", step=3, echo=None)
+    with pytest.raises(ValueError, match=r"width 0.2 is outside the trained range \[0.25, 1.0\]"):
+        run_sweep(run, [1.0, 0.2], "fast", echo=None)
+    with pytest.raises(ValueError, match="unknown protocol 'linear'; valid: fast, knn, paper"):
+        run_sweep(run, [1.0], "linear", echo=None)
+    with pytest.raises(datasets.DatasetNotFoundError, match="unknown dataset 'mnist'"):
+        run_sweep(run, [1.0], "fast", dataset="mnist", echo=None)
+    with pytest.raises(ValueError, match="unknown paper row 'table2/vgg/ours'"):
+        run_sweep(run, [1.0], "fast", paper_row="table2/vgg/ours", echo=None)
+
+
+def test_cli_exits_nonzero_with_one_line(run):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "us3l_jax.evaluate", f"--workdir={run}",
+                           "--widths=1.0,0.1", "--protocol=fast"], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert errors == ["python -m us3l_jax.evaluate: error: width 0.1 is outside the trained "
+                      "range [0.25, 1.0] (config.sampler.width_range)"], proc.stderr
+
+
+def test_transfer_dataset_through_the_loaders(run, sweep, tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=96):
+        records = run_sweep(run, [0.25], "fast,knn", dataset="oxford_flowers102",
+                            out=str(tmp_path), echo=None)
+        # Flowers trains on train+validation (the mock serves 96 examples for any split).
+        n_train = datasets.num_examples("oxford_flowers102", "train+validation")
+    assert [(r["dataset"], r["protocol"]) for r in records] == [
+        ("oxford_flowers102", "fast"), ("oxford_flowers102", "knn")]
+    assert (records[0]["num_train"], records[0]["num_test"]) == (n_train, 96) == (96, 96)
+    assert records[0]["input_size"] == 16  # the run's 16 px crop of images stored at 18 px
+    # Calibrated on Flowers' own training split, stored apart from the digits statistics.
+    _, meta = calib.load_stats(calib.stats_path(run, STEP, 0.25, "oxford_flowers102"))
+    assert meta["dataset"] == "oxford_flowers102"
+    assert calib.load_stats(calib.stats_path(run, STEP, 0.25))[1]["dataset"] == "digits"

@@ -1,0 +1,250 @@
+"""BN calibration: the BatchNorm statistics of one width of a pretrained slimmable backbone.
+
+Pretraining stores no BN statistics: every width normalises with batch statistics (reference
+§1.4). Before a width can run in eval mode its statistics are estimated: the backbone runs in
+train mode at that width (so each BN sees the inputs it saw in training, normalised per group
+as in training) over N training batches, and the moments of every BN's input over the used
+channels are accumulated. Two modes:
+
+* ``cumulative`` (default): the exact mean and (biased, population) variance over all
+  calibration data, merged batch by batch from each batch's mean/variance and element count
+  (law of total variance, Chan et al.'s pairwise update). This is what US-Net's cumulative
+  averaging intends; the result does not depend on the batch order.
+* ``ema``: the official code's PyTorch running averages (reference §1.5): starting from mean 0
+  / var 1, ``run = (1 - m)·run + m·batch`` with momentum m = 0.1 and the running variance
+  updated with the **unbiased** batch variance n/(n-1)·var.
+
+The result is a full-size ``batch_stats`` tree (the layout ``SlimBatchNorm`` reads in eval
+mode): calibrated values in the leading used channels, mean 0 / var 1 beyond. Each width gets
+its own tree and its own file (:func:`stats_path`), so calibrating one width never changes
+another's. The per-batch step (forward + merge) is compiled once per width and runs on device
+without host round trips.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax import traverse_util
+
+from us3l_jax import checkpointing
+from us3l_jax.data import augment, feeding
+
+MODES = ("cumulative", "ema")
+AUGMENTS = ("linear_train", "none")
+EMA_MOMENTUM = 0.1  # PyTorch's BatchNorm default, used by the official calibration
+STATS_DIR = "bn_stats"
+
+Array = jax.Array
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationSettings:
+    """How statistics are calibrated; stored with them so that stale files are detected."""
+    num_batches: int = 100
+    batch_size: int = 512
+    mode: str = "cumulative"
+    augment: str = "linear_train"
+    seed: int = 0
+    momentum: float = EMA_MOMENTUM
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown calibration mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"unknown calibration augment {self.augment!r}; valid: "
+                             f"{', '.join(AUGMENTS)}")
+        for name in ("num_batches", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"calibration {name} must be a positive integer, got {v!r}")
+        if not 0 < self.momentum <= 1:
+            raise ValueError(f"calibration momentum must be in (0, 1], got {self.momentum!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# Accumulation (pure functions of per-layer moments)
+# ------------------------------------------------------------------------------------------
+
+
+def _layer_moments(bn_moments: PyTree) -> dict[str, list[dict[str, Array]]]:
+    """``{'layer1_0/bn1': [{'mean', 'var', 'count'}, ...]}`` from a sown ``bn_moments``
+    collection (one entry per call of that BN in the forward)."""
+    flat = traverse_util.flatten_dict(bn_moments, sep="/")
+    out: dict[str, list[dict[str, Array]]] = {}
+    for key, values in flat.items():
+        layer, stat = key.rsplit("/", 1)
+        calls = out.setdefault(layer, [{} for _ in values])
+        for call, v in zip(calls, values):
+            call[stat] = v
+    return out
+
+
+def _merge_cumulative(acc: dict[str, Array], m: dict[str, Array]) -> dict[str, Array]:
+    """Pairwise merge of (count, mean, sum of squared deviations) with a batch's moments."""
+    n_a, n_b = acc["count"], m["count"]
+    n = n_a + n_b
+    delta = m["mean"] - acc["mean"]
+    mean = acc["mean"] + delta * (n_b / n)
+    m2 = acc["m2"] + m["var"] * n_b + jnp.square(delta) * (n_a * n_b / n)
+    return {"count": n, "mean": mean, "m2": m2}
+
+
+def _merge_ema(acc: dict[str, Array], m: dict[str, Array], momentum: float) -> dict[str, Array]:
+    n = m["count"]
+    unbiased = m["var"] * n / jnp.maximum(n - 1.0, 1.0)
+    return {"mean": (1.0 - momentum) * acc["mean"] + momentum * m["mean"],
+            "var": (1.0 - momentum) * acc["var"] + momentum * unbiased}
+
+
+def _init_acc(c: int, mode: str) -> dict[str, Array]:
+    if mode == "cumulative":
+        return {"count": jnp.zeros((), jnp.float32), "mean": jnp.zeros((c,), jnp.float32),
+                "m2": jnp.zeros((c,), jnp.float32)}
+    return {"mean": jnp.zeros((c,), jnp.float32), "var": jnp.ones((c,), jnp.float32)}
+
+
+def _finalize(acc: dict[str, Array], mode: str) -> tuple[Array, Array]:
+    if mode == "cumulative":
+        return acc["mean"], acc["m2"] / jnp.maximum(acc["count"], 1.0)
+    return acc["mean"], acc["var"]
+
+
+# ------------------------------------------------------------------------------------------
+# Device step (compiled once per backbone, width and mode)
+# ------------------------------------------------------------------------------------------
+
+
+def _moments(backbone: nn.Module, params: PyTree, images: Array, width: float):
+    _, state = backbone.apply({"params": params}, images, width=width, train=True,
+                              mutable=["bn_moments"])
+    return _layer_moments(state["bn_moments"])
+
+
+@functools.lru_cache(maxsize=64)
+def _step_fn(backbone: nn.Module, width: float, mode: str, momentum: float):
+    def step(acc, params, images):
+        layers = _moments(backbone, params, images, width)
+        new = {}
+        for name, calls in layers.items():
+            a = acc[name]
+            for m in calls:
+                a = _merge_cumulative(a, m) if mode == "cumulative" else \
+                    _merge_ema(a, m, momentum)
+            new[name] = a
+        return new
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _full_size_template(backbone: nn.Module, image_shape: tuple[int, ...]) -> PyTree:
+    """Shapes of the full-size ``batch_stats`` tree (eval-mode init, nothing computed)."""
+    def init(x):
+        return backbone.init(jax.random.key(0), x, width=1.0, train=False)["batch_stats"]
+
+    return jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
+
+
+def calibrate(backbone: nn.Module, params: PyTree, width: float, batches: Iterable[Array],
+              mode: str = "cumulative", momentum: float = EMA_MOMENTUM) -> PyTree:
+    """Calibrated full-size ``batch_stats`` of ``backbone`` at ``width``.
+
+    Args:
+      backbone: a slimmable backbone (``SlimBatchNorm`` layers).
+      params: its parameters (``{'bn1': ..., 'layer1_0': ...}``, no ``params`` wrapper).
+      width: the width to calibrate (a static Python float).
+      batches: float32 NHWC image batches, already transformed (see :func:`input_batches`).
+      mode: ``cumulative`` (exact statistics over all batches) or ``ema`` (official, momentum
+        ``momentum``, unbiased running variance).
+    Returns:
+      ``{'bn1': {'mean', 'var'}, 'layer1_0': {'bn1': {...}}, ...}`` with full-size float32
+      arrays: the calibrated statistics in the leading used channels, 0 / 1 beyond.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown calibration mode {mode!r}; valid: {', '.join(MODES)}")
+    step = _step_fn(backbone, float(width), mode, float(momentum))
+    acc = None
+    image_shape = None
+    for images in batches:
+        if acc is None:
+            image_shape = tuple(images.shape[1:])
+            shapes = jax.eval_shape(functools.partial(_moments, backbone, width=float(width)),
+                                    params, images)
+            acc = {name: _init_acc(calls[0]["mean"].shape[-1], mode)
+                   for name, calls in shapes.items()}
+        acc = step(acc, params, images)
+    if acc is None:
+        raise ValueError("calibration needs at least one batch")
+    template = _full_size_template(backbone, image_shape)
+    flat = traverse_util.flatten_dict(template, sep="/")
+    stats = {}
+    for key, spec in flat.items():
+        layer, stat = key.rsplit("/", 1)
+        full = np.zeros(spec.shape, np.float32) if stat == "mean" else \
+            np.ones(spec.shape, np.float32)
+        if layer in acc:
+            mean, var = _finalize(acc[layer], mode)
+            value = np.asarray(jax.device_get(mean if stat == "mean" else var))
+            full[:value.shape[0]] = value
+        stats[key] = full
+    return traverse_util.unflatten_dict(stats, sep="/")
+
+
+def input_batches(data: feeding.DeviceDataset, settings: CalibrationSettings,
+                  train_view: augment.ViewConfig,
+                  eval_view: augment.EvalConfig) -> Iterator[Array]:
+    """The calibration inputs: ``settings.num_batches`` training batches (the pretraining
+    feeder's order for ``settings.seed``), with the linear-eval training augmentation
+    (``augment='linear_train'``) or the eval transform (``'none'``)."""
+    feeder = feeding.TrainFeeder(data, settings.batch_size, settings.seed)
+    key = jax.random.key(settings.seed)
+    for k in range(settings.num_batches):
+        images = feeder.batch(k).images
+        if settings.augment == "linear_train":
+            yield augment.view(jax.random.fold_in(key, k), images, train_view)
+        else:
+            yield augment.eval_view(images, eval_view)
+
+
+# ------------------------------------------------------------------------------------------
+# Storage next to the checkpoint
+# ------------------------------------------------------------------------------------------
+
+
+def stats_path(workdir: str, step: int, width: float, dataset: str | None = None) -> str:
+    """``<workdir>/bn_stats/step_<N>/[<dataset>/]width_<w>.msgpack``; ``dataset`` names a
+    calibration set other than the pretraining one (transfer evaluation)."""
+    parts = [workdir, STATS_DIR, f"step_{int(step)}"] + ([dataset] if dataset else [])
+    return os.path.join(*parts, f"width_{float(width)!r}.msgpack")
+
+
+def save_stats(path: str, batch_stats: PyTree, meta: dict[str, Any]) -> None:
+    """Writes statistics and their ``meta`` atomically (temporary file + rename)."""
+    payload = {"batch_stats": jax.tree.map(np.asarray, batch_stats), "meta": dict(meta)}
+    checkpointing.atomic_write_bytes(path, flax.serialization.msgpack_serialize(payload))
+
+
+def load_stats(path: str) -> tuple[PyTree, dict[str, Any]] | None:
+    """``(batch_stats, meta)`` stored at ``path``, or None if there is no file."""
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        payload = flax.serialization.msgpack_restore(f.read())
+    return payload["batch_stats"], payload["meta"]
+
+
+def settings_meta(settings: CalibrationSettings, width: float, step: int,
+                  dataset: str) -> dict[str, Any]:
+    """What identifies a calibration: reused only when all of it matches."""
+    return {**dataclasses.asdict(settings), "width": float(width), "step": int(step),
+            "dataset": dataset}

@@ -1,0 +1,164 @@
+"""One run's backbone on one dataset: calibrate a width, cache its features, run a probe.
+
+Shared by the width sweep and the online monitor. Protocols:
+
+* ``fast``: the softmax probe on cached eval-transform features (``probe.py``);
+* ``knn``: weighted kNN on the same features (``knn.py``);
+* ``paper``: the paper's linear evaluation through the frozen backbone (``linear.py``).
+
+Accuracies returned here are fractions in [0, 1].
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from us3l_jax import config as config_lib, mesh as mesh_lib, slim
+from us3l_jax.data import feeding
+from us3l_jax.evaluate import calibrate as calib, features, knn, linear, probe, transforms
+
+log = logging.getLogger(__name__)
+PROTOCOLS = ("fast", "knn", "paper")
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    return protocol
+
+
+def check_width(config: ml_collections.ConfigDict, width: Any) -> float:
+    """``width`` as a float, or ``ValueError`` if it is outside the run's trained range."""
+    lo, hi = config.sampler.width_range
+    try:
+        return slim.validate_width(width, lo, hi)
+    except ValueError:
+        raise ValueError(f"width {width!r} is outside the trained range [{lo}, {hi}] "
+                         f"(config.sampler.width_range)") from None
+
+
+def calibration_settings(config: ml_collections.ConfigDict,
+                         num_batches: int | None = None) -> calib.CalibrationSettings:
+    e = config.eval
+    return calib.CalibrationSettings(
+        num_batches=int(num_batches or e.calibration_batches), batch_size=int(e.batch_size),
+        mode=e.calibration_mode, augment=e.calibration_augment, seed=int(config.seed))
+
+
+class Evaluator:
+    """Evaluation of ``config``'s backbone on ``dataset`` (default: the pretraining set).
+
+    Loads the train/test splits onto the mesh once. ``fast``/``knn`` settings and the paper
+    recipe come from ``config.eval`` unless given.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset: str | None = None, *,
+                 mesh=None, fast: probe.FastProbeConfig = probe.FastProbeConfig(),
+                 recipe: linear.LinearRecipe | None = None):
+        self.config = config
+        self.mesh = mesh or mesh_lib.make_mesh()
+        self.backbone = config_lib.build_backbone(config)
+        self.data = transforms.for_run(config, dataset)
+        self.fast = fast
+        self.recipe = recipe or linear.recipe_for(config.eval.linear_recipe, self.data.dataset,
+                                                  config.eval.linear_epochs)
+        self.batch_size = int(config.eval.batch_size)
+        mesh_lib.check_batch_size(self.batch_size, self.mesh)
+        g = config.method.group_size
+        if g is not None and self.batch_size % g:
+            raise ValueError(f"config.eval.batch_size={self.batch_size} must be a multiple of "
+                             f"config.method.group_size={g}: calibration runs BN in train mode "
+                             f"with statistics per group, as in pretraining")
+        train, test = transforms.load(self.data, config.data.data_dir)
+        self.num_classes = train.num_classes
+        self.train = feeding.DeviceDataset(train, self.mesh)
+        self.test = feeding.DeviceDataset(test, self.mesh)
+
+    @property
+    def dataset(self) -> str:
+        return self.data.dataset
+
+    def calibrate(self, params: PyTree, width: float,
+                  settings: calib.CalibrationSettings) -> PyTree:
+        """Calibrated full-size ``batch_stats`` of the backbone ``params`` at ``width``."""
+        batches = calib.input_batches(self.train, settings, self.data.train_view,
+                                      self.data.eval_view)
+        return calib.calibrate(self.backbone, params, width, batches, settings.mode,
+                               settings.momentum)
+
+    def calibrated(self, params: PyTree, width: float, settings: calib.CalibrationSettings,
+                   workdir: str, step: int, recalibrate: bool = False
+                   ) -> tuple[PyTree, bool]:
+        """Statistics stored next to checkpoint ``step`` if they were made with the same
+        settings (and not ``recalibrate``), else calibrated now and stored. Returns
+        ``(batch_stats, reused)``."""
+        own = self.dataset == self.config.data.dataset
+        path = calib.stats_path(workdir, step, width, None if own else self.dataset)
+        meta = calib.settings_meta(settings, width, step, self.dataset)
+        stored = None
+        if not recalibrate:
+            try:
+                stored = calib.load_stats(path)
+            except Exception as e:  # noqa: BLE001 - an unreadable file is recalibrated
+                log.warning("ignoring unreadable BN statistics %s (%s)", path, e)
+        if stored is not None and stored[1] == meta:
+            return stored[0], True
+        stats = self.calibrate(params, width, settings)
+        if jax.process_index() == 0:  # every process computed the same statistics
+            calib.save_stats(path, stats, meta)
+        return stats, False
+
+    def features(self, params: PyTree, batch_stats: PyTree, width: float) -> Features:
+        """Eval-mode features of the train and test splits at ``width``."""
+        tr = features.extract(self.backbone, params, batch_stats, self.train, width,
+                              self.data.eval_view, self.batch_size)
+        te = features.extract(self.backbone, params, batch_stats, self.test, width,
+                              self.data.eval_view, self.batch_size)
+        return Features(*tr, *te)
+
+    def run(self, protocol: str, params: PyTree, batch_stats: PyTree, width: float,
+            feats: Features | None = None) -> float:
+        """Top-1 test accuracy (a fraction) of ``protocol`` at ``width``. ``feats``: cached
+        features (computed here when a feature protocol needs them and none are given)."""
+        check_protocol(protocol)
+        if protocol == "paper":
+            clf, losses = linear.train(self.backbone, params, batch_stats, self.train, width,
+                                       self.data.train_view, self.recipe, int(self.config.seed))
+            log.info("paper protocol w=%g: %d epochs, loss %.4f -> %.4f", width,
+                     self.recipe.epochs, losses[0], losses[-1])
+            if feats is None:
+                te_x, te_y = features.extract(self.backbone, params, batch_stats, self.test,
+                                              width, self.data.eval_view, self.batch_size)
+            else:
+                te_x, te_y = feats.test_x, feats.test_y
+            return linear.accuracy(clf, te_x, te_y)
+        feats = feats or self.features(params, batch_stats, width)
+        if protocol == "fast":
+            return probe.fast_probe(feats.train_x, feats.train_y, feats.test_x, feats.test_y,
+                                    self.num_classes, self.fast)
+        e = self.config.eval
+        return knn.knn_accuracy(feats.train_x, feats.train_y, feats.test_x, feats.test_y,
+                                self.num_classes, int(e.knn_k), float(e.knn_temperature))
+
+
+def timed(fn, *args, **kw) -> tuple[Any, float]:
+    """``(fn(*args, **kw), seconds)``."""
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t
+

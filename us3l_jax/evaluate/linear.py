@@ -1,0 +1,181 @@
+"""The paper's linear evaluation: a linear classifier on the frozen backbone (reference §9).
+
+The backbone runs at the evaluated width in **eval mode** with that width's calibrated BN
+statistics, also while the classifier trains (the official code puts the whole model in
+``eval()``), on the linear-eval training augmentation; only the classifier is updated. The
+reported number is the top-1 accuracy after the last epoch (no model selection).
+
+Recipes:
+* ``CIFAR`` (§9.2, paper Appendix A): SGD momentum 0.9, lr 30, wd 0, 100 epochs, lr ×0.1 at
+  epochs 60 and 80, batch 512.
+* ``TRANSFER`` (§9.4): the same with batch 256 (64/GPU × 4).
+* ``IMAGENET`` (§9.3): SGD + LARS (trust 0.001, apex LARC without clipping), lr 0.8, cosine
+  per epoch over 60 epochs, batch 1024.
+
+The classifier is the official ``fc``: a linear layer on the slimmed feature whose weight and
+bias are drawn from U(±1/sqrt(d)) with d the full-width feature size (PyTorch's default init
+of the full-size layer, then sliced). Each epoch visits a fresh permutation of the training
+set in full batches (the last partial batch is dropped).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from us3l_jax import optim
+from us3l_jax.data import augment, feeding
+
+log = logging.getLogger(__name__)
+PyTree = Any
+SCHEDULES = ("multistep", "cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRecipe:
+    epochs: int = 100
+    lr: float = 30.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 512
+    schedule: str = "multistep"
+    milestones: tuple[int, ...] = (60, 80)  # epochs at which the rate is multiplied by gamma
+    gamma: float = 0.1
+    lars: bool = False
+    trust_coefficient: float = 0.001
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; valid: {SCHEDULES}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"linear recipe needs epochs, batch_size and lr > 0: {self}")
+
+    def with_epochs(self, epochs: int) -> LinearRecipe:
+        """The recipe shortened/lengthened to ``epochs``, milestones at the same fractions
+        (100 -> 2 epochs puts 60/80 at 1/2)."""
+        ms = tuple(max(1, round(m * epochs / self.epochs)) for m in self.milestones)
+        return dataclasses.replace(self, epochs=epochs, milestones=ms)
+
+
+CIFAR = LinearRecipe()
+TRANSFER = LinearRecipe(batch_size=256)
+IMAGENET = LinearRecipe(epochs=60, lr=0.8, batch_size=1024, schedule="cosine", milestones=(),
+                        lars=True)
+RECIPES = {"cifar": CIFAR, "transfer": TRANSFER, "imagenet": IMAGENET}
+
+
+def recipe_for(name: str, dataset: str, epochs: int | None = None) -> LinearRecipe:
+    """The recipe ``name`` (``auto``: ImageNet's for imagenet2012, the transfer one for
+    Flowers/Pets/DTD, else CIFAR's), optionally with ``epochs`` instead of its own."""
+    if name == "auto":
+        name = ("imagenet" if dataset == "imagenet2012" else
+                "transfer" if dataset in ("oxford_flowers102", "oxford_iiit_pet", "dtd")
+                else "cifar")
+    if name not in RECIPES:
+        raise ValueError(f"unknown linear recipe {name!r}; valid: auto, {', '.join(RECIPES)}")
+    r = RECIPES[name]
+    return r if epochs is None else r.with_epochs(int(epochs))
+
+
+def lr_schedule(recipe: LinearRecipe, steps_per_epoch: int) -> Callable[[Any], jax.Array]:
+    """The learning rate as a function of the step (constant within an epoch)."""
+    if recipe.schedule == "cosine":
+        return optim.cosine_lr(recipe.lr, recipe.epochs, steps_per_epoch=steps_per_epoch)
+    milestones = jnp.asarray(recipe.milestones or (recipe.epochs + 1,), jnp.int32)
+
+    def schedule(step):
+        epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
+        drops = jnp.sum(epoch >= milestones)
+        return (recipe.lr * recipe.gamma ** drops).astype(jnp.float32)
+
+    return schedule
+
+
+def make_optimizer(recipe: LinearRecipe, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum (PyTorch semantics: b = μ·b + g, p -= lr·b), coupled weight decay,
+    optional LARS trust ratio."""
+    parts = []
+    if recipe.weight_decay:
+        parts.append(optax.add_decayed_weights(recipe.weight_decay))
+    if recipe.lars:
+        parts.append(optax.scale_by_trust_ratio(trust_coefficient=recipe.trust_coefficient))
+    parts.append(optax.trace(decay=recipe.momentum))
+    parts.append(optim.scale_by_schedule_at(lr_schedule(recipe, steps_per_epoch)))
+    return optax.chain(*parts)
+
+
+def init_classifier(key: jax.Array, feature_dim: int, full_dim: int,
+                    num_classes: int) -> dict[str, jax.Array]:
+    bound = 1.0 / math.sqrt(full_dim)
+    kw, kb = jax.random.split(key)
+    return {"w": jax.random.uniform(kw, (feature_dim, num_classes), jnp.float32, -bound, bound),
+            "b": jax.random.uniform(kb, (num_classes,), jnp.float32, -bound, bound)}
+
+
+def _frozen_features(backbone, params, batch_stats, x, width):
+    y = backbone.apply({"params": params, "batch_stats": batch_stats}, x, width=width,
+                       train=False)
+    return jax.lax.stop_gradient(y.astype(jnp.float32))
+
+
+@functools.lru_cache(maxsize=16)
+def _train_step_fn(backbone: nn.Module, width: float, view: augment.ViewConfig,
+                   recipe: LinearRecipe, steps_per_epoch: int):
+    tx = make_optimizer(recipe, steps_per_epoch)
+
+    def step(clf, opt_state, backbone_params, batch_stats, images, labels, key):
+        feats = _frozen_features(backbone, backbone_params, batch_stats,
+                                 augment.view(key, images, view), width)
+
+        def loss_fn(c):
+            logits = feats @ c["w"] + c["b"]
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+        loss, grads = jax.value_and_grad(loss_fn)(clf)
+        updates, opt_state = tx.update(grads, opt_state, clf)
+        return optax.apply_updates(clf, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1)), tx
+
+
+def train(backbone: nn.Module, params: PyTree, batch_stats: PyTree,
+          data: feeding.DeviceDataset, width: float, view: augment.ViewConfig,
+          recipe: LinearRecipe = CIFAR, seed: int = 0) -> tuple[dict[str, np.ndarray],
+                                                                 list[float]]:
+    """Trains the classifier on frozen features; returns it and the mean loss per epoch."""
+    width = float(width)
+    feeder = feeding.TrainFeeder(data, recipe.batch_size, seed)
+    spe = feeder.steps_per_epoch
+    step_fn, tx = _train_step_fn(backbone, width, view, recipe, spe)
+    init_key, key = jax.random.split(jax.random.key(seed))
+    clf = init_classifier(init_key, backbone.feature_dim(width), backbone.feature_dim(1.0),
+                          data.num_classes)
+    opt_state = tx.init(clf)
+    history = []
+    for epoch in range(recipe.epochs):
+        losses = []
+        for i in range(spe):
+            k = epoch * spe + i
+            batch = feeder.batch(k)
+            clf, opt_state, loss = step_fn(clf, opt_state, params, batch_stats, batch.images,
+                                           batch.labels, jax.random.fold_in(key, k))
+            losses.append(loss)
+        history.append(float(np.mean(jax.device_get(losses))))
+        log.debug("linear w=%g epoch %d/%d loss %.4f", width, epoch + 1, recipe.epochs,
+                  history[-1])
+    return jax.device_get(clf), history
+
+
+def accuracy(clf: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    """Fraction of features ``x`` that the classifier labels ``y``."""
+    pred = np.argmax(np.asarray(x, np.float32) @ clf["w"] + clf["b"], axis=-1)
+    return float(np.mean(pred == np.asarray(y)))
