@@ -49,13 +49,15 @@ def get_config(arg: str | None = "table8"):
         a = recipes.parse_args(arg, ("table", "arch", "ds", "gr"), ("table8", "resnet18", 1, 1))
         c = recipes.us3l_cifar(a["arch"])
         ds, gr = _flag(a["ds"], "dynamic sampling"), _flag(a["gr"], "group reg")
-        row = f"table8/{a['arch']}/ds{int(ds)}_gr{int(gr)}"
+        row = f"table8/{a['arch']}/" + ({(0, 0): "baseline", (1, 0): "ds", (0, 1): "gr",
+                                          (1, 1): "ds_gr"}[int(ds), int(gr)])
     elif table == "table9":
         a = recipes.parse_args(arg, ("table", "sandwich", "ds"), ("table9", 1, 1))
         c = recipes.us3l_cifar("resnet18")
         c.sampler.sandwich = _flag(a["sandwich"], "sandwich")
         ds, gr = _flag(a["ds"], "dynamic sampling"), False
-        row = f"table9/sandwich{int(c.sampler.sandwich)}_ds{int(ds)}"
+        row = "table9/" + {(0, 0): "none", (0, 1): "dynamic", (1, 0): "sandwich",
+                           (1, 1): "sandwich_dynamic"}[int(c.sampler.sandwich), int(ds)]
     elif table == "table13":
         a = recipes.parse_args(arg, ("table", "case"), ("table13", 5))
         case = _case(a["case"], TABLE13, "table13")

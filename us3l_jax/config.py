@@ -256,11 +256,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("data.dataset", config.data.dataset, datasets.NAMES)
     _choice("data.augment", config.data.augment, AUGMENT_PRESETS)
     _choice("optim.schedule_unit", config.optim.schedule_unit, ("epoch", "step"))
-    _choice("eval.online_protocol", config.eval.online_protocol, PROTOCOLS)
+    _choice("eval.online_protocol", config.eval.online_protocol, ("fast", "knn"))
     _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
+    from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper  # noqa: PLC0415
+    _choice("eval.calibration_mode", config.eval.calibration_mode, calibrate_lib.MODES)
+    _choice("eval.calibration_augment", config.eval.calibration_augment,
+            calibrate_lib.AUGMENTS)
+    _choice("eval.linear_recipe", config.eval.linear_recipe, ("auto",) + tuple(linear.RECIPES))
+    if config.eval.linear_epochs is not None:
+        _positive("eval.linear_epochs", config.eval.linear_epochs)
+    if config.eval.paper_row is not None:
+        try:
+            paper.get(config.eval.paper_row)
+        except ValueError as e:
+            raise ConfigError(f"config.eval.paper_row: {e}") from None
     for path in ("optim.batch_size", "optim.epochs", "optim.lr", "train.log_every_steps",
                  "train.keep_checkpoints", "eval.batch_size", "heads.proj_hidden",
-                 "heads.proj_out", "heads.head_hidden"):
+                 "heads.proj_out", "heads.head_hidden", "eval.calibration_batches",
+                 "eval.online_calibration_batches", "eval.knn_k", "eval.knn_temperature"):
         section, key = path.split(".")
         _positive(path, config[section][key])
     if config.model.name not in ("cifar_resnet18", "cifar_resnet50", "resnet18", "resnet50"):
