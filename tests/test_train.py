@@ -18,7 +18,7 @@ import pytest
 from us3l_jax import mesh as mesh_lib
 from us3l_jax import models, objectives, optim, sampling
 from us3l_jax.models.heads import SSLModel
-from us3l_jax.train import MethodConfig, TABLE7_CASES, TrainState, US3LTrainer
+from us3l_jax.train import MethodConfig, TABLE7_CASES, TrainState, US3LTrainer, ema_momentum
 
 BATCH, SIZE, GROUP = 16, 8, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,6 +120,16 @@ def test_decay_groups_follow_official_groupreg():
     assert m.decay_groups(sub=True) == {"backbone", "projector", "distill_head"}
     byol = MethodConfig(base_loss="mse", aux_head="new")
     assert byol.decay_groups(sub=True) == {"backbone", "projector", "predictor", "distill_head"}
+
+
+def test_ema_momentum_schedules():
+    const = MethodConfig()
+    cos = MethodConfig(ema_schedule="cosine", ema_momentum=0.99)
+    assert float(ema_momentum(const, 500, 1000)) == pytest.approx(0.99)
+    # BYOL / MoCo v3: m_t = 1 - (1 - m)(1 + cos(pi t / T)) / 2, from m to 1.
+    assert float(ema_momentum(cos, 0, 1000)) == pytest.approx(0.99)
+    assert float(ema_momentum(cos, 500, 1000)) == pytest.approx(0.995)
+    assert float(ema_momentum(cos, 1000, 1000)) == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------ the step
