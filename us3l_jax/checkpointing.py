@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -24,6 +23,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from us3l_jax import config as config_lib
+from us3l_jax.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -49,28 +49,6 @@ def _get(config, dotted: str):
 
 def identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {f: _get(config, f) for f in IDENTITY_FIELDS}
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` via a temporary file and a rename: complete or absent."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file and a rename: complete or absent."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

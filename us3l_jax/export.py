@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-import tempfile
+
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,7 +27,7 @@ import safetensors.numpy
 from flax import linen as nn
 from flax import traverse_util
 
-from us3l_jax import models
+from us3l_jax import fileio, models
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.plain import PlainMobileNetV2, plain_network
 from us3l_jax.slim import slice_leading
@@ -43,10 +43,8 @@ _PROBE_SIZE = 32
 
 Variables = dict[str, Any]
 
-
 def _family(model: nn.Module) -> str:
     return "mobilenet_v2" if isinstance(model, (MobileNetV2, PlainMobileNetV2)) else "resnet"
-
 
 def _build(name: str, model_kw: Mapping[str, Any],
            head_out: Callable[[str], int | None]) -> nn.Module:
@@ -58,7 +56,6 @@ def _build(name: str, model_kw: Mapping[str, Any],
     model = models.create(name, **kw)
     return model.clone(num_classes=num_classes if explicit else head_out(_family(model)))
 
-
 @functools.lru_cache(maxsize=64)
 def _abstract(module: nn.Module, in_channels: int, width: float | None = None) -> Variables:
     """Shapes of ``module``'s params and batch_stats (traced, nothing allocated; cached, as
@@ -68,14 +65,11 @@ def _abstract(module: nn.Module, in_channels: int, width: float | None = None) -
     return jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False, **call_kw),
                           x)
 
-
 def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
     return traverse_util.flatten_dict(dict(tree)) if tree else {}
 
-
 def _path(key: tuple[str, ...]) -> str:
     return "/".join(key)
-
 
 def _check_keys(what: str, got, expected) -> None:
     """Raises ``ValueError`` listing missing and unexpected keys (paths or strings)."""
@@ -91,13 +85,11 @@ def _check_keys(what: str, got, expected) -> None:
     if parts:
         raise ValueError(f"{what}: {'; '.join(parts)}")
 
-
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of a leaf in torch layout (see ``_to_torch_leaf``)."""
     if len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
     return tuple(reversed(shape)) if len(shape) == 2 else tuple(shape)
-
 
 def slice_to_width(name: str, variables: Mapping[str, Any], width: float,
                    **model_kw: Any) -> tuple[nn.Module, Variables]:
@@ -137,7 +129,6 @@ def slice_to_width(name: str, variables: Mapping[str, Any], width: float,
             {k: slice_leading(v, tgt[k].shape) for k, v in got.items()})
     return plain, out
 
-
 # ------------------------------------------------------------------------------------------
 # torchvision names and layouts
 # ------------------------------------------------------------------------------------------
@@ -147,7 +138,6 @@ _MBV2_EXPAND = {"expand_conv": "0.0", "expand_bn": "0.1", "dw_conv": "1.0", "dw_
                 "project_conv": "2", "project_bn": "3"}
 _MBV2_NO_EXPAND = {"dw_conv": "0.0", "dw_bn": "0.1", "project_conv": "1", "project_bn": "2"}
 _RESNET_SUB = {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}
-
 
 def _torch_layer(family: str, layer: tuple[str, ...], params: Mapping[str, Any]) -> str:
     """torchvision module name of our layer path, e.g. ('layer1_0', 'downsample_conv') ->
@@ -167,23 +157,19 @@ def _torch_layer(family: str, layer: tuple[str, ...], params: Mapping[str, Any])
     sub = _MBV2_EXPAND if "expand_conv" in params[layer[0]] else _MBV2_NO_EXPAND
     return f"features.{i + 1}.conv.{sub[layer[1]]}"
 
-
 def _to_torch_leaf(a: np.ndarray) -> np.ndarray:
     """HWIO conv -> OIHW (depthwise (kh,kw,1,C) -> (C,1,kh,kw)); (in,out) dense -> (out,in)."""
     if a.ndim == 4:
         return np.transpose(a, (3, 2, 0, 1))
     return a.T if a.ndim == 2 else a
 
-
 def _from_torch_leaf(a: np.ndarray) -> np.ndarray:
     if a.ndim == 4:
         return np.transpose(a, (2, 3, 1, 0))
     return a.T if a.ndim == 2 else a
 
-
 _TORCH_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
                "var": "running_var"}
-
 
 def _torch_entries(family: str, variables: Variables) -> list[tuple[str, tuple[str, ...], str]]:
     """(collection, our leaf path, torchvision key) for every leaf of ``variables``."""
@@ -191,12 +177,10 @@ def _torch_entries(family: str, variables: Variables) -> list[tuple[str, tuple[s
     return [(col, k, f"{_torch_layer(family, k[:-1], params)}.{_TORCH_LEAF[k[-1]]}")
             for col in COLLECTIONS for k in _flat(variables.get(col, {}))]
 
-
 def _bn_prefixes(family: str, variables: Variables) -> list[str]:
     """torchvision names of the BN layers (those with a ``scale``)."""
     params = variables["params"]
     return [_torch_layer(family, k[:-1], params) for k in _flat(params) if k[-1] == "scale"]
-
 
 def to_torch_state_dict(name: str, variables: Mapping[str, Any], width: float = 1.0,
                         **model_kw: Any) -> dict[str, np.ndarray]:
@@ -222,7 +206,6 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any], width: float = 
         sd.setdefault(f"{prefix}.running_var", np.ones((c,), np.float32))
         sd[f"{prefix}.num_batches_tracked"] = np.zeros((), np.int64)
     return sd
-
 
 def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], width: float = 1.0,
                           **model_kw: Any) -> Variables:
@@ -262,11 +245,9 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], width: float
         flat[col][k] = np.ascontiguousarray(_from_torch_leaf(a).astype(np.float32))
     return {col: traverse_util.unflatten_dict(v) for col, v in flat.items()}
 
-
 # ------------------------------------------------------------------------------------------
 # safetensors files
 # ------------------------------------------------------------------------------------------
-
 
 def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray],
                      metadata: Mapping[str, str] | None = None) -> None:
@@ -280,20 +261,7 @@ def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
             raise ValueError(f"state dict keys must be strings, got {k!r}")
         tensors[k] = np.asarray(jax.device_get(v), order="C")  # keeps 0-d arrays 0-d
     data = safetensors.numpy.save(tensors, metadata=dict(metadata) if metadata else None)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                               dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    fileio.atomic_write_bytes(path, data)
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The dict of numpy arrays stored in safetensors file ``path``."""

@@ -35,7 +35,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from us3l_jax import checkpointing
+from us3l_jax import fileio
 from us3l_jax.data import augment, feeding
 
 MODES = ("cumulative", "ema")
@@ -231,7 +231,7 @@ def stats_path(workdir: str, step: int, width: float, dataset: str | None = None
 def save_stats(path: str, batch_stats: PyTree, meta: dict[str, Any]) -> None:
     """Writes statistics and their ``meta`` atomically (temporary file + rename)."""
     payload = {"batch_stats": jax.tree.map(np.asarray, batch_stats), "meta": dict(meta)}
-    checkpointing.atomic_write_bytes(path, flax.serialization.msgpack_serialize(payload))
+    fileio.atomic_write_bytes(path, flax.serialization.msgpack_serialize(payload))
 
 
 def load_stats(path: str) -> tuple[PyTree, dict[str, Any]] | None:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from us3l_jax import checkpointing
+from us3l_jax import fileio
 from us3l_jax.evaluate.paper import PaperRow
 
 FILES = ("sweep.json", "sweep.md", "sweep.png")
@@ -109,8 +109,8 @@ def write(records: Sequence[Record], out: str, paper: PaperRow | None = None) ->
     if not records:
         raise ValueError("no records to report")
     paths = [os.path.join(out, f) for f in FILES]
-    checkpointing.atomic_write_text(paths[0], json.dumps(list(records), indent=2) + "\n")
+    fileio.atomic_write_text(paths[0], json.dumps(list(records), indent=2) + "\n")
     md = f"{describe(records)}\n\n{markdown_table(records, paper)}\n"
-    checkpointing.atomic_write_text(paths[1], md)
-    checkpointing.atomic_write_bytes(paths[2], plot_png(records, paper))
+    fileio.atomic_write_text(paths[1], md)
+    fileio.atomic_write_bytes(paths[2], plot_png(records, paper))
     return paths
