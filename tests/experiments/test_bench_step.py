@@ -44,18 +44,21 @@ def test_records_schema_and_ratios(run):
         ("per_width", "base"), ("per_width", "us3l_0.5")]
     types = dict(case=str, update_mode=str, model=str, device=str, sub_widths=list, batch=int,
                  step_s=float, time_ratio=float, flop_ratio=float, ratio_error=float,
+                 step_cpu_s=float, cpu_ratio=float, cpu_ratio_error=float,
                  compile_s=float, programs=int, programs_total=int, loss=float)
     for r in saved:
         for key, typ in types.items():
             assert isinstance(r[key], typ), (key, r[key])
         assert r["step_s"] > 0 and r["time_ratio"] > 0 and r["flop_ratio"] > 0
+        assert r["step_cpu_s"] > 0 and r["cpu_ratio"] > 0
         assert math.isclose(r["ratio_error"], r["time_ratio"] / r["flop_ratio"] - 1)
+        assert math.isclose(r["cpu_ratio_error"], r["cpu_ratio"] / r["flop_ratio"] - 1)
         assert math.isfinite(r["loss"])
         assert r["model"] == "cifar_resnet18" and r["batch"] == 16
-        assert len(r["step_times"]) == 1
+        assert len(r["step_times"]) == len(r["step_cpu_times"]) == 1
     base, sub = saved[0], saved[1]
     assert base["sub_widths"] == [] and sub["sub_widths"] == [0.5]
-    assert base["time_ratio"] == 1.0 and base["flop_ratio"] == 1.0
+    assert base["time_ratio"] == base["cpu_ratio"] == base["flop_ratio"] == 1.0
     assert sub["flop_ratio"] > 1.0
 
 
@@ -72,8 +75,10 @@ def test_breakdown_covers_every_program(run):
     records, _ = run
     assert set(records[1]["program_s"]) == {"views", "base@1", "sub@0.5", "apply"}
     assert set(records[3]["program_s"]) == {"views", "base@1", "sub@0.5", "increment"}
-    assert set(records[1]["program_gmacs_per_s"]) == {"base@1", "sub@0.5"}
-    assert all(v > 0 for v in records[1]["program_gmacs_per_s"].values())
+    assert set(records[1]["program_cpu_s"]) == set(records[1]["program_s"])
+    for key in ("program_gmacs_per_s", "program_gmacs_per_cpu_s"):
+        assert set(records[1][key]) == {"base@1", "sub@0.5"}
+        assert all(v > 0 for v in records[1][key].values())
 
 
 def test_flop_model_uses_profiler_and_heads():
@@ -83,7 +88,8 @@ def test_flop_model_uses_profiler_and_heads():
                            convention="backbone", base_width=8, stage_sizes=(1, 1, 1, 1))
     assert fwd["backbone"] == prof["macs"]
     feat, h = 32, config.heads  # 64 * 0.5 channels after the last stage
-    assert fwd["projector"] == feat * h.proj_hidden + h.proj_hidden ** 2 + h.proj_hidden * h.proj_out
+    assert fwd["projector"] == (feat * h.proj_hidden + h.proj_hidden ** 2
+                                + h.proj_hidden * h.proj_out)
     assert fwd["head"] == 2 * h.proj_out * h.head_hidden
     it = bench.iteration_macs(config, (1.0, 0.5), 8)
     assert it["base"] == 3 * it["teacher"]  # fwd+bwd = 3 forwards, both at width 1.0
