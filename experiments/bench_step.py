@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--base-width", type=int, default=None, help="ResNet stage-1 planes")
     p.add_argument("--stage-sizes", type=_floats, default=None, help="ResNet blocks per stage")
     p.add_argument("--breakdown", action="store_true",
-                   help="one more step per case, timing every program separately")
+                   help="--steps more steps per case, timing every program separately")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
