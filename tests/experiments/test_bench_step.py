@@ -1,0 +1,114 @@
+"""experiments/bench_step.py on a tiny ResNet: record schema, FLOP model, program counts.
+
+One benchmark run (both update modes, the base-only case and one US3L case, 1 timed step) is
+shared by the tests; no assertion depends on timings.
+"""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+from us3l_jax import profile
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--model", "cifar_resnet18", "--base-width", "8", "--stage-sizes", "1,1,1,1",
+        "--batch", "16", "--image-size", "8"]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "bench_step", os.path.join(REPO, "experiments", "bench_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "step.json"
+    records = bench.main(TINY + ["--steps", "1", "--widths", "1.0,0.5", "--breakdown",
+                                 "--out", str(out)])
+    return records, json.loads(out.read_text())
+
+
+def test_records_schema_and_ratios(run):
+    records, saved = run
+    assert saved == json.loads(json.dumps(records))
+    assert [(r["update_mode"], r["case"]) for r in saved] == [
+        ("accumulate", "base"), ("accumulate", "us3l_0.5"),
+        ("per_width", "base"), ("per_width", "us3l_0.5")]
+    types = dict(case=str, update_mode=str, model=str, device=str, sub_widths=list, batch=int,
+                 step_s=float, time_ratio=float, flop_ratio=float, ratio_error=float,
+                 step_cpu_s=float, cpu_ratio=float, cpu_ratio_error=float,
+                 compile_s=float, programs=int, programs_total=int, loss=float)
+    for r in saved:
+        for key, typ in types.items():
+            assert isinstance(r[key], typ), (key, r[key])
+        assert r["step_s"] > 0 and r["time_ratio"] > 0 and r["flop_ratio"] > 0
+        assert r["step_cpu_s"] > 0 and r["cpu_ratio"] > 0
+        assert math.isclose(r["ratio_error"], r["time_ratio"] / r["flop_ratio"] - 1)
+        assert math.isclose(r["cpu_ratio_error"], r["cpu_ratio"] / r["flop_ratio"] - 1)
+        assert math.isfinite(r["loss"])
+        assert r["model"] == "cifar_resnet18" and r["batch"] == 16
+        assert len(r["step_times"]) == len(r["step_cpu_times"]) == 1
+    base, sub = saved[0], saved[1]
+    assert base["sub_widths"] == [] and sub["sub_widths"] == [0.5]
+    assert base["time_ratio"] == base["cpu_ratio"] == base["flop_ratio"] == 1.0
+    assert sub["flop_ratio"] > 1.0
+
+
+def test_programs_compiled_per_case(run):
+    """accumulate: views, base, apply with and without head decay, then one sub program;
+    per_width: views, base+update, step increment, then one sub program."""
+    records, _ = run
+    got = [(r["programs"], r["programs_total"]) for r in records]
+    assert got == [(4, 4), (1, 5), (3, 3), (1, 4)]
+    assert all(r["compile_s"] > 0 for r in records)
+
+
+def test_breakdown_covers_every_program(run):
+    records, _ = run
+    assert set(records[1]["program_s"]) == {"views", "base@1", "sub@0.5", "apply"}
+    assert set(records[3]["program_s"]) == {"views", "base@1", "sub@0.5", "increment"}
+    assert set(records[1]["program_cpu_s"]) == set(records[1]["program_s"])
+    for key in ("program_gmacs_per_s", "program_gmacs_per_cpu_s"):
+        assert set(records[1][key]) == {"base@1", "sub@0.5"}
+        assert all(v > 0 for v in records[1][key].values())
+
+
+def test_flop_model_uses_profiler_and_heads():
+    config = bench.make_config("cifar_resnet18", 16, 8, base_width=8, stage_sizes=(1, 1, 1, 1))
+    fwd = bench.forward_macs(config, 0.5, 8, head=True)
+    prof = profile.profile("cifar_resnet18", 0.5, input_size=8, num_classes=None,
+                           convention="backbone", base_width=8, stage_sizes=(1, 1, 1, 1))
+    assert fwd["backbone"] == prof["macs"]
+    feat, h = 32, config.heads  # 64 * 0.5 channels after the last stage
+    assert fwd["projector"] == (feat * h.proj_hidden + h.proj_hidden ** 2
+                                + h.proj_hidden * h.proj_out)
+    assert fwd["head"] == 2 * h.proj_out * h.head_hidden
+    it = bench.iteration_macs(config, (1.0, 0.5), 8)
+    assert it["base"] == 3 * it["teacher"]  # fwd+bwd = 3 forwards, both at width 1.0
+    assert it["sub@0.5"] == 3 * fwd["total"]
+    assert it["total"] == it["teacher"] + it["base"] + it["sub@0.5"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--widths", "0.5,0.25"], "starts with the base width 1.0"),
+    (["--widths", "1.0"], "at least one sub-width"),
+    (["--modes", "fast"], "update modes must be from"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--batch", "12", "--group-size", "8"], "batch_size=12 is not a multiple"),
+])
+def test_bad_arguments(extra, message, capsys, tmp_path):
+    argv = [a for a in TINY] + ["--out", str(tmp_path / "x.json")] + extra
+    if "--batch" in extra:  # replace the tiny batch
+        i = argv.index("--batch")
+        del argv[i:i + 2]
+    with pytest.raises(SystemExit):
+        bench.main(argv)
+    assert message in capsys.readouterr().err
