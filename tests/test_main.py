@@ -87,3 +87,18 @@ def test_two_processes_match_one_process(tmp_path):
     (t1, b1), (t2, b2) = _losses(multi)
     assert (s1, s2) == (t1, t2) == (1, 2)
     np.testing.assert_allclose([b1, b2], [a1, a2], rtol=1e-5)
+
+
+def test_console_script_is_installed_and_runs(tmp_path):
+    """``pip install -e .`` (the README's commands) puts ``us3l`` next to the interpreter."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    script = os.path.join(os.path.dirname(sys.executable), "us3l")
+    assert os.path.exists(script), "us3l_jax is not installed: run pip install -e ."
+    out = subprocess.run([script, "--config=configs/demo.py:smoke", f"--workdir={tmp_path}",
+                          "--config.method.tau=0"], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: config.method: tau must be > 0, got 0.0"
