@@ -249,6 +249,27 @@ def test_base_loss_is_infonce_against_the_teacher(acc, images):
                                float(objectives.embedding_std(z1)), rtol=1e-5)
 
 
+def test_without_distillation_subnetworks_train_like_the_base(images):
+    """Table 7 case 1 (SimSiam on every width): a sub-network's loss is the SimSiam loss of
+    its own predictor outputs against its own stop-gradient projections."""
+    tr = make_trainer(MethodConfig.table7(1, group_size=GROUP))
+    state = tr.init_state(jax.random.key(8), images)
+    v1, v2 = noisy_views(jax.random.key(9), images)
+    m = tr.model
+    z1 = m.apply({"params": state.params}, v1, 0.5, method=SSLModel.encode)
+    z2 = m.apply({"params": state.params}, v2, 0.5, method=SSLModel.encode)
+    p1 = m.apply({"params": state.params}, z1, method=SSLModel.predict)
+    p2 = m.apply({"params": state.params}, z2, method=SSLModel.predict)
+    expected = objectives.neg_cosine(p1, p2, z1, z2)
+    weighted, raw = jax.jit(tr._sub_loss, static_argnums=4)(state.params, None, v1, v2, 0.5)
+    np.testing.assert_allclose(float(raw), float(expected), rtol=1e-5)
+    assert not tr.method.uses_teacher and state.ema_params is None
+    # A whole step runs without a teacher (the SimCLR / SimSiam baselines have none).
+    state, metrics = tr.step(state, images, (1.0, 0.5), 0)
+    assert state.ema_params is None and int(state.step) == 1
+    assert -1.0 <= float(metrics["loss/sub0"]) <= 1.0  # a negative cosine
+
+
 def test_metrics_and_bounded_programs(images):
     tr = make_trainer()
     state = tr.init_state(jax.random.key(6), images)

@@ -294,14 +294,22 @@ class US3LTrainer:
         k1, k2 = self._pair(SSLModel.encode, ema, v1, v2, self.teacher_width)
         return jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
 
+    def _own_loss(self, params, v1, v2, width, teacher_out):
+        """The base loss of a network at ``width`` (with the predictor when the method has
+        one): against the teacher's other view if ``teacher_out`` is given, else self-targets.
+        Returns (loss, z1, z2)."""
+        head = "predictor" if self.method.uses_predictor else None
+        o1, o2, z1, z2 = self._online(params, v1, v2, width, head)
+        if teacher_out is not None:
+            loss = self._pair_loss(self.method.base_loss, o1, o2, *teacher_out)
+        else:
+            loss = self._self_loss(self.method.base_loss, o1, o2, z1, z2)
+        return loss, z1, z2
+
     def _base_loss(self, params, teacher_out, v1, v2, width):
         m = self.method
-        head = "predictor" if m.uses_predictor else None
-        o1, o2, z1, z2 = self._online(params, v1, v2, width, head)
-        if m.momentum_base:
-            loss = self._pair_loss(m.base_loss, o1, o2, *teacher_out)
-        else:
-            loss = self._self_loss(m.base_loss, o1, o2, z1, z2)
+        loss, z1, z2 = self._own_loss(params, v1, v2, width,
+                                      teacher_out if m.momentum_base else None)
         if m.momentum_sub:
             targets = teacher_out
         else:
@@ -311,13 +319,9 @@ class US3LTrainer:
 
     def _sub_loss(self, params, targets, v1, v2, width):
         m = self.method
-        if m.distill_loss == "none":
-            head = "predictor" if m.uses_predictor else None
-            o1, o2, z1, z2 = self._online(params, v1, v2, width, head)
-            if m.momentum_sub:
-                loss = self._pair_loss(m.base_loss, o1, o2, *targets)
-            else:
-                loss = self._self_loss(m.base_loss, o1, o2, z1, z2)
+        if m.distill_loss == "none":  # trained like the base network, on its own
+            loss, _, _ = self._own_loss(params, v1, v2, width,
+                                        targets if m.momentum_sub else None)
         else:
             head = {"new": "distill_head", "shared": "predictor", "none": None}[m.aux_head]
             o1, o2, _, _ = self._online(params, v1, v2, width, head)
