@@ -266,23 +266,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                             f"{k}={float(v):.4g}" for k, v in sorted(metrics.items())) +
                         f"; the last good checkpoint is {ckpt.all_steps()[-1:] or 'none'}")
                 now = time.perf_counter()
+                # The first step waits for compilation: no rate or ETA from it.
+                first = done == start + 1
                 rate = (done - last_log_step) * config.optim.batch_size / (now - last_log_t)
-                remaining = (end - done) * (now - last_log_t) / max(done - last_log_step, 1)
+                remaining = (math.nan if first else
+                             (end - done) * (now - last_log_t) / (done - last_log_step))
                 last_log_t, last_log_step = now, done
                 extra = {"widths": list(widths), "epoch": done / run.steps_per_epoch,
-                         "images_per_s_per_device": rate / run.mesh.devices.size,
                          "programs": trainer.num_programs,
                          "compile_s": trainer.compile_seconds}
+                if not first:
+                    extra["images_per_s_per_device"] = rate / run.mesh.devices.size
                 width_of = {"width/base": widths[0],
                             **{f"width/sub{i}": w for i, w in enumerate(widths[1:])}}
                 writer.write(done, {**metrics, **width_of, "num_widths": len(widths),
                                     **{k: v for k, v in extra.items() if k != "widths"}})
-                log.info("step %d/%d ep %.2f | %s | widths %s | %.0f img/s/dev | "
-                         "programs %d (%.0fs compiling) | ETA %s", done, end, extra["epoch"],
+                speed = ("first step, incl. compilation" if first else
+                         f"{extra['images_per_s_per_device']:.0f} img/s/dev")
+                log.info("step %d/%d ep %.2f | %s | widths %s | %s | programs %d "
+                         "(%.0fs compiling) | ETA %s", done, end, extra["epoch"],
                          " ".join(f"{k.split('/')[-1]} {float(v):.4f}"
                                   for k, v in sorted(metrics.items()) if k.startswith("loss/")),
-                         ",".join(f"{w:.3g}" for w in widths), extra[
-                             "images_per_s_per_device"], trainer.num_programs,
+                         ",".join(f"{w:.3g}" for w in widths), speed, trainer.num_programs,
                          trainer.compile_seconds, _fmt_time(remaining))
             if online_eval is not None and online_every and done % online_every == 0:
                 out = online_eval(state.params, done)
