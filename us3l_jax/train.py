@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Any
@@ -491,7 +492,6 @@ class US3LTrainer:
         return submitted
 
     def _compile(self, fn, args):
-        import time
         t = time.perf_counter()
         compiled = fn.lower(*args).compile()
         with self._lock:
