@@ -101,13 +101,18 @@ SMOKE_FLAGS = [f"--config.train.max_steps={STEPS}", "--config.train.checkpoint_e
                "--config.eval.final_sweep=False"]
 
 
+def _start_and_signal(workdir, step, sig):
+    """Starts the smoke run as a user would and sends ``sig`` once it has logged ``step``."""
+    proc = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS, wait=False)
+    _wait_for_step(workdir, step, proc)
+    proc.send_signal(sig)
+    return proc
+
+
 def test_kill_9_then_rerun_ends_with_identical_params(reference, tmp_path):
     ref_dir, ref_state = reference
     workdir = str(tmp_path / "run")
-    proc = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS, wait=False)
-    _wait_for_step(workdir, 12, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _start_and_signal(workdir, 12, signal.SIGKILL).wait()
     done = checkpointing.Checkpointer(workdir, smoke()).all_steps()
     assert done and done[-1] < STEPS
     out = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS)
@@ -119,9 +124,7 @@ def test_kill_9_then_rerun_ends_with_identical_params(reference, tmp_path):
 def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
     ref_dir, ref_state = reference
     workdir = str(tmp_path / "run")
-    proc = run_main("configs/demo.py:smoke", workdir, *SMOKE_FLAGS, wait=False)
-    _wait_for_step(workdir, 6, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc = _start_and_signal(workdir, 6, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == pretrain.PREEMPTED_EXIT_CODE, out[-3000:]
     assert "Traceback" not in out
