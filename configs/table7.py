@@ -3,7 +3,7 @@
     python -m us3l_jax.main --config=configs/table7.py:13 --workdir=runs/table7_case13
 
 Each case sets (base loss, distill loss, auxiliary distill head, momentum target for the base
-network / for the sub-networks) through ``us3l_jax.train.TABLE7_CASES``; everything else is
+network / for the sub-networks) through ``us3l_jax.recipes.TABLE7_CASES``; everything else is
 the setting Table 8 calls the baseline: sandwich rule with s = 3, no dynamic sampling, no
 group regularization (plain weight decay). InfoNCE-base cases use the SimCLR/US3L
 hyper-parameters (lr 0.5, weight decay 1e-4, 256/2048 heads); MSE-base cases the BYOL/SimSiam
@@ -21,7 +21,7 @@ list per-case hyper-parameters, so this split is our reading. Expected linear ac
      8  65.5 ... 59.7       17  67.4 ... 59.5
      9  64.8 ... 54.2
 """
-from us3l_jax import recipes, train
+from us3l_jax import recipes
 
 
 def get_config(arg: str | None = "13"):
@@ -29,15 +29,12 @@ def get_config(arg: str | None = "13"):
         case = int(arg or 13)
     except ValueError:
         raise ValueError(f"Table 7 case must be a number 1-17, got {arg!r}") from None
-    base, distill, head, mom_base, mom_sub = (train.TABLE7_CASES[case]
-                                              if case in train.TABLE7_CASES else (None,) * 5)
-    if base is None:
-        raise ValueError(f"Table 7 has cases 1-17, got {case}")
+    method = recipes.table7_method(case)
     c = recipes.us3l_cifar("resnet18")
-    if base == "mse":
-        recipes._mse_recipe(c, momentum=mom_base)
-    c.method.base_loss, c.method.distill_loss, c.method.aux_head = base, distill, head
-    c.method.momentum_base, c.method.momentum_sub = mom_base, mom_sub
+    if method.base_loss == "mse":
+        recipes._mse_recipe(c, momentum=method.momentum_base)
+    for field in recipes.TABLE7_FIELDS:
+        c.method[field] = getattr(method, field)
     c.sampler.schedule = "none"
     c.optim.reg_alpha = 0.0
     c.eval.paper_row = f"table7/case{case}"

@@ -5,7 +5,8 @@
         [--modes accumulate,per_width] [--base-width 16 --stage-sizes 1,1,1,1] [--breakdown]
 
 For each update mode (a fresh ``US3LTrainer`` per mode, built from ``config.get_default()``
-as ``pretrain.build_trainer`` does) it times, on whatever devices JAX sees:
+as ``build.trainer`` does) it times, on whatever devices JAX sees (or the first
+``--devices``; on CPU this script forces that many host devices):
 
 * ``base``: the base-only step (stage 1 of the schedule: widths ``(1.0,)``);
 * ``us3l``: a step with fixed sub-widths, once per ``--widths`` set.
@@ -43,21 +44,39 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _force_cpu_devices(argv: Sequence[str]) -> None:
+    """``--devices N`` on CPU needs XLA_FLAGS before JAX starts: set it from the command line."""
+    for i, a in enumerate(argv):
+        n = a.split("=", 1)[1] if a.startswith("--devices=") else (
+            argv[i + 1] if a == "--devices" and i + 1 < len(argv) else None)
+        if n and n.isdigit() and "xla_force_host_platform_device_count" not in \
+                os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                       f" --xla_force_host_platform_device_count={n}").strip()
+
+
+if __name__ == "__main__":
+    _force_cpu_devices(sys.argv[1:])
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from us3l_jax import config as config_lib, mesh as mesh_lib, pretrain, profile  # noqa: E402
-from us3l_jax.train import UPDATE_MODES  # noqa: E402
+from us3l_jax import build, config as config_lib, mesh as mesh_lib, profile  # noqa: E402
+from us3l_jax.method import UPDATE_MODES  # noqa: E402
+from us3l_jax.train import Trainer  # noqa: E402
 
 DEFAULT_WIDTHS = ((1.0, 0.5, 0.25), (1.0, 0.75, 0.25))
 GOAL = 0.15  # issue 4: time ratio within 15% of the FLOP ratio
@@ -94,7 +113,7 @@ def forward_macs(config, width: float, image_size: int, head: bool) -> dict[str,
     bb = profile.profile(config.model.name, width, input_size=image_size, num_classes=None,
                          convention="backbone", **kw)
     h = config.heads
-    feat = config_lib.build_backbone(config).feature_dim(width)
+    feat = build.backbone(config).feature_dim(width)
     proj = feat * h.proj_hidden + h.proj_hidden * h.proj_hidden + h.proj_hidden * h.proj_out
     aux = 2 * h.proj_out * h.head_hidden if head else 0
     return {"backbone": bb["macs"], "projector": proj, "head": aux,
@@ -104,7 +123,7 @@ def forward_macs(config, width: float, image_size: int, head: bool) -> dict[str,
 def iteration_macs(config, widths: Sequence[float], image_size: int) -> dict[str, int]:
     """MACs per image and view of one iteration with ``widths`` (``widths[0]`` the base):
     the teacher forward at full width plus 3 x the online forward of every width."""
-    method = config_lib.build_method(config)
+    method = build.method(config)
     if method.base_loss != "infonce" or method.aux_head != "new":
         raise ValueError("the FLOP model covers the US3L loss design (base_loss='infonce', "
                          f"aux_head='new'), got {method.base_loss!r}/{method.aux_head!r}")
@@ -126,12 +145,75 @@ def _case_name(widths: Sequence[float]) -> str:
 
 def _compile(trainer, state, images, widths) -> tuple[int, float, float]:
     """Compiles this case's missing programs ahead of time; (programs, wall s, summed s)."""
-    n0, s0 = trainer.compiled_programs, trainer.compile_seconds
+    progs = trainer.programs
+    n0, s0 = progs.compiled, progs.compile_seconds
     t = time.perf_counter()
-    for fut in trainer.compile_ahead(state, images, [widths[0]], list(widths[1:])):
+    for fut in trainer.compile_ahead(state, images, [widths]):
         fut.result()
-    return (trainer.compiled_programs - n0, time.perf_counter() - t,
-            trainer.compile_seconds - s0)
+    return progs.compiled - n0, time.perf_counter() - t, progs.compile_seconds - s0
+
+
+def _labels(trainer, widths) -> Callable[[Any], str]:
+    """Program key -> readable label (``views``, ``base@1``, ``sub@0.5``, ``apply``, ...)."""
+    width_of = {trainer.config_key(w): w for w in widths}
+
+    def label(key):
+        kind = key[0].replace("_update", "")
+        return f"{kind}@{width_of[key[1]]:g}" if kind in ("base", "sub") else kind
+    return label
+
+
+# ------------------------------------------------------------------------------ collectives
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
+                "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                "collective-permute")
+_SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
+
+
+def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Collective ops in a compiled (optimized) HLO module and the bytes of their results:
+    ``{op: {"ops": n, "bytes": b}}``. Async pairs count once (at their ``-start``)."""
+    out = {op: {"ops": 0, "bytes": 0} for op in _COLLECTIVES}
+    for line in hlo_text.splitlines():
+        if "=" not in line:
+            continue
+        lhs, rhs = line.split("=", 1)
+        for op in _COLLECTIVES:
+            m = re.match(rf"\s*(.*?)\s{op}(-start)?\(", rhs)
+            if m:
+                shape = m.group(1)
+                if m.group(2):  # the start op's result also holds its operands: halve
+                    shape = shape[:len(shape) // 2] if shape.startswith("(") else shape
+                size = sum(_DTYPE_BYTES.get(t, 4) * math.prod(int(d) for d in dims.split(",")
+                                                              if d)
+                           for t, dims in _SHAPE.findall(shape))
+                out[op]["ops"] += 1
+                out[op]["bytes"] += size
+                break
+    return out
+
+
+def iteration_collectives(trainer, state, images, widths) -> dict[str, Any]:
+    """Collectives of every program one iteration with ``widths`` runs (from their compiled
+    HLO), summed over the iteration, and per program."""
+    label = _labels(trainer, widths)
+    total = {op: {"ops": 0, "bytes": 0} for op in _COLLECTIVES}
+    per_program = {}
+    for key in trainer.iteration_keys(state, images, widths):
+        c = hlo_collectives(trainer.programs.executable(key).as_text())
+        per_program[label(key)] = {op: v for op, v in c.items() if v["ops"]}
+        for op, v in c.items():
+            total[op]["ops"] += v["ops"]
+            total[op]["bytes"] += v["bytes"]
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
+    return {"allreduce_ops_per_iteration": total["all-reduce"]["ops"],
+            "allreduce_bytes_per_iteration": total["all-reduce"]["bytes"],
+            "param_bytes": int(param_bytes),
+            "allreduce_bytes_over_param_bytes": total["all-reduce"]["bytes"] / param_bytes,
+            "collectives_per_iteration": total, "collectives_per_program": per_program,
+            "reduce_once": bool(trainer.sharded)}
 
 
 def _clock() -> np.ndarray:
@@ -139,22 +221,18 @@ def _clock() -> np.ndarray:
     return np.array([time.perf_counter(), time.process_time()])
 
 
-def _breakdown(trainer, state, images, widths, step):
+def _breakdown(trainer, state, images, widths):
     """Runs one step blocking after every program; (state, {program: (wall s, CPU s)})."""
     times: dict[str, np.ndarray] = collections.defaultdict(lambda: np.zeros(2))
-    call = trainer._call
+    label = _labels(trainer, widths)
 
-    def timed(kind, args, width=None, groups=None):
+    def timed(key, make, *args):
         t = _clock()
-        out = jax.block_until_ready(call(kind, args, width=width, groups=groups))
-        times[kind if width is None else f"{kind}@{width:g}"] += _clock() - t
+        out = jax.block_until_ready(trainer.programs.call(key, make, *args))
+        times[label(key)] += _clock() - t
         return out
 
-    trainer._call = timed  # instance attribute shadows the method for this one step
-    try:
-        state, _ = trainer.step(state, images, widths, step)
-    finally:
-        del trainer._call
+    state, _ = trainer._iteration(timed, state, images, widths)
     jax.block_until_ready(state)
     return state, dict(times)
 
@@ -162,32 +240,32 @@ def _breakdown(trainer, state, images, widths, step):
 class _Mode:
     """One fresh trainer in an update mode, its state and its iteration counter."""
 
-    def __init__(self, config, mode: str, images, mesh):
+    def __init__(self, config, mode: str, images, mesh, reduce_once: bool | None = None):
         config = config.copy_and_resolve_references()
         config.method.update_mode = mode
         self.mode = mode
-        self.trainer = pretrain.build_trainer(config, mesh, steps_per_epoch=100)
+        tx, lr = build.optimizer(config, steps_per_epoch=100)
+        self.trainer = Trainer(build.model(config), build.method(config), tx,
+                               build.views_fn(config), mesh, batch_size=config.optim.batch_size,
+                               total_steps=config.optim.epochs * 100, lr_schedule=lr,
+                               reduce_once=reduce_once)
         self.state = self.trainer.init_state(jax.random.key(0), images)
         self.images = images
-        self.step_no = 0
 
     def step(self, widths) -> tuple[np.ndarray, dict[str, Any]]:
         """One iteration, waited for; ((wall s, CPU s), metrics)."""
         t = _clock()
-        self.state, metrics = self.trainer.step(self.state, self.images, widths, self.step_no)
+        self.state, metrics = self.trainer.step(self.state, self.images, widths)
         jax.block_until_ready(self.state)
-        self.step_no += 1
         return _clock() - t, metrics
 
     def breakdown(self, widths) -> dict[str, np.ndarray]:
-        self.state, times = _breakdown(self.trainer, self.state, self.images, widths,
-                                       self.step_no)
-        self.step_no += 1
+        self.state, times = _breakdown(self.trainer, self.state, self.images, widths)
         return times
 
 
 def bench(config, modes: Sequence[str], cases: Sequence[Sequence[float]], images, mesh,
-          steps: int, breakdown: bool) -> list[dict[str, Any]]:
+          steps: int, breakdown: bool, collectives: bool = False) -> list[dict[str, Any]]:
     """Compiles every (mode, case), one warm-up step each, then ``steps`` rounds that time
     one step of every (mode, case) in turn: on a shared machine, load changes then hit all
     cases alike instead of whichever case ran while another job was busy."""
@@ -202,6 +280,18 @@ def bench(config, modes: Sequence[str], cases: Sequence[Sequence[float]], images
                                 compile_s=compile_s, compile_sum_s=compile_sum_s,
                                 programs=programs, programs_total=run.trainer.num_programs,
                                 step_times=[], step_cpu_times=[], _run=run))
+            if collectives:
+                records[-1].update(iteration_collectives(run.trainer, run.state, images, widths))
+    if collectives:  # the same iterations, reducing the gradients in every program
+        for mode in modes:
+            before = _Mode(config, mode, images, mesh, reduce_once=False)
+            for rec in records:
+                if rec["update_mode"] == mode:
+                    c = iteration_collectives(before.trainer, before.state, images,
+                                              rec["widths"])
+                    rec["reduce_every_program"] = {k: c[k] for k in (
+                        "allreduce_ops_per_iteration", "allreduce_bytes_per_iteration",
+                        "allreduce_bytes_over_param_bytes")}
     for rec in records:
         rec["warmup_s"] = float(rec["_run"].step(rec["widths"])[0][0])
     for _ in range(steps):
@@ -236,9 +326,13 @@ def _program_macs(config, widths, image_size, batch) -> dict[str, int]:
 
 
 def run(config, cases: Sequence[Sequence[float]], modes: Sequence[str], steps: int,
-        breakdown: bool = False) -> list[dict[str, Any]]:
+        breakdown: bool = False, devices: int | None = None,
+        collectives: bool = False) -> list[dict[str, Any]]:
     """All records: ``base`` plus every case, per update mode, with ratios filled in."""
-    mesh = mesh_lib.make_mesh()
+    if devices is not None and devices > jax.device_count():
+        raise ValueError(f"--devices {devices}: JAX sees only {jax.device_count()} device(s) "
+                         "(on CPU, run this file as a script so it can force them)")
+    mesh = mesh_lib.make_mesh(jax.devices()[:devices] if devices else None)
     batch, size = config.optim.batch_size, config.data.image_size
     mesh_lib.check_batch_size(batch, mesh)
     rng = np.random.default_rng(0)
@@ -251,9 +345,9 @@ def run(config, cases: Sequence[Sequence[float]], modes: Sequence[str], steps: i
     common = dict(model=config.model.name, base_width=config.model.base_width,
                   stage_sizes=config.model.stage_sizes, batch=batch, image_size=size,
                   group_size=config.method.group_size,
-                  device=f"{jax.default_backend()} {dev.device_kind} x{jax.device_count()}",
+                  device=f"{jax.default_backend()} {dev.device_kind} x{mesh.devices.size}",
                   compilation_cache=jax.config.jax_compilation_cache_dir)
-    records = bench(config, modes, cases, images, mesh, steps, breakdown)
+    records = bench(config, modes, cases, images, mesh, steps, breakdown, collectives)
     for mode in modes:
         recs = [r for r in records if r["update_mode"] == mode]
         base = recs[0]
@@ -294,6 +388,23 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
              pct(r["ratio_error"]), pct(r["cpu_ratio_error"]), f"{r['compile_s']:.1f}",
              f"{r['programs']} ({r['programs_total']})"] for r in records]
     lines = _columns(head, body)
+    coll = [r for r in records if "allreduce_ops_per_iteration" in r]
+    if coll:
+        mib = lambda b: f"{b / 2**20:.3f}"
+        lines += ["", f"all-reduces per iteration, from the compiled HLO of every program "
+                      f"(parameters: {mib(coll[0]['param_bytes'])} MiB); before = reducing "
+                      f"in every program"]
+        head = ["mode", "case", "reduce once", "ops", "MiB", "x params", "ops before",
+                "MiB before", "x params before"]
+        body = [[r["update_mode"], r["case"], str(r["reduce_once"]),
+                 str(r["allreduce_ops_per_iteration"]),
+                 mib(r["allreduce_bytes_per_iteration"]),
+                 f"{r['allreduce_bytes_over_param_bytes']:.3f}",
+                 str(r["reduce_every_program"]["allreduce_ops_per_iteration"]),
+                 mib(r["reduce_every_program"]["allreduce_bytes_per_iteration"]),
+                 f"{r['reduce_every_program']['allreduce_bytes_over_param_bytes']:.3f}"]
+                for r in coll]
+        lines += _columns(head, body)
     progs = [r for r in records if "program_s" in r]
     if progs:
         lines += ["", "per program, blocking after each (min over the rounds): wall s / CPU s "
@@ -345,7 +456,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--stage-sizes", type=_floats, default=None, help="ResNet blocks per stage")
     p.add_argument("--breakdown", action="store_true",
                    help="--steps more steps per case, timing every program separately")
+    p.add_argument("--devices", type=int, default=None,
+                   help="use this many devices (on CPU: forced host devices)")
+    p.add_argument("--collectives", action="store_true",
+                   help="count the all-reduces (ops, bytes) per iteration from the compiled "
+                        "HLO, with and without keeping partial gradients on their devices")
     args = p.parse_args(argv)
+    if args.devices is not None and args.devices < 1:
+        p.error(f"--devices must be >= 1, got {args.devices}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
     try:
@@ -360,7 +478,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             p.error(f"--widths {','.join(map(str, c))}: a US3L case starts with the base width "
                     f"{config.sampler.width_range[1]} and has at least one sub-width")
     t0 = time.perf_counter()
-    records = run(config, cases, args.modes, args.steps, args.breakdown)
+    try:
+        records = run(config, cases, args.modes, args.steps, args.breakdown, args.devices,
+                      args.collectives)
+    except ValueError as e:
+        p.error(str(e))
     total = time.perf_counter() - t0
     r0 = records[0]
     print(f"{r0['model']} (base width {r0['base_width']}, stages {r0['stage_sizes']}), batch "

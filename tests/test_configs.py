@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from us3l_jax import config as config_lib, train
+from us3l_jax import build, config as config_lib, recipes
 from tests.helpers import REPO, load_config_module
 
 CONFIG_FILES = sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "configs",
@@ -36,8 +36,8 @@ def test_us3l_cifar100_is_the_paper_recipe():
     assert (c.optim.reg_alpha, c.optim.reg_groups) == (0.05, 8)
     assert (c.method.tau, c.method.ema_momentum) == (0.5, 0.99)
     assert (c.heads.proj_out, c.heads.proj_hidden) == (256, 2048)
-    assert config_lib.build_method(c) == train.MethodConfig.table7(13, group_size=128)
-    s = config_lib.build_sampler(c)
+    assert build.method(c) == recipes.table7_method(13, group_size=128)
+    s = build.sampler(c)
     assert (s.num_samples, s.sandwich, s.schedule, s.width_range) == (3, True, "A", (0.25, 1.0))
     assert load_config_module("configs/us3l_cifar100.py").get_config(
         "mobilenet_v2").model.name == "cifar_mobilenet_v2"
@@ -45,9 +45,9 @@ def test_us3l_cifar100_is_the_paper_recipe():
 
 def test_table7_cases_set_the_flags():
     mod = load_config_module("configs/table7.py")
-    for case, flags in train.TABLE7_CASES.items():
+    for case, flags in recipes.TABLE7_CASES.items():
         c = mod.get_config(str(case))
-        m = config_lib.build_method(c)
+        m = build.method(c)
         assert (m.base_loss, m.distill_loss, m.aux_head, m.momentum_base,
                 m.momentum_sub) == flags
         assert c.sampler.schedule == "none" and c.optim.reg_alpha == 0.0
@@ -75,9 +75,9 @@ def test_strategy_switches():
 def test_individual_baseline_trains_one_width():
     mod = load_config_module("configs/baselines_cifar100.py")
     c = mod.get_config("byol,0.5")
-    s = config_lib.build_sampler(c)
+    s = build.sampler(c)
     assert s.individual_width == 0.5 and s.num_samples == 1
-    m = config_lib.build_method(c)
+    m = build.method(c)
     assert (m.base_loss, m.momentum_base, m.uses_predictor) == ("mse", True, True)
     assert c.optim.lr == 0.1 and 2 * c.optim.reg_lambda == pytest.approx(5e-4)
     with pytest.raises(ValueError, match="unknown baseline 'moco'"):

@@ -102,3 +102,84 @@ def test_console_script_is_installed_and_runs(tmp_path):
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 2
     assert out.stderr.strip() == "error: config.method: tau must be > 0, got 0.0"
+
+
+# ------------------------------------------------------------------ multi-host preemption
+
+PREEMPT_STEPS = 14
+PREEMPT_FLAGS = [f"--config.train.max_steps={PREEMPT_STEPS}",
+                 "--config.train.checkpoint_every_steps=1000",  # only preemption and the end
+                 "--config.train.log_every_steps=1", "--config.train.compile_ahead=False",
+                 "--config.sampler.schedule=none", "--config.eval.final_sweep=False"]
+
+
+def _two_processes(workdir, flags=PREEMPT_FLAGS):
+    port = _free_port()
+    return [run_main("configs/demo.py:smoke", workdir, *flags,
+                     f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                     f"--process_id={i}", wait=False) for i in range(2)]
+
+
+def _logged_step(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    steps = [json.loads(line)["step"] for line in open(path) if line.strip()]
+    return steps[-1] if steps else 0
+
+
+def _signal_at(procs, workdir, schedule, timeout=300):
+    """Sends SIGTERM to ``procs[i]`` once process 0 has logged ``step``, for each
+    ``(step, i)`` of ``schedule``; returns the outputs and the logged step at each signal."""
+    import signal
+    import time
+    t0 = time.time()
+    sent = []
+    for step, i in schedule:
+        while _logged_step(workdir) < step:
+            assert time.time() - t0 < timeout, "timed out waiting for the run"
+            assert all(p.poll() is None for p in procs), "a process ended early"
+            time.sleep(0.01)
+        assert procs[i].poll() is None, f"process {i} ended before its signal"
+        procs[i].send_signal(signal.SIGTERM)
+        sent.append(_logged_step(workdir))
+    return [p.communicate(timeout=timeout)[0] for p in procs], sent
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    procs = _two_processes(workdir)
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+    return workdir
+
+
+@pytest.mark.parametrize("schedule", [[(4, 1)], [(3, 0), (4, 1)]],
+                         ids=["one-process", "both-at-different-steps"])
+def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_path, schedule):
+    """SIGTERM to one process only, or to both at different steps: both processes stop at
+    the same step (the coordination service's agreement; a per-process decision would leave
+    one waiting in a collective forever), save it, exit 143, and the rerun resumes to
+    bitwise the uninterrupted run's parameters."""
+    from us3l_jax import pretrain
+    workdir = str(tmp_path / "run")
+    procs = _two_processes(workdir)
+    outs, sent = _signal_at(procs, workdir, schedule)
+    assert len(set(sent)) == len(sent)  # signals at different steps
+    for p, o in zip(procs, outs):
+        assert p.returncode == pretrain.PREEMPTED_EXIT_CODE, o[-3000:]
+        assert "Traceback" not in o
+    stopped = int(outs[0].split("preempted at step ")[1].split(";")[0])
+    assert min(sent) < stopped < PREEMPT_STEPS and max(sent) <= stopped
+    assert checkpointing.Checkpointer(workdir, checkpointing.read_config(workdir)).all_steps() \
+        == [stopped]
+    procs = _two_processes(workdir)
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
+    assert f"resuming {workdir} from step {stopped}" in outs[0]
+    final = lambda w: jax.tree.leaves(checkpointing.load_pretrained(w).params)
+    for x, y in zip(final(uninterrupted), final(workdir)):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from us3l_jax import checkpointing, pretrain
+from us3l_jax import build, checkpointing, pretrain
 from tests.helpers import REPO, demo_config, run_main
 
 STEPS = 30  # stage 1 ends at step 22 (one epoch); 8 more steps train sub-networks
@@ -146,7 +146,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(reference, tmp_path, c
                 fh.write(b"garbage")
     ckpt = checkpointing.Checkpointer(workdir, smoke())
     with caplog.at_level("WARNING"):
-        step, state = ckpt.restore_latest(pretrain.abstract_state(smoke()))
+        step, state = ckpt.restore_latest(build.abstract_state(smoke()))
     ckpt.close()
     assert step == 25
     assert "checkpoint 30" in caplog.text and "unreadable" in caplog.text

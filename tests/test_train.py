@@ -3,12 +3,14 @@
 One tiny slimmable ResNet (base width 16, one block per stage, 8x8 inputs) is shared by all
 tests; the trainers are module-scoped so each program compiles once per test session.
 """
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +18,11 @@ import optax
 import pytest
 
 from us3l_jax import mesh as mesh_lib
-from us3l_jax import models, objectives, optim, sampling
+from us3l_jax import models, objectives, optim, sampling, train
+from us3l_jax.method import MethodConfig, ema_momentum
 from us3l_jax.models.heads import SSLModel
-from us3l_jax.train import MethodConfig, TABLE7_CASES, TrainState, US3LTrainer, ema_momentum
+from us3l_jax.recipes import TABLE7_CASES, table7_method
+from us3l_jax.train import Trainer
 
 BATCH, SIZE, GROUP = 16, 8, 8
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,20 +37,22 @@ def noisy_views(key, images):
 
 
 def make_trainer(method=MethodConfig(group_size=GROUP), lr=0.1, reg_lambda=5e-5,
-                 mesh=None, total_steps=20):
+                 mesh=None, total_steps=20, dtype=jnp.float32, reduce_once=None, batch=BATCH):
     bb = models.create("cifar_resnet18", base_width=16, stage_sizes=(1, 1, 1, 1),
-                       bn_group_size=method.group_size)
+                       bn_group_size=method.group_size, dtype=dtype)
     model = SSLModel(bb, proj_hidden=32, proj_out=16, head_hidden=32,
                      use_predictor=method.uses_predictor,
-                     use_distill_head=method.uses_distill_head, bn_group_size=method.group_size)
+                     use_distill_head=method.uses_distill_head, bn_group_size=method.group_size,
+                     dtype=dtype)
     tx, schedule = optim.make_optimizer(lr, total_steps, reg_lambda=reg_lambda, reg_alpha=0.05)
-    return US3LTrainer(model, method, tx, noisy_views, mesh or mesh_lib.make_mesh(jax.devices()[:1]),
-                       total_steps=total_steps, lr_schedule=schedule)
+    return Trainer(model, method, tx, noisy_views,
+                   mesh or mesh_lib.make_mesh(jax.devices()[:1]), batch_size=batch,
+                   total_steps=total_steps, lr_schedule=schedule, reduce_once=reduce_once)
 
 
-def make_images(seed=0):
+def make_images(seed=0, batch=BATCH):
     rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)), jnp.uint8)
+    return jax.device_put(rng.integers(0, 256, (batch, SIZE, SIZE, 3)).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +69,7 @@ def copy_state(state):
     return jax.tree.map(jnp.copy, state)
 
 
-def assert_trees_close(a, b, **kw):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
+assert_trees_close = chex.assert_trees_all_close
 
 
 # ------------------------------------------------------------------------ configuration
@@ -98,20 +102,20 @@ def test_sampler_validation():
 def test_table7_cases():
     # Paper Table 7 (= appendix Table 17 cases 1, 3, 7, 8, 9, 12, 15, 17, 18-20, 22-25, 27, 28).
     assert sorted(TABLE7_CASES) == list(range(1, 18))
-    us3l = MethodConfig.table7(13)
+    us3l = table7_method(13)
     assert (us3l.base_loss, us3l.distill_loss, us3l.aux_head, us3l.momentum_base,
             us3l.momentum_sub) == ("infonce", "mse", "new", True, True)
-    assert MethodConfig.table7(13) == MethodConfig()  # the defaults are US3L
-    c1 = MethodConfig.table7(1)  # SimSiam on every width: collapses in the paper
+    assert table7_method(13) == MethodConfig()  # the defaults are US3L
+    c1 = table7_method(1)  # SimSiam on every width: collapses in the paper
     assert (c1.base_loss, c1.distill_loss, c1.uses_teacher) == ("mse", "none", False)
-    c2 = MethodConfig.table7(2)  # US+SimSiam: inplace distillation through the shared predictor
+    c2 = table7_method(2)  # US+SimSiam: inplace distillation through the shared predictor
     assert (c2.aux_head, c2.uses_predictor, c2.uses_distill_head) == ("shared", True, False)
     for case in TABLE7_CASES:
-        m = MethodConfig.table7(case, tau=0.2)
+        m = table7_method(case, tau=0.2)
         assert m.tau == 0.2
         assert m.uses_teacher == (m.momentum_base or m.momentum_sub)
     with pytest.raises(ValueError, match="Table 7 has cases 1-17, got 18"):
-        MethodConfig.table7(18)
+        table7_method(18)
 
 
 def test_decay_groups_follow_official_groupreg():
@@ -142,7 +146,7 @@ def test_ema_is_updated_once_per_iteration_before_the_teacher_forward(acc, image
                        rtol=0, atol=0)
     p0 = copy_state(state0.params)
     e0 = copy_state(state0.ema_params)
-    state1, _ = acc.step(copy_state(state0), images, (1.0, 0.5, 0.25), 0)
+    state1, _ = acc.step(copy_state(state0), images, (1.0, 0.5, 0.25))
     expected = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e0,
                             {k: p0[k] for k in ("backbone", "projector")})
     # e0 == p0 at init, so perturb: a second step starting from state1 moves the teacher by
@@ -150,7 +154,7 @@ def test_ema_is_updated_once_per_iteration_before_the_teacher_forward(acc, image
     assert_trees_close(state1.ema_params, expected, rtol=1e-6, atol=1e-7)
     p1 = copy_state(state1.params)
     e1 = copy_state(state1.ema_params)
-    state2, _ = acc.step(state1, images, (1.0, 0.75, 0.25), 1)
+    state2, _ = acc.step(state1, images, (1.0, 0.75, 0.25))
     expected = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e1,
                             {k: p1[k] for k in ("backbone", "projector")})
     assert_trees_close(state2.ema_params, expected, rtol=1e-6, atol=1e-7)
@@ -160,17 +164,20 @@ def test_ema_is_updated_once_per_iteration_before_the_teacher_forward(acc, image
 def test_accumulate_is_one_update_with_summed_gradients(acc, images):
     """Paper Algorithm 1: loss = base + sum of distill losses, one backward, one step."""
     state0 = acc.init_state(jax.random.key(1), images)
-    state0, _ = acc.step(state0, images, (1.0,), 0)  # make the teacher differ from the student
+    state0, _ = acc.step(state0, images, (1.0,))  # make the teacher differ from the student
     start = copy_state(state0)
     widths = (1.0, 0.5, 0.25)
-    new, metrics = acc.step(state0, images, widths, 1)
+    new, metrics = acc.step(state0, images, widths)
 
     v1, v2 = noisy_views(jax.random.fold_in(jax.random.wrap_key_data(start.rng), 1), images)
-    ema, teacher_out, _ = acc._ema_and_teacher(start.params, start.ema_params, 1, v1, v2)
+    kw = dict(model=acc.model, method=acc.method)
+    ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, start.ema_params,
+                       {k: start.params[k] for k in ("backbone", "projector")})
+    teacher_out = train.teacher_outputs(ema, v1, v2, model=acc.model, width=1.0)
 
     def total(params):
-        base, (targets, _) = acc._base_loss(params, teacher_out, v1, v2, 1.0)
-        subs = [acc._sub_loss(params, targets, v1, v2, w)[0] for w in widths[1:]]
+        base, (targets, _) = train.base_loss(params, teacher_out, v1, v2, width=1.0, **kw)
+        subs = [train.sub_loss(params, targets, v1, v2, width=w, **kw)[0] for w in widths[1:]]
         return base + sum(subs)
 
     loss, grads = jax.jit(jax.value_and_grad(total))(start.params)
@@ -191,19 +198,20 @@ def test_per_width_is_sequential_single_updates(images):
     state0 = tr.init_state(jax.random.key(2), images)
     start = copy_state(state0)
     widths = (1.0, 0.5)
-    new, metrics = tr.step(state0, images, widths, 0)
+    new, metrics = tr.step(state0, images, widths)
 
     v1, v2 = noisy_views(jax.random.fold_in(jax.random.wrap_key_data(start.rng), 0), images)
-    ema, teacher_out, _ = tr._ema_and_teacher(start.params, start.ema_params, 0, v1, v2)
-    grad_base = jax.jit(jax.grad(tr._base_loss, has_aux=True), static_argnums=4)
-    grad_sub = jax.jit(jax.grad(tr._sub_loss, has_aux=True), static_argnums=4)
+    # At step 0 the teacher equals the parameters, so its EMA step leaves it unchanged.
+    teacher_out = train.teacher_outputs(start.ema_params, v1, v2, model=tr.model, width=1.0)
+    bind = lambda f, w: jax.jit(jax.grad(functools.partial(
+        f, model=tr.model, method=tr.method, width=w), has_aux=True))
     params, opt = start.params, start.opt_state
-    g, (targets, _) = grad_base(params, teacher_out, v1, v2, 1.0)
+    g, (targets, _) = bind(train.base_loss, 1.0)(params, teacher_out, v1, v2)
     base_mask = {k: jax.tree.map(lambda _, on=k in ("backbone", "projector"): on, v)
                  for k, v in params.items()}
     u, opt = tr.tx.update(g, opt, params, step=0, decay_mask=base_mask)
     params = optax.apply_updates(params, u)
-    g, _ = grad_sub(params, targets, v1, v2, 0.5)
+    g, _ = bind(train.sub_loss, 0.5)(params, targets, v1, v2)
     full_mask = {k: jax.tree.map(lambda _: True, v) for k, v in params.items()}
     u, opt = tr.tx.update(g, opt, params, step=0, decay_mask=full_mask)
     params = optax.apply_updates(params, u)
@@ -222,10 +230,10 @@ def test_unused_head_is_untouched_until_first_used(acc, images):
     head0 = copy_state(state.params["distill_head"])
     bb0 = copy_state(state.params["backbone"])
     for s in range(3):  # stage 1: base width only
-        state, _ = acc.step(state, images, (1.0,), s)
+        state, _ = acc.step(state, images, (1.0,))
     assert_trees_close(state.params["distill_head"], head0, rtol=0, atol=0)
     assert not np.allclose(state.params["backbone"]["conv1"]["kernel"], bb0["conv1"]["kernel"])
-    state, _ = acc.step(state, images, (1.0, 0.5, 0.25), 3)
+    state, _ = acc.step(state, images, (1.0, 0.5, 0.25))
     assert not np.allclose(state.params["distill_head"]["fc2"]["kernel"],
                            head0["fc2"]["kernel"])
 
@@ -240,8 +248,9 @@ def test_base_loss_is_infonce_against_the_teacher(acc, images):
     k1, k2 = enc(teacher, v1), enc(teacher, v2)
     z1, z2 = enc(state.params, v1), enc(state.params, v2)
     expected = objectives.infonce_distill(z1, z2, k1, k2, 0.5, group_size=GROUP)
-    got, (targets, metrics) = jax.jit(acc._base_loss, static_argnums=4)(
-        state.params, (k1, k2), v1, v2, 1.0)
+    got, (targets, metrics) = jax.jit(functools.partial(
+        train.base_loss, model=acc.model, method=acc.method, width=1.0))(
+        state.params, (k1, k2), v1, v2)
     np.testing.assert_allclose(float(got), float(expected), rtol=1e-5)
     # With momentum for sub-networks, their targets are the teacher outputs.
     np.testing.assert_allclose(targets[0], k1, rtol=1e-6)
@@ -252,7 +261,7 @@ def test_base_loss_is_infonce_against_the_teacher(acc, images):
 def test_without_distillation_subnetworks_train_like_the_base(images):
     """Table 7 case 1 (SimSiam on every width): a sub-network's loss is the SimSiam loss of
     its own predictor outputs against its own stop-gradient projections."""
-    tr = make_trainer(MethodConfig.table7(1, group_size=GROUP))
+    tr = make_trainer(table7_method(1, group_size=GROUP))
     state = tr.init_state(jax.random.key(8), images)
     v1, v2 = noisy_views(jax.random.key(9), images)
     m = tr.model
@@ -261,11 +270,13 @@ def test_without_distillation_subnetworks_train_like_the_base(images):
     p1 = m.apply({"params": state.params}, z1, method=SSLModel.predict)
     p2 = m.apply({"params": state.params}, z2, method=SSLModel.predict)
     expected = objectives.neg_cosine(p1, p2, z1, z2)
-    weighted, raw = jax.jit(tr._sub_loss, static_argnums=4)(state.params, None, v1, v2, 0.5)
+    weighted, (_, aux) = jax.jit(functools.partial(
+        train.sub_loss, model=tr.model, method=tr.method, width=0.5))(state.params, None, v1, v2)
+    raw = aux["raw"]
     np.testing.assert_allclose(float(raw), float(expected), rtol=1e-5)
     assert not tr.method.uses_teacher and state.ema_params is None
     # A whole step runs without a teacher (the SimCLR / SimSiam baselines have none).
-    state, metrics = tr.step(state, images, (1.0, 0.5), 0)
+    state, metrics = tr.step(state, images, (1.0, 0.5))
     assert state.ema_params is None and int(state.step) == 1
     assert -1.0 <= float(metrics["loss/sub0"]) <= 1.0  # a negative cosine
 
@@ -279,7 +290,7 @@ def test_metrics_and_bounded_programs(images):
     for s in range(6):
         widths = sampling.sample_widths(cfg, s, 10, 20)
         seen.add(widths)
-        state, m = tr.step(state, images, widths, s)
+        state, m = tr.step(state, images, widths)
     m = jax.device_get(m)
     for key in ("loss/base", "loss/sub0", "loss/sub2", "loss/total", "lr", "grad_norm",
                 "embed_std", "ema_momentum"):
@@ -294,22 +305,27 @@ def test_metrics_and_bounded_programs(images):
 def test_compile_ahead_programs_are_used(images):
     tr = make_trainer()
     state = tr.init_state(jax.random.key(7), images)
-    futures = tr.compile_ahead(state, images, [1.0], [0.5])
+    futures = tr.compile_ahead(state, images, [(1.0,), (1.0, 0.5)])
     for f in futures:
         f.result()
-    assert tr.compiled_programs == len(futures) == 5  # views, base, sub, 2 apply variants
+    for f in futures:
+        f.result()
+    assert tr.programs.compiled == len(futures) == 5  # views, base, sub, 2 apply variants
     ref = make_trainer()
     ref_state = ref.init_state(jax.random.key(7), images)
-    a, _ = tr.step(state, images, (1.0, 0.5), 0)
-    b, _ = ref.step(ref_state, images, (1.0, 0.5), 0)
+    a, _ = tr.step(state, images, (1.0, 0.5))
+    b, _ = ref.step(ref_state, images, (1.0, 0.5))
     assert_trees_close(a.params, b.params, rtol=0, atol=0)
 
 
 def test_one_and_eight_devices_agree():
-    """The same steps on a 1-device and an 8-device mesh (forced CPU devices) give the same
-    losses and parameters: BN statistics and negatives are defined by the group size, not by
-    the device count. Two iterations agree to 1e-5; the tiny model's 1x1-pixel last stage
-    (BN over 8 values per group) amplifies float32 reassociation, so a third drifts to ~1.5e-5."""
+    """The same steps on 1 and 8 devices (forced CPU devices) give the same losses and
+    parameters: BN statistics and negatives are defined by the group size, not by the device
+    count. A batch of 64 in groups of 8 puts whole groups on each of 8 devices, so partial
+    gradients stay on their device and are reduced once per iteration; compared with 1 device
+    and with reducing in every program (the pre-redesign path, also the fallback when groups
+    span devices). Two iterations agree to 1e-5; the tiny model's 1x1-pixel last stage (BN
+    over 8 values per group) amplifies float32 reassociation beyond that."""
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {REPO!r})
@@ -318,18 +334,18 @@ def test_one_and_eight_devices_agree():
         from tests.test_train import make_trainer, make_images
         from us3l_jax import mesh as mesh_lib
         out = {{}}
-        for n in (1, 8):
+        for name, n, once in [("1", 1, None), ("8", 8, None), ("8/every", 8, False)]:
             mesh = mesh_lib.make_mesh(jax.devices()[:n])
-            tr = make_trainer(mesh=mesh)
-            images = jax.device_put(make_images(), mesh_lib.batch_sharding(mesh))
+            tr = make_trainer(mesh=mesh, reduce_once=once, batch=64)
+            images = jax.device_put(make_images(batch=64), mesh_lib.batch_sharding(mesh))
             state = tr.init_state(jax.random.key(0), images)
             losses = []
-            for s, ws in enumerate([(1.0, 0.5, 0.25), (1.0, 0.75, 0.25)]):
-                state, m = tr.step(state, images, ws, s)
+            for ws in [(1.0, 0.5, 0.25), (1.0, 0.5, 0.25)]:
+                state, m = tr.step(state, images, ws)
                 losses.append(float(m["loss/total"]))
             assert len(state.params["backbone"]["conv1"]["kernel"].sharding.device_set) == n
-            out[n] = dict(losses=losses, params=[np.asarray(x).ravel()[:50].tolist()
-                          for x in jax.tree.leaves(state.params)])
+            out[name] = dict(losses=losses, sharded=tr.sharded, params=[
+                np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)])
         print(json.dumps(out))
     """)
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -338,6 +354,37 @@ def test_one_and_eight_devices_agree():
                           env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"], rtol=1e-5, atol=1e-5)
-    for a, b in zip(out["8"]["params"], out["1"]["params"]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert {k: v["sharded"] for k, v in out.items()} == {"1": True, "8": True, "8/every": False}
+    for a, b in [("8", "1"), ("8", "8/every")]:
+        np.testing.assert_allclose(out[a]["losses"], out[b]["losses"], rtol=1e-5, atol=1e-5,
+                                   err_msg=f"{a} vs {b}")
+        for x, y in zip(out[a]["params"], out[b]["params"]):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"{a} vs {b}")
+
+
+def test_reduce_once_needs_device_local_groups():
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match="method.group_size=32 must divide the per-device "
+                                         "batch 16"):
+        make_trainer(MethodConfig(group_size=32), mesh=mesh, reduce_once=True)
+
+
+def test_bfloat16_trains_close_to_float32_and_stores_views_in_bf16(images):
+    """bf16 compute end to end: the views handed between programs are bf16, parameters stay
+    float32, and over 4 iterations the losses stay within 5% of float32 (3.4% measured at
+    the 4th; bf16 keeps 8 bits of mantissa, and lr 0.1 on 16 examples amplifies it)."""
+    losses = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        tr = make_trainer(dtype=dtype)
+        state = tr.init_state(jax.random.key(11), images)
+        v1, v2 = tr.programs.call(("views", None), lambda: tr._make("views"), state.rng,
+                                  state.step, images)
+        assert v1.dtype == v2.dtype == dtype
+        run = []
+        for ws in [(1.0,), (1.0, 0.5), (1.0, 0.5), (1.0, 0.5)]:
+            state, m = tr.step(state, images, ws)
+            run.append(float(m["loss/total"]))
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+        losses[dtype] = np.array(run)
+    np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=0.05)
+    assert not np.array_equal(losses[jnp.bfloat16], losses[jnp.float32])

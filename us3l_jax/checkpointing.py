@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from us3l_jax import config as config_lib
+from us3l_jax import build, config as config_lib
 from us3l_jax.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -88,19 +88,28 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
+    def reached_preemption(self, step: int) -> bool:
+        """Whether every process has agreed to stop and save at ``step``: on several hosts,
+        orbax's preemption sync (the JAX coordination service turns a SIGTERM on any host
+        into one agreed step, the next after the furthest host's); False on one process."""
+        return bool(self.manager.reached_preemption(step))
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
-        """The newest readable checkpoint as ``(step, state)``, or None if there is none.
+    def restore_latest(self, abstract_state: Any, steps: list[int] | None = None,
+                       partial: bool = False) -> tuple[int, Any] | None:
+        """The newest readable checkpoint (of ``steps``, default all) as ``(step, state)``, or
+        None if there is none. ``partial``: ``abstract_state`` is a subtree of the saved state
+        (e.g. ``{"params": ...}``) and only that is read.
 
         Raises ``CheckpointError`` if a checkpoint was written by a different model or width
         range; skips (with a warning) checkpoints whose files cannot be read.
         """
-        for step in reversed(self.all_steps()):
+        for step in reversed(steps or self.all_steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     meta=ocp.args.JsonRestore()))
@@ -111,8 +120,11 @@ class Checkpointer:
                 continue
             self._check_identity(meta, step)
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                restore = (ocp.args.PyTreeRestore(
+                    abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                        abstract_state), partial_restore=True)
+                    if partial else ocp.args.StandardRestore(abstract_state))
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
             except Exception as e:  # noqa: BLE001
                 log.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
                             step, self.workdir, type(e).__name__, str(e)[:300])
@@ -143,29 +155,24 @@ class Pretrained:
 def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
     """Config and parameters of a pretraining run (the latest readable checkpoint, or ``step``).
 
-    Raises ``CheckpointError`` with a clear message when the workdir has no run or no
-    checkpoint (or not ``step``).
+    Restores only the parameters (a partial restore against their abstract shapes), not the
+    optimizer state or the teacher. Raises ``CheckpointError`` with a clear message when the
+    workdir has no run or no checkpoint (or not ``step``).
     """
-    from us3l_jax import pretrain  # the abstract TrainState is defined by the trainer setup
-
     config = read_config(workdir)
     ckpt = Checkpointer(workdir, config, async_save=False)
     try:
         steps = ckpt.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {os.path.join(workdir, CHECKPOINT_DIR)!r}")
-        abstract = pretrain.abstract_state(config)
-        if step is not None:
-            if step not in steps:
-                raise CheckpointError(f"no checkpoint for step {step} in {workdir!r}; "
-                                      f"available: {steps}")
-            restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract)))
-            found = (step, restored["state"])
-        else:
-            found = ckpt.restore_latest(abstract)
+        if step is not None and step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {workdir!r}; "
+                                  f"available: {steps}")
+        params = {"params": build.abstract_state(config).params}
+        found = ckpt.restore_latest(params, steps=[step] if step is not None else None,
+                                    partial=True)
         if found is None:
             raise CheckpointError(f"no readable checkpoint in {workdir!r} (steps {steps})")
-        return Pretrained(config=config, step=found[0], params=found[1].params)
+        return Pretrained(config=config, step=found[0], params=found[1]["params"])
     finally:
         ckpt.close()

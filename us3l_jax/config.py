@@ -1,10 +1,11 @@
-"""The run configuration: its schema (``get_default``), validation, and builders.
+"""The run configuration: its schema (``get_default``) and validation.
 
 Config files in ``configs/`` start from ``get_default()`` and override fields. The config is
 locked, typed ``ml_collections.ConfigDict``: an override of a key that does not exist, or of
 the wrong type, fails in ``config_flags`` before anything runs; ``validate`` then checks every
-value (by building the objects it describes) and the constraints between fields, and raises
-``ConfigError`` naming the field.
+value (by building the objects it describes with ``us3l_jax.build``) and the constraints
+between fields, and raises ``ConfigError`` naming the field. The method's and the sampler's
+fields and defaults are stated once, by ``MethodConfig`` and ``SamplerConfig``.
 """
 from __future__ import annotations
 
@@ -12,22 +13,36 @@ import dataclasses
 import json
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from us3l_jax import models, optim, sampling, slim
-from us3l_jax.data import augment, datasets
-from us3l_jax.models.heads import PROJECTOR_STYLES, SSLModel
-from us3l_jax.train import MethodConfig
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from us3l_jax import build, models, sampling, slim
+from us3l_jax.build import DTYPES
+from us3l_jax.data import datasets
+from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper
+from us3l_jax.method import MethodConfig
+from us3l_jax.models.heads import PROJECTOR_STYLES
 AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "none")
 PROTOCOLS = ("fast", "knn", "paper")
 
 
 class ConfigError(ValueError):
     """A config value or combination of values that cannot run."""
+
+
+def _from_dataclass(obj, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """A config section with a dataclass's fields and defaults (Optional fields become typed
+    placeholders, so overrides are still type-checked)."""
+    section = ml_collections.ConfigDict()
+    for f in dataclasses.fields(obj):
+        if f.name in exclude:
+            continue
+        value = getattr(obj, f.name)
+        if value is None:
+            kind = {"int | None": int, "float | None": float, "str | None": str}[f.type]
+            value = config_dict.placeholder(kind)
+        section[f.name] = value
+    return section
 
 
 def get_default() -> ml_collections.ConfigDict:
@@ -47,32 +62,15 @@ def get_default() -> ml_collections.ConfigDict:
     c.heads.proj_style = "simclr"
     c.heads.head_hidden = 2048
 
-    c.method = ml_collections.ConfigDict()
-    c.method.base_loss = "infonce"
-    c.method.distill_loss = "mse"
-    c.method.aux_head = "new"
-    c.method.momentum_base = True
-    c.method.momentum_sub = True
-    c.method.tau = 0.5
-    c.method.distill_weight = 1.0
-    # Examples per group for BN statistics and contrastive negatives: the official per-GPU
-    # batch (128 on CIFAR), so results do not depend on the device count. None: whole batch.
-    c.method.group_size = config_dict.placeholder(int)
+    c.method = _from_dataclass(MethodConfig())
+    # The official per-GPU batch on CIFAR (MethodConfig's default None is the whole batch).
     c.method.group_size = 128
-    c.method.update_mode = "accumulate"
-    c.method.ema_momentum = 0.99
-    c.method.ema_schedule = "constant"
 
-    c.sampler = ml_collections.ConfigDict()
-    c.sampler.width_range = (0.25, 1.0)
-    c.sampler.num_samples = 3
-    c.sampler.sandwich = True
-    c.sampler.schedule = "A"  # or "none"
-    c.sampler.stage_by = "epoch"  # official; "iteration" as paper Algorithm 1
+    c.sampler = _from_dataclass(sampling.SamplerConfig(), exclude=("grid", "seed"))
+    c.sampler.schedule = c.sampler.schedule or "none"  # "A", ..., or "none"
     # Random widths from a grid of this step (deduplicated by channel configuration), which
     # bounds the number of compiled programs; None draws continuously as the paper.
     c.sampler.grid_step = config_dict.placeholder(float)
-    c.sampler.individual_width = config_dict.placeholder(float)  # individually trained baseline
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar100"
@@ -138,102 +136,6 @@ def get_default() -> ml_collections.ConfigDict:
 
 
 # ------------------------------------------------------------------------------------------
-# Builders
-# ------------------------------------------------------------------------------------------
-
-
-def _model_kwargs(config) -> dict[str, Any]:
-    m = config.model
-    kw: dict[str, Any] = {"dtype": DTYPES[m.dtype], "min_width": config.sampler.width_range[0],
-                          "bn_group_size": config.method.group_size}
-    if m.base_width is not None:
-        kw["base_width"] = int(m.base_width)
-    if m.stage_sizes is not None:
-        kw["stage_sizes"] = tuple(int(s) for s in m.stage_sizes)
-    return kw
-
-
-def build_backbone(config, num_classes: int | None = None, **overrides: Any):
-    """The slimmable backbone the config trains (features when ``num_classes`` is None)."""
-    return models.create(config.model.name, num_classes=num_classes,
-                         **{**_model_kwargs(config), **overrides})
-
-
-def build_method(config) -> MethodConfig:
-    return MethodConfig(**config.method.to_dict())
-
-
-def build_model(config) -> SSLModel:
-    method = build_method(config)
-    h = config.heads
-    return SSLModel(build_backbone(config), proj_hidden=h.proj_hidden, proj_out=h.proj_out,
-                    proj_style=h.proj_style, use_predictor=method.uses_predictor,
-                    use_distill_head=method.uses_distill_head, head_hidden=h.head_hidden,
-                    bn_group_size=config.method.group_size, dtype=DTYPES[config.model.dtype])
-
-
-def build_sampler(config) -> sampling.SamplerConfig:
-    s = config.sampler
-    sampler = sampling.SamplerConfig(
-        width_range=tuple(s.width_range), num_samples=s.num_samples, sandwich=s.sandwich,
-        schedule=None if s.schedule == "none" else s.schedule, stage_by=s.stage_by,
-        individual_width=s.individual_width, seed=config.seed)
-    if s.grid_step is None:
-        return sampler
-    if not 0 < s.grid_step <= 1:
-        raise ValueError(f"grid_step must be in (0, 1], got {s.grid_step}")
-    backbone = build_backbone(config)
-    grid = slim.distinct_widths(backbone.channel_config, *sampler.width_range, step=s.grid_step)
-    return dataclasses.replace(sampler, grid=tuple(grid))
-
-
-def build_optimizer(config, steps_per_epoch: int):
-    """(optax transform, lr schedule as a function of the iteration)."""
-    o = config.optim
-    per_epoch = o.schedule_unit == "epoch"
-    unit = (lambda epochs: epochs) if per_epoch else (lambda epochs: epochs * steps_per_epoch)
-    return optim.make_optimizer(
-        o.lr, unit(o.epochs), steps_per_epoch=steps_per_epoch if per_epoch else None,
-        warmup=unit(o.warmup_epochs), momentum=o.momentum, reg_lambda=o.reg_lambda,
-        reg_alpha=o.reg_alpha, reg_groups=o.reg_groups, reg_warmup=unit(o.reg_warmup_epochs),
-        reg_rule=o.reg_rule, lars=o.lars)
-
-
-def is_streaming(config) -> bool:
-    if config.data.streaming is None:
-        return config.data.dataset == "imagenet2012"
-    return bool(config.data.streaming)
-
-
-def build_views(config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
-    """The two SSL view recipes (reference §8): ``cifar`` (no blur), ``imagenet`` (blur 0.5,
-    224), ``byol`` (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2), ``none`` (full crop,
-    no colour ops, no flip: for debugging). When streaming, the crops happen on the host, so
-    the device-side configs have ``crop=False``."""
-    v1, v2 = _view_recipe(config)
-    if is_streaming(config):
-        v1, v2 = (dataclasses.replace(v, crop=False) for v in (v1, v2))
-    return v1, v2
-
-
-def _view_recipe(config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
-    name = config.data.augment
-    if name == "cifar":
-        views = augment.CIFAR_SSL, augment.CIFAR_SSL
-    elif name == "imagenet":
-        views = augment.IMAGENET_SSL, augment.IMAGENET_SSL
-    elif name == "byol":
-        views = augment.BYOL_VIEW1, augment.BYOL_VIEW2
-    else:
-        v = augment.ViewConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0,
-                               grayscale_p=0.0, flip_p=0.0)
-        views = v, v
-    if config.data.image_size is not None:
-        views = tuple(dataclasses.replace(v, size=config.data.image_size) for v in views)
-    return views
-
-
-# ------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------
 
@@ -258,7 +160,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("optim.schedule_unit", config.optim.schedule_unit, ("epoch", "step"))
     _choice("eval.online_protocol", config.eval.online_protocol, ("fast", "knn"))
     _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
-    from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper  # noqa: PLC0415
     _choice("eval.calibration_mode", config.eval.calibration_mode, calibrate_lib.MODES)
     _choice("eval.calibration_augment", config.eval.calibration_augment,
             calibrate_lib.AUGMENTS)
@@ -282,15 +183,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 raise ConfigError(f"config.model.{key} only applies to ResNets, not "
                                   f"{config.model.name!r}")
     try:
-        method = build_method(config)
+        method = build.method(config)
     except ValueError as e:
         raise ConfigError(f"config.method: {e}") from None
     try:
-        sampler = build_sampler(config)
+        sampler = build.sampler(config)
     except ValueError as e:
         raise ConfigError(f"config.sampler: {e}") from None
     try:
-        backbone = build_backbone(config)
+        backbone = build.backbone(config)
         for w in config.sampler.width_range:
             backbone.feature_dim(w)
     except ValueError as e:
@@ -319,8 +220,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.train.max_steps must be > 0 or None, got "
                           f"{config.train.max_steps}")
     try:
-        build_views(config)
-        build_optimizer(config, steps_per_epoch=1)
+        build.views(config)
+        build.optimizer(config, steps_per_epoch=1)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
 

@@ -4,20 +4,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: all global devices, every process's).
-
-    Built with ``Mesh`` directly: ``jax.make_mesh`` defaults to Explicit axis types, which
-    reject ops such as ``z @ z.T`` on batch-sharded arrays.
-    """
-    devs = np.asarray(jax.devices() if devices is None else list(devices))
-    return Mesh(devs, (DATA_AXIS,))
+    """A 1-D mesh over ``devices`` (default: all global devices, every process's), ordered by
+    ``jax.make_mesh`` to follow the interconnect topology. Axis type Auto: the default
+    Explicit types reject ops such as ``z @ z.T`` on batch-sharded arrays."""
+    devs = jax.devices() if devices is None else list(devices)
+    return jax.make_mesh((len(devs),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devs)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -8,14 +8,12 @@ uninterrupted one (bitwise on CPU).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -23,9 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from us3l_jax import checkpointing, config as config_lib, mesh as mesh_lib, sampling, slim
-from us3l_jax.data import augment, datasets, feeding
-from us3l_jax.train import TrainState, US3LTrainer
+from us3l_jax import build, checkpointing, config as config_lib, mesh as mesh_lib, sampling, slim
+from us3l_jax.train import Trainer, TrainState
 
 log = logging.getLogger("us3l")
 
@@ -49,58 +46,15 @@ class Run:
     """Everything built from a config for one pretraining run."""
     config: ml_collections.ConfigDict
     mesh: Any
-    batches: Callable[[int], Iterator[feeding.Batch]] | None  # start step -> batches
-    image_spec: jax.ShapeDtypeStruct  # one training batch of uint8 images
-    trainer: US3LTrainer
+    data: build.Data
+    trainer: Trainer
     sampler: sampling.SamplerConfig
     steps_per_epoch: int
     total_steps: int
 
-
-def _views_fn(config):
-    v1, v2 = config_lib.build_views(config)
-    return functools.partial(augment.ssl_views, cfg1=v1, cfg2=v2)
-
-
-def build_trainer(config, mesh, steps_per_epoch: int) -> US3LTrainer:
-    model = config_lib.build_model(config)
-    tx, lr = config_lib.build_optimizer(config, steps_per_epoch)
-    # The teacher runs at the largest width, or at the one width of an individual baseline.
-    teacher = config.sampler.individual_width or config.sampler.width_range[1]
-    return US3LTrainer(model, config_lib.build_method(config), tx, _views_fn(config), mesh,
-                       total_steps=config.optim.epochs * steps_per_epoch,
-                       teacher_width=teacher, lr_schedule=lr)
-
-
-def image_spec(config, mesh, image_shape: tuple[int, ...] | None = None) -> jax.ShapeDtypeStruct:
-    """A training batch of uint8 images: (B, H, W, 3) held on device, or (B, 2, S, S, 3) host
-    crops when streaming. Parameter shapes do not depend on it (only views and BN groups do)."""
-    size = config_lib.build_views(config)[0].size
-    if config_lib.is_streaming(config):
-        shape = (2, size, size, 3)
-    else:
-        shape = image_shape or (size, size, 3)
-    return jax.ShapeDtypeStruct((config.optim.batch_size,) + tuple(shape), jnp.uint8,
-                                sharding=mesh_lib.batch_sharding(mesh))
-
-
-def abstract_state(config, mesh=None) -> TrainState:
-    """Shapes, dtypes and shardings of the TrainState a config trains (for restoring)."""
-    mesh = mesh or mesh_lib.make_mesh()
-    trainer = build_trainer(config, mesh, steps_per_epoch=1)
-    shapes = jax.eval_shape(trainer.init_state, jax.random.key(0), image_spec(config, mesh))
-    repl = mesh_lib.replicated(mesh)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
-
-
-def _streaming_batches(config, mesh):
-    from us3l_jax.data import streaming
-    source = datasets.open_source(config.data.dataset, "train", data_dir=config.data.data_dir)
-    crops = streaming.HostCrops.from_views(*config_lib._view_recipe(config))
-    stream = streaming.StreamingDataset(source, global_batch_size=config.optim.batch_size,
-                                        transform=crops, seed=config.seed, train=True, mesh=mesh,
-                                        num_threads=config.data.num_threads)
-    return stream.iterator, stream.steps_per_epoch
+    @property
+    def image_spec(self) -> jax.ShapeDtypeStruct:
+        return self.data.image_spec
 
 
 def setup(config, mesh=None) -> Run:
@@ -108,41 +62,45 @@ def setup(config, mesh=None) -> Run:
     config_lib.validate(config)
     mesh = mesh or mesh_lib.make_mesh()
     mesh_lib.check_batch_size(config.optim.batch_size, mesh)
-    if config_lib.is_streaming(config):
-        batches, steps_per_epoch = _streaming_batches(config, mesh)
-        spec = image_spec(config, mesh)
-    else:
-        ds = datasets.load(config.data.dataset, "train", data_dir=config.data.data_dir,
-                           image_size=config.data.image_size)
-        feeder = feeding.TrainFeeder(feeding.DeviceDataset(ds, mesh), config.optim.batch_size,
-                                     config.seed)
-        batches, steps_per_epoch = feeder.iterate, feeder.steps_per_epoch
-        spec = image_spec(config, mesh, ds.images.shape[1:])
-    if steps_per_epoch < 1:
+    data = build.data(config, mesh)
+    if data.steps_per_epoch < 1:
         raise config_lib.ConfigError(
             f"config.optim.batch_size={config.optim.batch_size} is larger than the "
             f"{config.data.dataset} training split")
-    return Run(config=config, mesh=mesh, batches=batches, image_spec=spec,
-               trainer=build_trainer(config, mesh, steps_per_epoch),
-               sampler=config_lib.build_sampler(config), steps_per_epoch=steps_per_epoch,
-               total_steps=config.optim.epochs * steps_per_epoch)
+    return Run(config=config, mesh=mesh, data=data,
+               trainer=build.trainer(config, mesh, data.steps_per_epoch),
+               sampler=build.sampler(config), steps_per_epoch=data.steps_per_epoch,
+               total_steps=config.optim.epochs * data.steps_per_epoch)
 
 
-def _possible_sub_widths(run: Run) -> list[float]:
-    """Every sub-width the sampler can draw, in the order stages need them (widest first)."""
+def possible_sub_widths(run: Run) -> list[float]:
+    """One width per channel configuration the sampler can draw, widest first (the order in
+    which the schedule's stages need them). Continuous sampling maps every draw onto one of
+    the distinct configurations, so these are all the sub-network programs a run compiles."""
     s = run.sampler
     lo, hi = s.width_range
     if s.individual_width is not None:
         return []
-    if s.grid is not None:
-        ws = set(s.grid)
-    else:
-        ws = set(slim.distinct_widths(run.trainer.config_key, lo, hi))
+    key = run.trainer.config_key
+    ws = set(s.grid) if s.grid is not None else set(slim.distinct_widths(key, lo, hi))
     ws |= {sampling.min_width(s, k, run.steps_per_epoch, run.total_steps)
            for k in range(0, run.total_steps, max(1, run.steps_per_epoch))}
-    key = run.trainer.config_key
-    unique = {key(w): w for w in sorted(ws)}
+    unique = {key(w): w for w in sorted(ws) if w < hi or key(w) != key(hi)}
     return sorted(unique.values(), reverse=True)
+
+
+def compile_width_sets(run: Run) -> list[tuple[float, ...]]:
+    """Width sets whose dry runs reach every program of the run: the base-only step of
+    stage 1 and a step with every possible sub-width (programs are per width, so one
+    iteration covering them all is enough); without the sandwich rule any sampled width can
+    also be the base."""
+    s = run.sampler
+    if s.individual_width is not None:
+        return [(s.individual_width,)]
+    hi = s.width_range[1]
+    subs = possible_sub_widths(run)
+    bases = [hi] if s.sandwich else [hi] + subs
+    return [(b,) for b in bases] + ([(hi, *subs)] if subs else [])
 
 
 class MetricWriter:
@@ -189,7 +147,7 @@ def fetch(tree):
     where ``jax.device_get`` would refuse non-addressable arrays."""
     def one(a):
         if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            return np.asarray(a.addressable_data(0))
+            return np.asarray(jax.device_get(a.addressable_data(0)))
         return np.asarray(jax.device_get(a))
     return jax.tree.map(one, tree)
 
@@ -210,6 +168,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     ``online_eval``: optional ``callable(params, step) -> dict`` run every
     ``config.eval.online_every_epochs`` epochs; its metrics are logged.
     Raises ``Preempted`` after saving on SIGTERM, ``NonFiniteLossError`` on NaN/Inf.
+
+    Preemption: one process stops at the first step after its SIGTERM. With several
+    processes, every process asks the JAX coordination service at every step whether the
+    agreed preemption step has come (a SIGTERM on any host starts the agreement), so all of
+    them save the same step and exit together; a per-process flag would send them into the
+    collective save at different steps, where they would wait for each other forever.
     """
     t_setup = time.perf_counter()
     run = setup(config, mesh)
@@ -221,10 +185,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     ckpt = checkpointing.Checkpointer(workdir, config, keep=config.train.keep_checkpoints)
     writer = MetricWriter(workdir)
     preempted = {"flag": False}
+    agreed = jax.process_count() > 1
+    # Several processes: the coordination service's own SIGTERM handler must stay in place.
     old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
-        if _main_thread() else None
+        if _main_thread() and not agreed else None
     try:
-        found = ckpt.restore_latest(abstract_state(config, run.mesh))
+        found = ckpt.restore_latest(trainer.abstract_state(run.image_spec))
         if found is None:
             checkpointing.write_config(workdir, config)
             state = trainer.init_state(jax.random.key(config.seed), run.image_spec)
@@ -239,24 +205,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             log.info("nothing to do: the run is at step %d of %d", start, end)
             return state
         if config.train.compile_ahead:
-            subs = _possible_sub_widths(run)
-            bases = [run.sampler.width_range[1]] if run.sampler.sandwich else \
-                [run.sampler.width_range[1]] + subs
-            if run.sampler.individual_width is not None:
-                bases = [run.sampler.individual_width]
-            trainer.compile_ahead(state, run.image_spec, bases, subs)
-            log.info("compiling %d programs ahead in the background", len(bases) +
-                     len(subs) + 3)
+            n = len(trainer.compile_ahead(state, run.image_spec, compile_width_sets(run)))
+            log.info("compiling %d programs ahead in the background", n)
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
         online_every = config.eval.online_every_epochs * run.steps_per_epoch
         t0, last_log_t, last_log_step = time.perf_counter(), time.perf_counter(), start
-        batches = run.batches(start)
+        batches = run.data.batches(start)
         for step in range(start, end):
             widths = sampling.sample_widths(run.sampler, step, run.steps_per_epoch,
                                             run.total_steps)
             batch = next(batches)
-            state, metrics = trainer.step(state, batch.images, widths, step)
+            state, metrics = trainer.step(state, batch.images, widths)
             done = step + 1
             if done % config.train.log_every_steps == 0 or done == end or done == start + 1:
                 metrics = fetch(metrics)
@@ -274,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                 last_log_t, last_log_step = now, done
                 extra = {"widths": list(widths), "epoch": done / run.steps_per_epoch,
                          "programs": trainer.num_programs,
-                         "compile_s": trainer.compile_seconds}
+                         "compile_s": trainer.programs.compile_seconds}
                 if not first:
                     extra["images_per_s_per_device"] = rate / run.mesh.devices.size
                 width_of = {"width/base": widths[0],
@@ -288,20 +248,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                          " ".join(f"{k.split('/')[-1]} {float(v):.4f}"
                                   for k, v in sorted(metrics.items()) if k.startswith("loss/")),
                          ",".join(f"{w:.3g}" for w in widths), speed, trainer.num_programs,
-                         trainer.compile_seconds, _fmt_time(remaining))
+                         trainer.programs.compile_seconds, _fmt_time(remaining))
             if online_eval is not None and online_every and done % online_every == 0:
                 out = online_eval(state.params, done)
                 writer.write(done, out)
                 log.info("online eval at step %d: %s", done, ", ".join(
                     f"{k} {v:.4f}" for k, v in sorted(out.items())))
-            stop = preempted["flag"] or done == end
-            if done % every == 0 or stop:
+            # Every process must ask at every step (the agreement protocol counts on it).
+            stop_now = ckpt.reached_preemption(done) if agreed else preempted["flag"]
+            if done % every == 0 or stop_now or done == end:
                 if not _all_finite(state.params):
                     raise NonFiniteLossError(
                         f"parameters became non-finite by step {step}; not saving. The last "
                         f"good checkpoint is {ckpt.all_steps()[-1:] or 'none'}")
                 ckpt.save(done, state)
-            if preempted["flag"]:
+            if stop_now:
                 ckpt.wait()
                 raise Preempted(done)
         ckpt.wait()

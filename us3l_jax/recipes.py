@@ -9,6 +9,40 @@ from __future__ import annotations
 import ml_collections
 
 from us3l_jax import config as config_lib
+from us3l_jax.method import MethodConfig
+
+# Paper Table 7 (main text) as flags: case -> (base loss, distill loss, auxiliary distill head,
+# momentum target for the base network, for the sub-networks). The main table's rows are
+# appendix Table 17 cases 1, 3, 7, 8, 9, 12, 15, 17, 18, 19, 20, 22, 23, 24, 25, 27, 28, where
+# the head column distinguishes a shared from a new head.
+TABLE7_CASES: dict[int, tuple[str, str, str, bool, bool]] = {
+    1: ("mse", "none", "none", False, False),       # SimSiam on every width: collapses
+    2: ("mse", "mse", "shared", False, False),      # US+SimSiam (inplace distillation)
+    3: ("mse", "mse", "shared", True, True),
+    4: ("mse", "mse", "new", True, True),
+    5: ("mse", "infonce", "none", False, False),
+    6: ("mse", "infonce", "none", False, True),
+    7: ("mse", "infonce", "none", True, True),
+    8: ("mse", "infonce", "new", True, True),
+    9: ("infonce", "none", "none", False, False),
+    10: ("infonce", "mse", "none", False, False),
+    11: ("infonce", "mse", "none", False, True),
+    12: ("infonce", "mse", "none", True, True),
+    13: ("infonce", "mse", "new", True, True),      # US3L
+    14: ("infonce", "infonce", "none", False, False),
+    15: ("infonce", "infonce", "none", False, True),
+    16: ("infonce", "infonce", "none", True, True),
+    17: ("infonce", "infonce", "new", True, True),
+}
+TABLE7_FIELDS = ("base_loss", "distill_loss", "aux_head", "momentum_base", "momentum_sub")
+
+
+def table7_method(case: int, **overrides) -> MethodConfig:
+    """The loss design of paper Table 7, case ``case`` (1-17); US3L is case 13."""
+    if case not in TABLE7_CASES:
+        raise ValueError(f"Table 7 has cases 1-17, got {case}")
+    return MethodConfig(**{**dict(zip(TABLE7_FIELDS, TABLE7_CASES[case])), **overrides})
+
 
 CIFAR_ARCHS = {"resnet18": "cifar_resnet18", "resnet50": "cifar_resnet50",
                "mobilenet_v2": "cifar_mobilenet_v2"}

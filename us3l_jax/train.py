@@ -1,25 +1,37 @@
-"""The US3L training step: TrainState, loss design (paper Table 7) and compiled programs.
+"""The US3L training step: pure functions for one iteration, and the cache of their programs.
 
-One iteration (paper Algorithm 1, reference §5.2):
+One iteration (paper Algorithm 1):
 
-1. two augmented views of the batch (on device);
-2. EMA update of the teacher from the parameters at the start of the iteration (once per
-   iteration, before the teacher forward), teacher forward at full width;
-3. base network at ``widths[0]`` (1.0 with the sandwich rule) and the base loss;
-4. for every sampled sub-width, the distillation loss of ``head(sub-network)`` against the
-   targets of step 2/3;
-5. gradients -> optimizer. ``accumulate`` (paper, default): one update per iteration with the
-   summed gradients; ``per_width`` (official code): one update after each width, sharing the
-   optimizer state, later widths seeing the already-updated parameters.
+1. ``views``: two augmented views of the batch (on device, stored in the compute dtype);
+2. ``base_grads``: EMA update of the teacher from the parameters at the start of the
+   iteration (once per iteration, before the teacher forward), teacher forward at full width,
+   the base network at ``widths[0]`` (1.0 with the sandwich rule) and its loss;
+3. ``sub_grads``: for every sampled sub-width, the distillation loss of ``head(sub-network)``
+   against the targets of step 2;
+4. ``apply_update``: gradients -> optimizer. ``accumulate`` (paper) makes one update per
+   iteration with the summed gradients; ``per_width`` (official code) uses ``base_update`` /
+   ``sub_update``, one update after each width sharing the optimizer state, later widths
+   seeing the already-updated parameters, and ``finish`` counts the iteration.
 
-Widths are chosen on the host (``us3l_jax.sampling``) and reach compiled code as static Python
-floats: one compiled program per distinct channel configuration, so a sub-network costs in
-proportion to its FLOPs and the number of programs is bounded by the number of distinct widths
-(DESIGN.md: no ``lax.switch``/masking, which are slower or keep every branch's residuals).
+Every function is pure; ``Trainer`` binds the static parts (model, method, width, mesh) with
+``functools.partial``, jits each (kind, channel configuration) once and runs them.
+
+**Communication.** Gradients of replicated parameters would normally be all-reduced by every
+program. When whole BN/negative groups live on each device (``method.group_size`` divides the
+per-device batch, the official per-GPU setting), the losses decompose over devices, so each
+program computes only its device's partial gradient inside ``shard_map`` and keeps it sharded
+(leading axis = devices); ``accumulate`` adds partials across programs and reduces once, in
+``apply_update``. Otherwise (groups spanning devices) programs fall back to replicated
+gradients, reduced in each program.
+
+Widths are chosen on the host (``us3l_jax.sampling``) and reach compiled code as static
+Python floats: one compiled program per distinct channel configuration, so a sub-network costs
+in proportion to its FLOPs (no ``lax.switch`` or masking, which are slower or keep every
+branch's residuals).
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,127 +42,16 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from us3l_jax import mesh as mesh_lib
 from us3l_jax import objectives
+from us3l_jax.method import MethodConfig, ema_momentum, ema_update, teacher_subset
 from us3l_jax.models.heads import SSLModel
 
-BASE_LOSSES = ("infonce", "mse")
-DISTILL_LOSSES = ("none", "mse", "infonce")
-AUX_HEADS = ("none", "shared", "new")
-UPDATE_MODES = ("accumulate", "per_width")
-EMA_SCHEDULES = ("constant", "cosine")
-TEACHER_KEYS = ("backbone", "projector")
-
-
-# Paper Table 7 (main text) as flags: case -> (base loss, distill loss, auxiliary distill head,
-# momentum target for the base network, for the sub-networks). The main table's rows are
-# appendix Table 17 cases 1, 3, 7, 8, 9, 12, 15, 17, 18, 19, 20, 22, 23, 24, 25, 27, 28, where
-# the head column distinguishes a shared from a new head.
-TABLE7_CASES: dict[int, tuple[str, str, str, bool, bool]] = {
-    1: ("mse", "none", "none", False, False),       # SimSiam on every width: collapses
-    2: ("mse", "mse", "shared", False, False),      # US+SimSiam (inplace distillation)
-    3: ("mse", "mse", "shared", True, True),
-    4: ("mse", "mse", "new", True, True),
-    5: ("mse", "infonce", "none", False, False),
-    6: ("mse", "infonce", "none", False, True),
-    7: ("mse", "infonce", "none", True, True),
-    8: ("mse", "infonce", "new", True, True),
-    9: ("infonce", "none", "none", False, False),
-    10: ("infonce", "mse", "none", False, False),
-    11: ("infonce", "mse", "none", False, True),
-    12: ("infonce", "mse", "none", True, True),
-    13: ("infonce", "mse", "new", True, True),      # US3L
-    14: ("infonce", "infonce", "none", False, False),
-    15: ("infonce", "infonce", "none", False, True),
-    16: ("infonce", "infonce", "none", True, True),
-    17: ("infonce", "infonce", "new", True, True),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodConfig:
-    """The loss design of paper Table 7 as flags; US3L is case 13 (the defaults).
-
-    * ``base_loss``: ``infonce`` (NT-Xent: against the teacher's other view when
-      ``momentum_base``, else SimCLR between the two online views) or ``mse`` (negative cosine
-      of the predictor output against the teacher / the stop-gradient online other view:
-      BYOL / SimSiam).
-    * ``distill_loss``: loss of each sub-network against the targets; ``none`` trains every
-      sub-network with the base loss on its own outputs (no inplace distillation).
-    * ``aux_head``: ``new`` (a separate head g for sub-networks, Eq. 3), ``shared`` (the base
-      network's predictor; needs ``base_loss='mse'``), or ``none``.
-    * ``momentum_base`` / ``momentum_sub``: targets from the EMA teacher (width 1.0) for the
-      base network / the sub-networks; without ``momentum_sub`` the targets are the base
-      network's own outputs, detached (Algorithm 1, line 6).
-    """
-    base_loss: str = "infonce"
-    distill_loss: str = "mse"
-    aux_head: str = "new"
-    momentum_base: bool = True
-    momentum_sub: bool = True
-    tau: float = 0.5
-    distill_weight: float = 1.0
-    group_size: int | None = None  # examples per group for negatives (and BN, via the model)
-    update_mode: str = "accumulate"
-    ema_momentum: float = 0.99
-    ema_schedule: str = "constant"
-
-    def __post_init__(self):
-        for name, value, allowed in [("base_loss", self.base_loss, BASE_LOSSES),
-                                     ("distill_loss", self.distill_loss, DISTILL_LOSSES),
-                                     ("aux_head", self.aux_head, AUX_HEADS),
-                                     ("update_mode", self.update_mode, UPDATE_MODES),
-                                     ("ema_schedule", self.ema_schedule, EMA_SCHEDULES)]:
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}")
-        if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
-        if not 0.0 <= self.ema_momentum <= 1.0:
-            raise ValueError(f"ema_momentum must be in [0, 1], got {self.ema_momentum}")
-        if self.aux_head == "shared" and self.base_loss != "mse":
-            raise ValueError("aux_head='shared' shares the base network's predictor, which only "
-                             "exists with base_loss='mse'; use aux_head='new' or 'none'")
-        if self.group_size is not None and self.group_size <= 0:
-            raise ValueError(f"group_size must be positive or None, got {self.group_size}")
-
-    @classmethod
-    def table7(cls, case: int, **overrides: Any) -> "MethodConfig":
-        """The loss design of paper Table 7, case ``case`` (1-17); US3L is case 13."""
-        if case not in TABLE7_CASES:
-            raise ValueError(f"Table 7 has cases 1-17, got {case}")
-        base, distill, head, mom_base, mom_sub = TABLE7_CASES[case]
-        return cls(**{**dict(base_loss=base, distill_loss=distill, aux_head=head,
-                             momentum_base=mom_base, momentum_sub=mom_sub), **overrides})
-
-    @property
-    def uses_teacher(self) -> bool:
-        return self.momentum_base or self.momentum_sub
-
-    @property
-    def uses_predictor(self) -> bool:
-        return self.base_loss == "mse"
-
-    @property
-    def uses_distill_head(self) -> bool:
-        return self.aux_head == "new"
-
-    def param_groups(self) -> frozenset[str]:
-        return frozenset({"backbone", "projector"}
-                         | ({"predictor"} if self.uses_predictor else set())
-                         | ({"distill_head"} if self.uses_distill_head else set()))
-
-    def decay_groups(self, sub: bool) -> frozenset[str]:
-        """Top-level parameter groups that get weight decay in an update.
-
-        As the official GroupReg (reference §6, §12.11): heads (``predictor*``) are left out
-        at width 1.0 and included at sub-widths. So the base-only updates (per-width mode, and
-        stage-1 iterations in accumulate mode) decay {backbone, projector}; updates that include
-        sub-networks decay everything. This also keeps a head that has not been used yet
-        untouched (its gradient is zero), like PyTorch skipping parameters whose grad is None.
-        """
-        return self.param_groups() if sub else frozenset({"backbone", "projector"})
+PyTree = Any
+ViewsFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+DATA = mesh_lib.DATA_AXIS
 
 
 @flax.struct.dataclass
@@ -167,21 +68,328 @@ class TrainState:
     rng: jax.Array
 
 
-def ema_momentum(method: MethodConfig, step: jax.Array, total_steps: int) -> jax.Array:
-    """Constant m, or the cosine ramp m_t = 1 - (1 - m)(1 + cos(pi t / T)) / 2 (BYOL/MoCo v3)."""
-    m = jnp.asarray(method.ema_momentum, jnp.float32)
-    if method.ema_schedule == "constant":
-        return m
-    t = jnp.asarray(step, jnp.float32) / max(total_steps, 1)
-    return 1.0 - (1.0 - m) * 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+# ------------------------------------------------------------------------------ state
 
 
-def _teacher_subset(params):
-    return {k: params[k] for k in TEACHER_KEYS}
+def init_state(rng: jax.Array, *, model: SSLModel, method: MethodConfig,
+               tx: optax.GradientTransformation, view_spec: jax.ShapeDtypeStruct) -> TrainState:
+    """Full-size parameters from ``model.init`` on a batch shaped like one view (so grouped BN
+    sees a valid batch); the teacher starts as an exact copy (``encoder_k = deepcopy(q)``)."""
+    init_rng, data_rng = jax.random.split(rng)
+    params = flax.core.unfreeze(
+        model.init(init_rng, jnp.zeros(view_spec.shape, jnp.float32), 1.0)["params"])
+    ema = jax.tree.map(jnp.copy, teacher_subset(params)) if method.uses_teacher else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
+                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng))
 
 
-class US3LTrainer:
-    """Builds and caches the compiled programs of the US3L step and runs one iteration.
+def abstract_state(model: SSLModel, method: MethodConfig, tx: optax.GradientTransformation,
+                   view_spec: jax.ShapeDtypeStruct, mesh: Mesh | None = None) -> TrainState:
+    """Shapes and dtypes of the TrainState (replicated over ``mesh`` when given), without
+    computing anything: what a checkpoint restore needs."""
+    shapes = jax.eval_shape(functools.partial(init_state, model=model, method=method, tx=tx,
+                                              view_spec=view_spec), jax.random.key(0))
+    if mesh is None:
+        return shapes
+    repl = mesh_lib.replicated(mesh)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), shapes)
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def _pair(model: SSLModel, fn, params, a1, a2, *args):
+    """``fn`` (an ``SSLModel`` method) applied to both views: as one pass of the concatenated
+    batch when BN groups cannot straddle the views (the group size divides the batch), which
+    gives the same statistics as two passes with half the program and larger matmuls."""
+    b = a1.shape[0]
+    g = model.bn_group_size
+    if g is not None and b % g == 0:
+        out = model.apply({"params": params}, jnp.concatenate([a1, a2]), *args, method=fn)
+        return out[:b], out[b:]
+    return tuple(model.apply({"params": params}, a, *args, method=fn) for a in (a1, a2))
+
+
+def _online(model, params, v1, v2, width, head):
+    """(head outputs, projections) of both views; the head is ``predictor``,
+    ``distill_head`` or None (the projections themselves)."""
+    z1, z2 = _pair(model, SSLModel.encode, params, v1, v2, width)
+    if head is None:
+        return z1, z2, z1, z2
+    fn = {"predictor": SSLModel.predict, "distill_head": SSLModel.distill}[head]
+    p1, p2 = _pair(model, fn, params, z1, z2)
+    return p1, p2, z1, z2
+
+
+def _pair_loss(method: MethodConfig, name: str, o1, o2, t1, t2):
+    """Cross-view loss of outputs (o1, o2) against targets (t1, t2)."""
+    if name == "infonce":
+        return objectives.infonce_distill(o1, o2, t1, t2, method.tau,
+                                          group_size=method.group_size)
+    return objectives.neg_cosine(o1, o2, t1, t2)
+
+
+def _self_loss(method: MethodConfig, o1, o2, z1, z2):
+    """The base loss without a teacher: SimCLR between the online views, or SimSiam's
+    predictor against the stop-gradient other view."""
+    if method.base_loss == "infonce":
+        return objectives.simclr_infonce(z1, z2, method.tau, group_size=method.group_size)
+    sg = jax.lax.stop_gradient
+    return objectives.neg_cosine(o1, o2, sg(z1), sg(z2))
+
+
+def _own_loss(model, method, params, v1, v2, width, teacher_out):
+    """The base loss of a network at ``width`` (with the predictor when the method has one):
+    against the teacher's other view if ``teacher_out`` is given, else self-targets.
+    Returns (loss, z1, z2)."""
+    head = "predictor" if method.uses_predictor else None
+    o1, o2, z1, z2 = _online(model, params, v1, v2, width, head)
+    if teacher_out is not None:
+        return _pair_loss(method, method.base_loss, o1, o2, *teacher_out), z1, z2
+    return _self_loss(method, o1, o2, z1, z2), z1, z2
+
+
+def teacher_outputs(ema, v1, v2, *, model: SSLModel, width: float):
+    """Projections of the momentum teacher at ``width`` for both views, detached."""
+    k1, k2 = _pair(model, SSLModel.encode, ema, v1, v2, width)
+    return jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
+
+
+def base_loss(params, teacher_out, v1, v2, *, model: SSLModel, method: MethodConfig,
+              width: float):
+    """Loss of the base network; aux: (targets of the sub-networks, metrics)."""
+    loss, z1, z2 = _own_loss(model, method, params, v1, v2, width,
+                             teacher_out if method.momentum_base else None)
+    if method.momentum_sub:
+        targets = teacher_out
+    else:
+        targets = (jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2))
+    metrics = {"loss/base": loss, "embed_std": objectives.embedding_std(z1)}
+    return loss, (targets, metrics)
+
+
+def sub_loss(params, targets, v1, v2, *, model: SSLModel, method: MethodConfig, width: float):
+    """Weighted loss of the sub-network at ``width``; aux: (None, {"raw": unweighted})."""
+    if method.distill_loss == "none":  # trained like the base network, on its own
+        loss, _, _ = _own_loss(model, method, params, v1, v2, width,
+                               targets if method.momentum_sub else None)
+    else:
+        head = {"new": "distill_head", "shared": "predictor", "none": None}[method.aux_head]
+        o1, o2, _, _ = _online(model, params, v1, v2, width, head)
+        loss = _pair_loss(method, method.distill_loss, o1, o2, *targets)
+    return method.distill_weight * loss, (None, {"raw": loss})
+
+
+# ------------------------------------------------------------------------------ gradients
+
+
+def device_local_groups(method: MethodConfig, batch_size: int, num_devices: int) -> bool:
+    """Whether every device holds whole BN/negative groups, so the loss is a sum of per-device
+    terms and gradients can stay per-device partial sums between programs."""
+    g = method.group_size
+    return g is not None and batch_size % num_devices == 0 and \
+        (batch_size // num_devices) % g == 0
+
+
+def _pmean_metrics(metrics):
+    return jax.tree.map(lambda m: jax.lax.pmean(m, DATA), metrics)
+
+
+def partial_grads(loss_fn, params, replicated, batch, *, mesh: Mesh, sharded: bool):
+    """Gradient of ``loss_fn(params, *replicated, *batch) -> (loss, (batch_out, metrics))``
+    as per-device partial sums: leaves of shape (devices, *param_shape), sharded over the data
+    axis, whose sum over axis 0 is the gradient. Also returns ``batch_out`` (sharded like the
+    batch) and ``metrics`` (averaged over devices).
+
+    ``sharded``: the loss decomposes over devices (``device_local_groups``). Each device then
+    differentiates the mean of its own groups divided by the device count: no communication
+    here. Otherwise the gradient is taken globally (XLA all-reduces it) and returned with a
+    leading axis of size 1, replicated.
+    """
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if not sharded:
+        g, (out, metrics) = grad_fn(params, *replicated, *batch)
+        return jax.tree.map(lambda x: x[None], g), out, metrics
+    n = mesh.shape[DATA]
+
+    def local(params, replicated, batch):
+        def scaled(p, *args):
+            loss, aux = loss_fn(p, *args)
+            return loss / n, aux
+        g, (out, metrics) = jax.grad(scaled, has_aux=True)(params, *replicated, *batch)
+        return jax.tree.map(lambda x: x[None], g), out, _pmean_metrics(metrics)
+
+    # check_vma=False: the parameters enter replicated, and their gradient must stay the
+    # device's own partial sum (with the check, JAX would psum it right here).
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(DATA)),
+                         out_specs=(P(DATA), P(DATA), P()), check_vma=False)(
+        params, replicated, batch)
+
+
+def _sum_partials(partial):
+    """The gradient from per-device partial sums: the one all-reduce of an iteration."""
+    return jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
+
+
+def _update(state: TrainState, grads, tx, groups: frozenset[str]) -> tuple[TrainState, Any]:
+    """One optimizer update at iteration ``state.step``. Parameter groups the update's losses
+    did not reach (e.g. the auxiliary head while only the base width trains) are left out of
+    weight decay: their gradient is exactly zero, so they stay untouched until first used,
+    like PyTorch's SGD skipping parameters whose grad is None."""
+    decay_mask = {k: jax.tree.map(lambda _, on=(k in groups): on, v)
+                  for k, v in state.params.items()}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step,
+                                   decay_mask=decay_mask)
+    return (state.replace(params=optax.apply_updates(state.params, updates),
+                          opt_state=opt_state), optax.global_norm(grads))
+
+
+# ------------------------------------------------------------------------------ programs
+
+
+def views(rng, step, images, *, views_fn: ViewsFn, dtype):
+    """The two views of iteration ``step``, in the compute dtype (what every program reads)."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    v1, v2 = views_fn(key, images)
+    return v1.astype(dtype), v2.astype(dtype)
+
+
+def _teacher_and_base(params, ema, step, v1, v2, *, model, method, width, teacher_width,
+                      total_steps, mesh, sharded):
+    """EMA update, teacher forward and the base network's partial gradients."""
+    mom = jnp.float32(0)
+    if method.uses_teacher:
+        mom = ema_momentum(method, step, total_steps)
+        ema = ema_update(ema, params, mom)
+
+    def loss_fn(p, ema, v1, v2):
+        t = teacher_outputs(ema, v1, v2, model=model, width=teacher_width) \
+            if method.uses_teacher else None
+        return base_loss(p, t, v1, v2, model=model, method=method, width=width)
+
+    partial, targets, metrics = partial_grads(loss_fn, params, (ema,), (v1, v2), mesh=mesh,
+                                              sharded=sharded)
+    metrics = {**metrics, "ema_momentum": mom, "loss/total": metrics["loss/base"]}
+    return ema, partial, targets, metrics
+
+
+def base_grads(params, ema, step, v1, v2, **kw):
+    """accumulate mode: (new teacher, partial gradients, targets, metrics)."""
+    return _teacher_and_base(params, ema, step, v1, v2, **kw)
+
+
+def _sub_partial(params, targets, v1, v2, *, model, method, width, mesh, sharded):
+    loss_fn = functools.partial(sub_loss, model=model, method=method, width=width)
+    partial, _, metrics = partial_grads(loss_fn, params, (), (targets, v1, v2), mesh=mesh,
+                                        sharded=sharded)
+    return partial, metrics["raw"]
+
+
+def sub_grads(params, partial, total, targets, v1, v2, *, method, **kw):
+    """accumulate mode: adds the sub-network's partial gradients (no communication);
+    returns (partial, running total loss, this width's unweighted loss)."""
+    g, raw = _sub_partial(params, targets, v1, v2, method=method, **kw)
+    return (jax.tree.map(jnp.add, partial, g), total + method.distill_weight * raw, raw)
+
+
+def apply_update(state: TrainState, partial, *, tx, groups: frozenset[str], lr_schedule):
+    """accumulate mode: reduces the partial gradients once, updates and counts the iteration."""
+    step = state.step
+    state, gn = _update(state, _sum_partials(partial), tx, groups)
+    metrics = {"grad_norm": gn}
+    if lr_schedule is not None:
+        metrics["lr"] = lr_schedule(step)
+    return state.replace(step=step + 1), metrics
+
+
+def base_update(state: TrainState, v1, v2, *, tx, lr_schedule, **kw):
+    """per_width mode: teacher, base network and its own update."""
+    ema, partial, targets, metrics = _teacher_and_base(
+        state.params, state.ema_params, state.step, v1, v2, **kw)
+    state, gn = _update(state.replace(ema_params=ema), _sum_partials(partial), tx,
+                        kw["method"].decay_groups(sub=False))
+    metrics["grad_norm"] = gn
+    if lr_schedule is not None:
+        metrics["lr"] = lr_schedule(state.step)
+    return state, targets, metrics
+
+
+def sub_update(state: TrainState, total, targets, v1, v2, *, tx, method, **kw):
+    """per_width mode: one sub-network and its own update (one reduction per update)."""
+    g, raw = _sub_partial(state.params, targets, v1, v2, method=method, **kw)
+    state, gn = _update(state, _sum_partials(g), tx, method.decay_groups(sub=True))
+    return state, total + method.distill_weight * raw, raw, gn
+
+
+def finish(state: TrainState) -> TrainState:
+    """per_width mode: counts the iteration."""
+    return state.replace(step=state.step + 1)
+
+
+# ------------------------------------------------------------------------------ the cache
+
+
+class Programs:
+    """Jitted programs by key, each compiled once: ahead of time in background threads
+    (``trace``) or at first call (``call``). XLA compiles without the GIL, so ahead-of-time
+    compilation overlaps training."""
+
+    def __init__(self, threads: int = 2):
+        self._jitted: dict[Any, Any] = {}
+        self._compiled: dict[Any, futures.Future] = {}
+        self._lock = threading.Lock()
+        self._pool = futures.ThreadPoolExecutor(max_workers=threads,
+                                                thread_name_prefix="us3l-compile")
+        self.compile_seconds = 0.0
+        self.compiled = 0
+
+    def get(self, key, make: Callable[[], Any]):
+        with self._lock:
+            if key not in self._jitted:
+                self._jitted[key] = make()
+            return self._jitted[key]
+
+    def call(self, key, make, *args):
+        """Runs the program: its ahead-of-time executable if submitted (waiting for it), else
+        the jitted function (compiling now)."""
+        fut = self._compiled.get(key)
+        if fut is not None:
+            return fut.result()(*args)
+        return self.get(key, make)(*args)
+
+    def trace(self, key, make, *args):
+        """Submits the program's compilation for these abstract arguments and returns its
+        abstract outputs, so a dry run of the step reaches every later program."""
+        fn = self.get(key, make)
+        with self._lock:
+            if key not in self._compiled:
+                self._compiled[key] = self._pool.submit(self._compile, fn, args)
+        return jax.eval_shape(fn, *args)
+
+    def _compile(self, fn, args):
+        t = time.perf_counter()
+        compiled = fn.lower(*args).compile()
+        with self._lock:
+            self.compile_seconds += time.perf_counter() - t
+            self.compiled += 1
+        return compiled
+
+    def executable(self, key):
+        """The compiled program of ``key`` (waiting for its ahead-of-time compilation)."""
+        return self._compiled[key].result()
+
+    def pending(self) -> list[futures.Future]:
+        return list(self._compiled.values())
+
+    def __len__(self) -> int:
+        return len(self._jitted)
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+class Trainer:
+    """Binds the step functions to one model, method and mesh and runs iterations.
 
     Args:
       model: the ``SSLModel`` bundle (its ``use_predictor``/``use_distill_head`` must match
@@ -190,357 +398,165 @@ class US3LTrainer:
       tx: an optax transformation (``us3l_jax.optim.make_optimizer``). Its ``update`` receives
         the extra arguments ``step=`` (the iteration: schedules must not advance per update,
         since ``per_width`` makes several updates per iteration) and ``decay_mask=``.
-      lr_schedule: function of the iteration, for the logged learning rate.
       views_fn: ``(key, uint8 images) -> (view1, view2)``, jittable (``us3l_jax.data.augment``).
       mesh: device mesh; the batch is sharded over its data axis, state replicated.
+      batch_size: the global batch (decides whether gradients stay per-device partial sums).
       total_steps: iterations of the run (for the EMA cosine schedule).
       teacher_width: width of the momentum teacher (the range's maximum).
+      lr_schedule: function of the iteration, for the logged learning rate.
+      config_key: width -> channel configuration (programs are shared between widths with
+        the same one); default the backbone's.
+      reduce_once: keep per-device partial gradients between programs (one reduction per
+        iteration in ``accumulate`` mode); default: whenever ``device_local_groups`` allows.
+        False reduces in every program (for comparison; same results to float32 rounding).
     """
 
     def __init__(self, model: SSLModel, method: MethodConfig, tx: optax.GradientTransformation,
-                 views_fn: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
-                 mesh: Mesh, total_steps: int, teacher_width: float = 1.0,
-                 lr_schedule: Callable[[Any], Any] | None = None,
-                 config_key: Callable[[float], Any] | None = None, compile_threads: int = 2):
+                 views_fn: ViewsFn, mesh: Mesh, *, batch_size: int, total_steps: int,
+                 teacher_width: float = 1.0, lr_schedule: Callable[[Any], Any] | None = None,
+                 config_key: Callable[[float], Any] | None = None, compile_threads: int = 2,
+                 reduce_once: bool | None = None):
         if model.use_predictor != method.uses_predictor:
             raise ValueError("model.use_predictor must equal method.uses_predictor")
         if model.use_distill_head != method.uses_distill_head:
             raise ValueError("model.use_distill_head must equal method.uses_distill_head")
-        self.model = model
-        self.method = method
-        self.tx = tx
+        self.model, self.method, self.tx, self.mesh = model, method, tx, mesh
         self.views_fn = views_fn
-        self.mesh = mesh
-        self.total_steps = int(total_steps)
-        self.teacher_width = float(teacher_width)
         self.lr_schedule = lr_schedule
-        # Widths with the same channel configuration share one program.
         self.config_key = config_key or model.backbone.channel_config
-        self._programs: dict[Any, Any] = {}
-        self._compiled: dict[Any, futures.Future] = {}
-        self._lock = threading.Lock()
-        self._compile_pool = futures.ThreadPoolExecutor(max_workers=compile_threads,
-                                                        thread_name_prefix="us3l-compile")
-        self.compile_seconds = 0.0
-        self.compiled_programs = 0
+        local = device_local_groups(method, batch_size, mesh.devices.size)
+        if reduce_once and not local:
+            raise ValueError(
+                f"reduce_once needs whole BN/negative groups on every device: "
+                f"method.group_size={method.group_size} must divide the per-device batch "
+                f"{batch_size} / {mesh.devices.size}")
+        self.sharded = local if reduce_once is None else bool(reduce_once)
+        self._static = dict(model=model, method=method, mesh=mesh, sharded=self.sharded)
+        self._teacher = dict(teacher_width=float(teacher_width), total_steps=int(total_steps))
+        self.programs = Programs(compile_threads)
         self._repl = mesh_lib.replicated(mesh)
         self._batch = mesh_lib.batch_sharding(mesh)
 
-    # ------------------------------------------------------------------ state
+    # ---------------------------------------------------------------- state
 
-    def init_state(self, rng: jax.Array, images: jax.Array) -> TrainState:
-        """Full-size parameters from ``model.init`` on a batch shaped like the views of
-        ``images`` (so grouped BN sees a valid batch); the teacher starts as an exact copy
-        (``encoder_k = deepcopy(encoder_q)``)."""
-        init_rng, data_rng = jax.random.split(rng)
-        view = jax.eval_shape(self.views_fn, jax.random.key(0), images)[0]
-        x = jnp.zeros(view.shape, jnp.float32)
+    def view_spec(self, image_spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        return jax.eval_shape(self.views_fn, jax.random.key(0), image_spec)[0]
 
-        def init(key):
-            params = self.model.init(key, x, 1.0)["params"]
-            params = flax.core.unfreeze(params)
-            ema = _teacher_subset(params) if self.method.uses_teacher else None
-            ema = jax.tree.map(jnp.copy, ema)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                              opt_state=self.tx.init(params),
-                              rng=jax.random.key_data(data_rng))
+    def init_state(self, rng: jax.Array, image_spec: jax.ShapeDtypeStruct) -> TrainState:
+        init = functools.partial(init_state, model=self.model, method=self.method, tx=self.tx,
+                                 view_spec=self.view_spec(image_spec))
+        return jax.jit(init, out_shardings=self._repl)(rng)
 
-        return jax.jit(init, out_shardings=self._repl)(init_rng)
+    def abstract_state(self, image_spec: jax.ShapeDtypeStruct) -> TrainState:
+        return abstract_state(self.model, self.method, self.tx, self.view_spec(image_spec),
+                              self.mesh)
 
-    # ------------------------------------------------------------------ losses
-
-    def _views_together(self, batch: int) -> bool:
-        """Whether both views can go through one pass of the concatenated batch: true when BN
-        groups never straddle the views (the group size divides the batch). That gives the
-        same statistics as two separate passes (the official encoder_q(x1), encoder_q(x2)),
-        with half the program size and larger matmuls."""
-        g = self.model.bn_group_size
-        return g is not None and batch % g == 0
-
-    def _pair(self, fn, params, a1, a2, *args):
-        """``fn`` (an ``SSLModel`` method) applied to both views."""
-        b = a1.shape[0]
-        if self._views_together(b):
-            out = self.model.apply({"params": params}, jnp.concatenate([a1, a2]), *args,
-                                   method=fn)
-            return out[:b], out[b:]
-        return tuple(self.model.apply({"params": params}, a, *args, method=fn)
-                     for a in (a1, a2))
-
-    def _online(self, params, v1, v2, width, head):
-        z1, z2 = self._pair(SSLModel.encode, params, v1, v2, width)
-        if head is None:
-            return z1, z2, z1, z2
-        fn = {"predictor": SSLModel.predict, "distill_head": SSLModel.distill}[head]
-        p1, p2 = self._pair(fn, params, z1, z2)
-        return p1, p2, z1, z2
-
-    def _pair_loss(self, name, o1, o2, t1, t2):
-        """Cross-view loss of outputs (o1, o2) against targets (t1, t2)."""
-        g = self.method.group_size
-        if name == "infonce":
-            return objectives.infonce_distill(o1, o2, t1, t2, self.method.tau, group_size=g)
-        return objectives.neg_cosine(o1, o2, t1, t2)
-
-    def _self_loss(self, name, o1, o2, z1, z2):
-        """The base loss without a teacher: SimCLR between the online views, or SimSiam's
-        predictor against the stop-gradient other view."""
-        if name == "infonce":
-            return objectives.simclr_infonce(z1, z2, self.method.tau,
-                                             group_size=self.method.group_size)
-        sg = jax.lax.stop_gradient
-        return objectives.neg_cosine(o1, o2, sg(z1), sg(z2))
-
-    def _teacher(self, ema, v1, v2):
-        k1, k2 = self._pair(SSLModel.encode, ema, v1, v2, self.teacher_width)
-        return jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
-
-    def _own_loss(self, params, v1, v2, width, teacher_out):
-        """The base loss of a network at ``width`` (with the predictor when the method has
-        one): against the teacher's other view if ``teacher_out`` is given, else self-targets.
-        Returns (loss, z1, z2)."""
-        head = "predictor" if self.method.uses_predictor else None
-        o1, o2, z1, z2 = self._online(params, v1, v2, width, head)
-        if teacher_out is not None:
-            loss = self._pair_loss(self.method.base_loss, o1, o2, *teacher_out)
-        else:
-            loss = self._self_loss(self.method.base_loss, o1, o2, z1, z2)
-        return loss, z1, z2
-
-    def _base_loss(self, params, teacher_out, v1, v2, width):
-        m = self.method
-        loss, z1, z2 = self._own_loss(params, v1, v2, width,
-                                      teacher_out if m.momentum_base else None)
-        if m.momentum_sub:
-            targets = teacher_out
-        else:
-            targets = (jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2))
-        metrics = {"loss/base": loss, "embed_std": objectives.embedding_std(z1)}
-        return loss, (targets, metrics)
-
-    def _sub_loss(self, params, targets, v1, v2, width):
-        m = self.method
-        if m.distill_loss == "none":  # trained like the base network, on its own
-            loss, _, _ = self._own_loss(params, v1, v2, width,
-                                        targets if m.momentum_sub else None)
-        else:
-            head = {"new": "distill_head", "shared": "predictor", "none": None}[m.aux_head]
-            o1, o2, _, _ = self._online(params, v1, v2, width, head)
-            loss = self._pair_loss(m.distill_loss, o1, o2, *targets)
-        return m.distill_weight * loss, loss
-
-    # ------------------------------------------------------------------ programs
-    # Shardings are explicit so that a program compiled ahead of time (in a background thread)
-    # accepts exactly the arrays the loop produces: state, gradients and metrics replicated;
-    # views and targets sharded over the batch.
+    # ---------------------------------------------------------------- programs
+    # Shardings are explicit so that a program compiled ahead of time accepts exactly the
+    # arrays the loop produces: state, teacher and metrics replicated; views, targets and
+    # partial gradients sharded over the data axis (partials replicated in the fallback).
 
     def _jit(self, fn, in_shardings, out_shardings, donate=()):
         return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                        donate_argnums=donate)
 
-    def _make_views(self):
-        def views(rng, step, images):
-            key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-            return self.views_fn(key, images)
+    def _make(self, kind: str, width: float | None = None, groups: frozenset | None = None):
         r, b = self._repl, self._batch
-        return self._jit(views, (r, r, b), (b, b))
+        g = b if self.sharded else r  # partial gradients
+        s, tx, lr = self._static, self.tx, self.lr_schedule
+        if kind == "views":
+            fn = functools.partial(views, views_fn=self.views_fn, dtype=self.model.dtype)
+            return self._jit(fn, (r, r, b), (b, b))
+        if kind == "base":
+            fn = functools.partial(base_grads, width=width, **s, **self._teacher)
+            return self._jit(fn, (r, r, r, b, b), (r, g, b, r), donate=(1,))
+        if kind == "sub":
+            fn = functools.partial(sub_grads, width=width, **s)
+            return self._jit(fn, (r, g, r, b, b, b), (g, r, r), donate=(1,))
+        if kind == "apply":
+            fn = functools.partial(apply_update, tx=tx, groups=groups, lr_schedule=lr)
+            return self._jit(fn, (r, g), (r, r), donate=(0,))
+        if kind == "base_update":
+            fn = functools.partial(base_update, tx=tx, lr_schedule=lr, width=width, **s,
+                                   **self._teacher)
+            return self._jit(fn, (r, b, b), (r, b, r), donate=(0,))
+        if kind == "sub_update":
+            fn = functools.partial(sub_update, tx=tx, width=width, **s)
+            return self._jit(fn, (r, r, b, b, b), (r, r, r, r), donate=(0,))
+        if kind == "finish":
+            return self._jit(finish, (r,), r, donate=(0,))
+        raise ValueError(f"unknown program kind {kind!r}")
 
-    def _ema_and_teacher(self, params, ema, step, v1, v2):
-        if not self.method.uses_teacher:
-            return ema, None, jnp.float32(0)
-        m = ema_momentum(self.method, step, self.total_steps)
-        ema = jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, ema, _teacher_subset(params))
-        return ema, self._teacher(ema, v1, v2), m
-
-    def _apply_update(self, state, grads, groups, step):
-        """One optimizer update at iteration ``step``. Parameter groups the update's losses did
-        not reach (e.g. the auxiliary head while only the base width trains) are left out of
-        weight decay: their gradient is exactly zero, so they stay untouched until first used,
-        like PyTorch's SGD skipping parameters whose grad is None (reference §5.2)."""
-        decay_mask = {k: jax.tree.map(lambda _, on=(k in groups): on, v)
-                      for k, v in state.params.items()}
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params, step=step,
-                                            decay_mask=decay_mask)
-        params = optax.apply_updates(state.params, updates)
-        return state.replace(params=params, opt_state=opt_state), optax.global_norm(grads)
-
-    def _lr_metrics(self, step):
-        return {} if self.lr_schedule is None else {"lr": self.lr_schedule(step)}
-
-    def _make_base(self, width):
-        m, r, b = self.method, self._repl, self._batch
-        grad_fn = jax.grad(self._base_loss, has_aux=True)
-
-        if m.update_mode == "accumulate":
-            def base(params, ema, step, v1, v2):
-                ema, teacher_out, mom = self._ema_and_teacher(params, ema, step, v1, v2)
-                grads, (targets, metrics) = grad_fn(params, teacher_out, v1, v2, width)
-                metrics["ema_momentum"] = mom
-                return ema, grads, targets, metrics
-            return self._jit(base, (r, r, r, b, b), (r, r, b, r), donate=(1,))
-
-        def base_update(state, v1, v2):
-            ema, teacher_out, mom = self._ema_and_teacher(state.params, state.ema_params,
-                                                          state.step, v1, v2)
-            grads, (targets, metrics) = grad_fn(state.params, teacher_out, v1, v2, width)
-            state, gn = self._apply_update(state.replace(ema_params=ema), grads,
-                                           m.decay_groups(sub=False), state.step)
-            metrics.update(ema_momentum=mom, grad_norm=gn, **self._lr_metrics(state.step))
-            return state, targets, metrics
-        return self._jit(base_update, (r, b, b), (r, b, r), donate=(0,))
-
-    def _make_sub(self, width):
-        m, r, b = self.method, self._repl, self._batch
-        loss_fn = jax.value_and_grad(self._sub_loss, has_aux=True)
-
-        if m.update_mode == "accumulate":
-            def sub(params, grads_acc, targets, v1, v2):
-                (_, raw), grads = loss_fn(params, targets, v1, v2, width)
-                return jax.tree.map(jnp.add, grads_acc, grads), raw
-            return self._jit(sub, (r, r, b, b, b), (r, r), donate=(1,))
-
-        def sub_update(state, targets, v1, v2):
-            (_, raw), grads = loss_fn(state.params, targets, v1, v2, width)
-            state, gn = self._apply_update(state, grads, m.decay_groups(sub=True), state.step)
-            return state, raw, gn
-        return self._jit(sub_update, (r, b, b, b), (r, r, r), donate=(0,))
-
-    def _make_apply(self, groups):
-        r = self._repl
-
-        def apply(state, grads):
-            step = state.step
-            state, gn = self._apply_update(state, grads, groups, step)
-            state = state.replace(step=step + 1)
-            return state, {"grad_norm": gn, **self._lr_metrics(step)}
-        return self._jit(apply, (r, r), (r, r), donate=(0,))
-
-    def _make_increment(self):
-        r = self._repl
-        return self._jit(lambda s: s.replace(step=s.step + 1), (r,), r, donate=(0,))
-
-    def _get(self, kind: str, width: float | None = None, groups: frozenset | None = None):
-        """The jitted function for a program, created once per channel configuration."""
-        if kind in ("base", "sub"):
-            key = (kind, self.config_key(width))
-        else:
-            key = (kind, groups)
-        with self._lock:
-            fn = self._programs.get(key)
-            if fn is None:
-                make = {"base": lambda: self._make_base(width),
-                        "sub": lambda: self._make_sub(width),
-                        "apply": lambda: self._make_apply(groups),
-                        "views": self._make_views,
-                        "increment": self._make_increment}[kind]
-                fn = self._programs[key] = make()
-        return key, fn
-
-    def _call(self, kind: str, args: tuple, width: float | None = None,
-              groups: frozenset | None = None):
-        """Runs a program: its ahead-of-time compiled executable if one is ready or being
-        compiled (waiting for it), else the jitted function (compiling now)."""
-        key, fn = self._get(kind, width, groups)
-        fut = self._compiled.get(key)
-        if fut is not None:
-            return fut.result()(*args)
-        return fn(*args)
-
-    def compile_ahead(self, state: TrainState, images: jax.Array, base_widths: Sequence[float],
-                      sub_widths: Sequence[float]) -> list[futures.Future]:
-        """Compiles the programs for these widths in background threads (XLA releases the
-        GIL), so training starts as soon as the first programs are ready and later stages'
-        programs are usually compiled by the time they are needed. Returns the futures."""
-        spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-        r, b = self._repl, self._batch
-        abs_state = jax.tree.map(lambda a: spec(a, r), state)
-        abs_images = spec(images, b)
-        abs_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=r)
-        _, views = self._get("views")
-        v1, v2 = jax.tree.map(lambda a: spec(a, b), jax.eval_shape(
-            views, abs_state.rng, abs_step, abs_images))
-        todo = [("views", (abs_state.rng, abs_step, abs_images), None, None)]
-        if self.method.update_mode == "accumulate":
-            base_args = (abs_state.params, abs_state.ema_params, abs_step, v1, v2)
-        else:
-            base_args = (abs_state, v1, v2)
-        _, base_fn = self._get("base", base_widths[0])
-        out = jax.eval_shape(base_fn, *base_args)
-        targets = jax.tree.map(lambda a: spec(a, b), out[2 if len(out) == 4 else 1])
-        grads = abs_state.params
-        for w in base_widths:
-            todo.append(("base", base_args, w, None))
-        for w in sub_widths:
-            args = ((abs_state.params, grads, targets, v1, v2)
-                    if self.method.update_mode == "accumulate" else (abs_state, targets, v1, v2))
-            todo.append(("sub", args, w, None))
-        if self.method.update_mode == "accumulate":
-            m = self.method
-            for groups in {m.decay_groups(False), m.decay_groups(True)}:
-                todo.append(("apply", (abs_state, grads), None, groups))
-        else:
-            todo.append(("increment", (abs_state,), None, None))
-        submitted = []
-        for kind, args, w, groups in todo:
-            key, fn = self._get(kind, w, groups)
-            with self._lock:
-                if key in self._compiled:
-                    continue
-                fut = self._compile_pool.submit(self._compile, fn, args)
-                self._compiled[key] = fut
-            submitted.append(fut)
-        return submitted
-
-    def _compile(self, fn, args):
-        t = time.perf_counter()
-        compiled = fn.lower(*args).compile()
-        with self._lock:
-            self.compile_seconds += time.perf_counter() - t
-            self.compiled_programs += 1
-        return compiled
+    def _program(self, run, kind: str, *args, width: float | None = None,
+                 groups: frozenset | None = None):
+        key = (kind, self.config_key(width) if width is not None else groups)
+        return run(key, lambda: self._make(kind, width, groups), *args)
 
     @property
     def num_programs(self) -> int:
         """Distinct programs created so far (each compiles exactly once)."""
-        return len(self._programs)
+        return len(self.programs)
 
-    # ------------------------------------------------------------------ one iteration
+    # ---------------------------------------------------------------- one iteration
 
-    def step(self, state: TrainState, images: jax.Array, widths: Sequence[float],
-             step: int) -> tuple[TrainState, dict[str, jax.Array]]:
-        """Runs iteration ``step`` (a host int equal to ``state.step``) on a uint8 batch.
-
-        ``widths[0]`` is the base network's width, the rest are sub-networks. Returns the new
-        state and device-side metrics (fetch them only when logging, to keep dispatch async).
-        """
+    def _iteration(self, run, state, images, widths: Sequence[float]):
         if not widths:
             raise ValueError("widths must contain at least the base width")
         base_w, subs = float(widths[0]), [float(w) for w in widths[1:]]
-        m = self.method
-        step_arr = jnp.int32(step)
-        v1, v2 = self._call("views", (state.rng, step_arr, images))
+        m, prog = self.method, functools.partial(self._program, run)
+        v1, v2 = prog("views", state.rng, state.step, images)
         metrics: dict[str, Any] = {}
         if m.update_mode == "accumulate":
-            ema, grads, targets, out = self._call(
-                "base", (state.params, state.ema_params, step_arr, v1, v2), width=base_w)
+            ema, partial, targets, out = prog("base", state.params, state.ema_params,
+                                              state.step, v1, v2, width=base_w)
+            total = out.pop("loss/total")
             metrics.update(out)
             for i, w in enumerate(subs):
-                grads, metrics[f"loss/sub{i}"] = self._call(
-                    "sub", (state.params, grads, targets, v1, v2), width=w)
+                partial, total, metrics[f"loss/sub{i}"] = prog(
+                    "sub", state.params, partial, total, targets, v1, v2, width=w)
             # The base program consumed (donated) the old teacher; hand over the new one.
-            state = state.replace(ema_params=ema)
-            groups = m.decay_groups(sub=bool(subs))
-            state, out = self._call("apply", (state, grads), groups=groups)
+            state, out = prog("apply", state.replace(ema_params=ema), partial,
+                              groups=m.decay_groups(sub=bool(subs)))
             metrics.update(out)
         else:
-            state, targets, out = self._call("base", (state, v1, v2), width=base_w)
+            state, targets, out = prog("base_update", state, v1, v2, width=base_w)
+            total = out.pop("loss/total")
             metrics.update(out)
             for i, w in enumerate(subs):
-                state, metrics[f"loss/sub{i}"], metrics[f"grad_norm/sub{i}"] = self._call(
-                    "sub", (state, targets, v1, v2), width=w)
-            state = self._call("increment", (state,))
-        total = metrics["loss/base"]
-        for i in range(len(subs)):
-            total = total + m.distill_weight * metrics[f"loss/sub{i}"]
+                state, total, metrics[f"loss/sub{i}"], metrics[f"grad_norm/sub{i}"] = prog(
+                    "sub_update", state, total, targets, v1, v2, width=w)
+            state = prog("finish", state)
         metrics["loss/total"] = total
         return state, metrics
+
+    def step(self, state: TrainState, images: jax.Array,
+             widths: Sequence[float]) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Runs iteration ``state.step`` on a uint8 batch. ``widths[0]`` is the base network's
+        width, the rest are sub-networks. Returns the new state and device-side metrics (fetch
+        them only when logging, to keep dispatch asynchronous)."""
+        return self._iteration(self.programs.call, state, images, widths)
+
+    def compile_ahead(self, state: TrainState, images: jax.Array,
+                      width_sets: Sequence[Sequence[float]]) -> list[futures.Future]:
+        """Compiles, in background threads, every program that iterations with these width
+        sets run: a dry run of ``step`` on abstract values, so it needs no list of its own.
+        ``state``/``images`` may be arrays or ``ShapeDtypeStruct``s. Returns the futures."""
+        for widths in width_sets:
+            self.iteration_keys(state, images, widths)
+        return self.programs.pending()
+
+    def iteration_keys(self, state: TrainState, images: jax.Array,
+                       widths: Sequence[float]) -> list[Any]:
+        """Keys of the programs an iteration with ``widths`` runs, in order (``(kind,
+        channel configuration)``, ``(kind, decay groups)`` or ``(kind, None)``), from a dry
+        run that also submits their compilation."""
+        spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+        keys = []
+
+        def record(key, make, *args):
+            keys.append(key)
+            return self.programs.trace(key, make, *args)
+
+        self._iteration(record, jax.tree.map(lambda a: spec(a, self._repl), state),
+                        spec(images, self._batch), widths)
+        return keys

@@ -10,12 +10,18 @@
 
 CLI: ``python -m us3l_jax.evaluate --workdir=RUN --widths=1.0,0.5,0.25 --protocol=fast``.
 """
-# Submodules keep their names (``evaluate.calibrate`` is the module, not its function).
-from us3l_jax.evaluate.calibrate import CalibrationSettings, load_stats, stats_path
-from us3l_jax.evaluate.evaluator import PROTOCOLS, Evaluator
-from us3l_jax.evaluate.online import OnlineEvaluator
-from us3l_jax.evaluate.report import markdown_table
-from us3l_jax.evaluate.sweep import run_sweep
+import importlib
 
-__all__ = ["CalibrationSettings", "Evaluator", "OnlineEvaluator", "PROTOCOLS", "load_stats",
-           "markdown_table", "run_sweep", "stats_path"]
+# Exports load their module on first use (PEP 562), so that importing one leaf module (the
+# config validation reads calibrate/linear/paper constants) does not pull in the evaluator,
+# which builds models through ``us3l_jax.build``.
+_EXPORTS = {"CalibrationSettings": "calibrate", "load_stats": "calibrate",
+            "stats_path": "calibrate", "PROTOCOLS": "evaluator", "Evaluator": "evaluator",
+            "OnlineEvaluator": "online", "markdown_table": "report", "run_sweep": "sweep"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

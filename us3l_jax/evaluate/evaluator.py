@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from us3l_jax import config as config_lib, mesh as mesh_lib, slim
+from us3l_jax import build, mesh as mesh_lib, slim
 from us3l_jax.data import feeding
 from us3l_jax.evaluate import calibrate as calib, features, knn, linear, probe, transforms
 
@@ -72,7 +72,7 @@ class Evaluator:
                  recipe: linear.LinearRecipe | None = None):
         self.config = config
         self.mesh = mesh or mesh_lib.make_mesh()
-        self.backbone = config_lib.build_backbone(config)
+        self.backbone = build.backbone(config)
         self.data = transforms.for_run(config, dataset)
         self.fast = fast
         self.recipe = recipe or linear.recipe_for(config.eval.linear_recipe, self.data.dataset,

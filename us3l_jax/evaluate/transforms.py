@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from us3l_jax import config as config_lib
+from us3l_jax import build
 from us3l_jax.data import augment, datasets
 
 # Train / test splits per dataset (TFDS split strings). Flowers and DTD train on
@@ -57,7 +57,7 @@ def for_run(config, dataset: str | None = None) -> EvalData:
     for a run's ``config``. Raises ``DatasetNotFoundError`` for an unknown name."""
     dataset = dataset or config.data.dataset
     datasets.check_name(dataset)
-    view = config_lib.build_views(config)[0]
+    view = build.views(config)[0]
     s = view.size
     if s >= _IMAGENET_SIZED:
         resize = round(s * 256 / 224)
