@@ -172,10 +172,14 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
 _SHAPE = re.compile(r"\b(pred|[fsu]\d+|bf16)\[([\d,]*)\]")
 
 
+SCALAR_BYTES = 1024  # all-reduces up to this size carry metrics (losses), not gradients
+
+
 def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """Collective ops in a compiled (optimized) HLO module and the bytes of their results:
-    ``{op: {"ops": n, "bytes": b}}``. Async pairs count once (at their ``-start``)."""
-    out = {op: {"ops": 0, "bytes": 0} for op in _COLLECTIVES}
+    ``{op: {"ops": n, "bytes": b, "small_ops": n}}`` (small: at most ``SCALAR_BYTES``, i.e.
+    scalar metrics). Async pairs count once (at their ``-start``)."""
+    out = {op: {"ops": 0, "bytes": 0, "small_ops": 0} for op in _COLLECTIVES}
     for line in hlo_text.splitlines():
         if "=" not in line:
             continue
@@ -191,6 +195,7 @@ def hlo_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
                            for t, dims in _SHAPE.findall(shape))
                 out[op]["ops"] += 1
                 out[op]["bytes"] += size
+                out[op]["small_ops"] += size <= SCALAR_BYTES
                 break
     return out
 
@@ -199,16 +204,18 @@ def iteration_collectives(trainer, state, images, widths) -> dict[str, Any]:
     """Collectives of every program one iteration with ``widths`` runs (from their compiled
     HLO), summed over the iteration, and per program."""
     label = _labels(trainer, widths)
-    total = {op: {"ops": 0, "bytes": 0} for op in _COLLECTIVES}
+    total = {op: {"ops": 0, "bytes": 0, "small_ops": 0} for op in _COLLECTIVES}
     per_program = {}
     for key in trainer.iteration_keys(state, images, widths):
         c = hlo_collectives(trainer.programs.executable(key).as_text())
         per_program[label(key)] = {op: v for op, v in c.items() if v["ops"]}
         for op, v in c.items():
-            total[op]["ops"] += v["ops"]
-            total[op]["bytes"] += v["bytes"]
+            for k in v:
+                total[op][k] += v[k]
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
-    return {"allreduce_ops_per_iteration": total["all-reduce"]["ops"],
+    ar = total["all-reduce"]
+    return {"allreduce_ops_per_iteration": ar["ops"],
+            "gradient_allreduce_ops_per_iteration": ar["ops"] - ar["small_ops"],
             "allreduce_bytes_per_iteration": total["all-reduce"]["bytes"],
             "param_bytes": int(param_bytes),
             "allreduce_bytes_over_param_bytes": total["all-reduce"]["bytes"] / param_bytes,
@@ -291,6 +298,7 @@ def bench(config, modes: Sequence[str], cases: Sequence[Sequence[float]], images
                                               rec["widths"])
                     rec["reduce_every_program"] = {k: c[k] for k in (
                         "allreduce_ops_per_iteration", "allreduce_bytes_per_iteration",
+                        "gradient_allreduce_ops_per_iteration",
                         "allreduce_bytes_over_param_bytes")}
     for rec in records:
         rec["warmup_s"] = float(rec["_run"].step(rec["widths"])[0][0])
@@ -392,15 +400,17 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     if coll:
         mib = lambda b: f"{b / 2**20:.3f}"
         lines += ["", f"all-reduces per iteration, from the compiled HLO of every program "
-                      f"(parameters: {mib(coll[0]['param_bytes'])} MiB); before = reducing "
-                      f"in every program"]
-        head = ["mode", "case", "reduce once", "ops", "MiB", "x params", "ops before",
+                      f"(parameters: {mib(coll[0]['param_bytes'])} MiB); ops (grad): all "
+                      f"all-reduces (those over {SCALAR_BYTES} bytes, i.e. not scalar "
+                      f"metrics); before = reducing in every program"]
+        head = ["mode", "case", "reduce once", "ops (grad)", "MiB", "x params", "ops before",
                 "MiB before", "x params before"]
-        body = [[r["update_mode"], r["case"], str(r["reduce_once"]),
-                 str(r["allreduce_ops_per_iteration"]),
+        ops = lambda c: (f"{c['allreduce_ops_per_iteration']} "
+                         f"({c['gradient_allreduce_ops_per_iteration']})")
+        body = [[r["update_mode"], r["case"], str(r["reduce_once"]), ops(r),
                  mib(r["allreduce_bytes_per_iteration"]),
                  f"{r['allreduce_bytes_over_param_bytes']:.3f}",
-                 str(r["reduce_every_program"]["allreduce_ops_per_iteration"]),
+                 ops(r["reduce_every_program"]),
                  mib(r["reduce_every_program"]["allreduce_bytes_per_iteration"]),
                  f"{r['reduce_every_program']['allreduce_bytes_over_param_bytes']:.3f}"]
                 for r in coll]

@@ -106,7 +106,7 @@ def test_console_script_is_installed_and_runs(tmp_path):
 
 # ------------------------------------------------------------------ multi-host preemption
 
-PREEMPT_STEPS = 14
+PREEMPT_STEPS = 10
 PREEMPT_FLAGS = [f"--config.train.max_steps={PREEMPT_STEPS}",
                  "--config.train.checkpoint_every_steps=1000",  # only preemption and the end
                  "--config.train.log_every_steps=1", "--config.train.compile_ahead=False",

@@ -63,18 +63,18 @@ def test_records_schema_and_ratios(run):
 
 
 def test_programs_compiled_per_case(run):
-    """accumulate: views, base, apply with and without head decay, then one sub program;
-    per_width: views, base+update, step increment, then one sub program."""
+    """accumulate: views, base, apply without head decay, then one sub program and the apply
+    with head decay; per_width: views, base+update, finish, then one sub program."""
     records, _ = run
     got = [(r["programs"], r["programs_total"]) for r in records]
-    assert got == [(4, 4), (1, 5), (3, 3), (1, 4)]
+    assert got == [(3, 3), (2, 5), (3, 3), (1, 4)]
     assert all(r["compile_s"] > 0 for r in records)
 
 
 def test_breakdown_covers_every_program(run):
     records, _ = run
     assert set(records[1]["program_s"]) == {"views", "base@1", "sub@0.5", "apply"}
-    assert set(records[3]["program_s"]) == {"views", "base@1", "sub@0.5", "increment"}
+    assert set(records[3]["program_s"]) == {"views", "base@1", "sub@0.5", "finish"}
     assert set(records[1]["program_cpu_s"]) == set(records[1]["program_s"])
     for key in ("program_gmacs_per_s", "program_gmacs_per_cpu_s"):
         assert set(records[1][key]) == {"base@1", "sub@0.5"}
@@ -112,3 +112,53 @@ def test_bad_arguments(extra, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert message in capsys.readouterr().err
+
+
+def test_hlo_collectives_counts_ops_and_bytes():
+    hlo = """
+  %all-reduce = f32[512,3]{1,0} all-reduce(f32[512,3]{1,0} %p), channel_id=1, to_apply=%add
+  %ar2 = (f32[4]{0}, bf16[2,2]{1,0}) all-reduce(f32[4]{0} %a, bf16[2,2]{1,0} %b), to_apply=%add
+  %s = f32[] all-reduce(f32[] %l), to_apply=%add
+  %ag = f32[8,3]{1,0} all-gather(f32[1,3]{1,0} %x), dimensions={0}
+  %mul = f32[16,3]{1,0} multiply(f32[16,3]{1,0} %all-reduce, f32[16,3]{1,0} %all-reduce)
+"""
+    c = bench.hlo_collectives(hlo)
+    assert c["all-reduce"] == {"ops": 3, "bytes": 512 * 3 * 4 + 4 * 4 + 4 * 2 + 4,
+                               "small_ops": 2}
+    assert c["all-gather"] == {"ops": 1, "bytes": 8 * 3 * 4, "small_ops": 1}
+    assert c["reduce-scatter"]["ops"] == 0
+
+
+def test_one_gradient_all_reduce_per_iteration_on_8_devices(tmp_path):
+    """bench_step --devices 8 --collectives (forced CPU devices, groups of 8 examples on each
+    device): in accumulate mode each iteration all-reduces the gradients once, one parameter
+    set's bytes, whatever the number of widths; reducing in every program (before) moves
+    about one set per program that has gradients."""
+    import subprocess
+    import sys
+    out = tmp_path / "coll.json"
+    argv = ["--model", "cifar_resnet18", "--base-width", "16", "--stage-sizes", "1,1,1,1",
+            "--image-size", "8", "--batch", "64", "--group-size", "8", "--steps", "1", "--devices", "8",
+        "--collectives", "--modes", "accumulate", "--widths", "1.0,0.75,0.5,0.25",
+        "--out", str(out)]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "bench_step.py"),
+                           *argv], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all-reduces per iteration" in proc.stdout
+    records = json.loads(out.read_text())
+    assert [r["case"] for r in records] == ["base", "us3l_0.75_0.5_0.25"]
+    for r in records:
+        assert r["device"].endswith("x8") and r["reduce_once"] is True
+        assert r["gradient_allreduce_ops_per_iteration"] == 1
+        assert r["allreduce_bytes_per_iteration"] <= 1.1 * r["param_bytes"]
+        assert r["allreduce_bytes_over_param_bytes"] == pytest.approx(
+            r["allreduce_bytes_per_iteration"] / r["param_bytes"])
+        # XLA may split one program's reduction in a few ops: at least one per program.
+        before = r["reduce_every_program"]
+        assert before["gradient_allreduce_ops_per_iteration"] >= len(r["widths"])
+    for r in records[1:]:
+        assert r["reduce_every_program"]["allreduce_bytes_per_iteration"] > \
+            (len(r["widths"]) - 1) * r["param_bytes"]
