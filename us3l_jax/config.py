@@ -107,6 +107,9 @@ def get_default() -> ml_collections.ConfigDict:
     c.train.max_steps = config_dict.placeholder(int)  # stop early (smoke runs); None: full run
     c.train.compile_ahead = True
     c.train.compilation_cache_dir = config_dict.placeholder(str)
+    # jax.transfer_guard level for each step's batch, programs and metric fetch: "disallow"
+    # (or "log") reports any implicit host<->device copy, which would stall the pipeline.
+    c.train.transfer_guard = "allow"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.online_every_epochs = 0  # 0 disables the online probe during pretraining
@@ -158,6 +161,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("data.dataset", config.data.dataset, datasets.NAMES)
     _choice("data.augment", config.data.augment, AUGMENT_PRESETS)
     _choice("optim.schedule_unit", config.optim.schedule_unit, ("epoch", "step"))
+    _choice("train.transfer_guard", config.train.transfer_guard,
+            ("allow", "log", "disallow", "log_explicit", "disallow_explicit"))
     _choice("eval.online_protocol", config.eval.online_protocol, ("fast", "knn"))
     _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
     _choice("eval.calibration_mode", config.eval.calibration_mode, calibrate_lib.MODES)

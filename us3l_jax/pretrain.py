@@ -215,11 +215,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         for step in range(start, end):
             widths = sampling.sample_widths(run.sampler, step, run.steps_per_epoch,
                                             run.total_steps)
-            batch = next(batches)
-            state, metrics = trainer.step(state, batch.images, widths)
             done = step + 1
-            if done % config.train.log_every_steps == 0 or done == end or done == start + 1:
-                metrics = fetch(metrics)
+            log_now = done % config.train.log_every_steps == 0 or done in (end, start + 1)
+            # The hot path: batch, step and (at log steps) the explicit fetch of metrics.
+            with jax.transfer_guard(config.train.transfer_guard):
+                batch = next(batches)
+                state, metrics = trainer.step(state, batch.images, widths)
+                if log_now:
+                    metrics = fetch(metrics)
+            if log_now:
                 if not all(np.isfinite(v) for v in metrics.values()):
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step}: " + ", ".join(
