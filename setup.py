@@ -7,8 +7,8 @@ not tested. So ``pip install us3l_jax`` into Colab or a TPU VM keeps a preinstal
 is in range instead of replacing it.
 
 Extras: ``[cuda12]`` / ``[tpu]`` (JAX for NVIDIA GPUs / Cloud TPUs, same range), ``[prepare]``
-(TensorFlow, for ``tfds build`` of CIFAR / ImageNet; training reads the prepared ArrayRecord
-files without it), ``[test]`` (pytest, and nbclient + ipykernel to execute the notebook).
+(TensorFlow, for ``python -m us3l_jax.data.prepare`` of CIFAR / ImageNet; training reads the
+prepared ArrayRecord files without it), ``[test]`` (pytest, and nbclient + ipykernel to execute the notebook).
 """
 from setuptools import find_packages, setup
 
@@ -42,7 +42,8 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     "cuda12": ["jax[cuda12]" + JAX],
     "tpu": ["jax[tpu]" + JAX],
-    "prepare": ["tensorflow>=2.21.0,<2.22"],
+    # TFDS builds with TensorFlow; etils needs importlib_resources for a builder's files.
+    "prepare": ["tensorflow>=2.21.0,<2.22", "importlib-resources>=7.1.0,<7.2"],
     "test": ["pytest>=9.2.0,<9.3", "nbclient>=0.11.0,<0.12", "nbformat>=5.11.1,<5.12",
              "ipykernel>=7.4.0,<7.5"],
 }

@@ -59,7 +59,8 @@ def test_ranges_are_floor_tested_ceiling_next_minor():
     extras = SETUP["extras_require"]
     assert [Requirement(r) for r in extras["cuda12"]] == [Requirement(f"jax[cuda12]{jax.specifier}")]
     assert [Requirement(r) for r in extras["tpu"]] == [Requirement(f"jax[tpu]{jax.specifier}")]
-    assert [Requirement(r).name for r in extras["prepare"]] == ["tensorflow"]
+    assert [Requirement(r).name for r in extras["prepare"]] == ["tensorflow",
+                                                                "importlib-resources"]
 
 
 @pytest.mark.skipif(not os.environ.get("CI"), reason="CI installs with -c requirements.lock")

@@ -54,12 +54,13 @@ def format_flags(fv: flags.FlagValues, names: Iterable[str]) -> str:
 
 
 def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str, usage: str, *,
-          error_prog: str | None = "") -> list[str]:
+          error_prog: str | None = "", positional: bool = False) -> list[str]:
     """Parses ``argv`` (without the program name; ``None``: ``sys.argv[1:]``) into ``fv`` and
-    returns ``[prog]``.
+    returns ``[prog, *positional arguments]``.
 
-    ``--help`` prints ``usage`` and exits 0; a bad flag or a positional argument exits 2
-    with one line naming ``error_prog`` (default ``prog``; ``None``: no name)."""
+    ``--help`` prints ``usage`` and exits 0; a bad flag, or a positional argument unless
+    ``positional``, exits 2 with one line naming ``error_prog`` (default ``prog``; ``None``:
+    no name)."""
     error_prog = prog if error_prog == "" else error_prog
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in HELP_ARGS for a in args):
@@ -70,7 +71,7 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str, usage: st
         rest = fv([prog] + [_underscored(a) for a in args])
     except Exception as e:  # noqa: BLE001 - absl and config_flags raise several types
         fail(error_prog, f"invalid flags: {one_line(e)}")
-    if len(rest) > 1:
+    if len(rest) > 1 and not positional:
         fail(error_prog, f"unexpected arguments {rest[1:]}; see {prog} --help")
     return rest
 
