@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from absl import flags
 
@@ -53,18 +53,19 @@ def format_flags(fv: flags.FlagValues, names: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
-def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str, usage: str, *,
+def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str,
+          usage: Callable[[], str], *,
           error_prog: str | None = "", positional: bool = False) -> list[str]:
     """Parses ``argv`` (without the program name; ``None``: ``sys.argv[1:]``) into ``fv`` and
     returns ``[prog, *positional arguments]``.
 
-    ``--help`` prints ``usage`` and exits 0; a bad flag, or a positional argument unless
+    ``--help`` prints ``usage()`` and exits 0; a bad flag, or a positional argument unless
     ``positional``, exits 2 with one line naming ``error_prog`` (default ``prog``; ``None``:
     no name)."""
     error_prog = prog if error_prog == "" else error_prog
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in HELP_ARGS for a in args):
-        print(usage.rstrip())
+        print(usage().rstrip())
         sys.exit(0)
     fv.unparse_flags()  # a second call in one process starts from the defaults again
     try:

@@ -146,7 +146,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     broken config file) is one line on stderr and exit status 2, not a traceback; --help
     exits 0."""
     prog = "us3l" if os.path.basename(argv[0]) == "us3l" else "python -m us3l_jax.main"
-    return cli.parse(flags.FLAGS, argv[1:], prog, usage(), error_prog=None)
+    return cli.parse(flags.FLAGS, argv[1:], prog, usage, error_prog=None)
 
 
 def run() -> None:

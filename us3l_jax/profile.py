@@ -222,7 +222,7 @@ def usage() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI (absl flags like ``python -m us3l_jax.main``; ``--input-size`` and the other
     earlier hyphenated spellings still work). Returns the exit status."""
-    cli.parse(FLAGS, argv, PROG, usage())
+    cli.parse(FLAGS, argv, PROG, usage)
     if not FLAGS.model:
         cli.fail(PROG, f"--model is required; one of: {', '.join(models.NAMES)}")
     try:

@@ -79,7 +79,7 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    rest = cli.parse(FLAGS, argv, PROG, usage(), positional=True)
+    rest = cli.parse(FLAGS, argv, PROG, usage, positional=True)
     if len(rest) != 2:
         cli.fail(PROG, f"name one dataset, e.g. {PROG} cifar100; got {rest[1:] or 'none'}")
     try:

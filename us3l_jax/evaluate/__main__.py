@@ -61,7 +61,7 @@ def usage() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cli.parse(FLAGS, argv, PROG, usage())
+    cli.parse(FLAGS, argv, PROG, usage)
     if not FLAGS.workdir:
         cli.fail(PROG, "--workdir is required, e.g. --workdir=/tmp/us3l_demo")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
