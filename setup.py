@@ -1,34 +1,52 @@
 """us3l_jax: universally slimmable self-supervised learning (US3L, CVPR 2023) in JAX/Flax.
 
-Versions are pinned to a set verified together on Python 3.11 (CPU, 2026-11-21):
-`pip install -e .[test]` then `pip check` is clean.
+Dependencies are compatible ranges: the floor is the version we test (the exact set, with
+every transitive dependency, is ``requirements.lock``, which CI installs with
+``pip install -c requirements.lock``), the ceiling is the next minor release, which we have
+not tested. So ``pip install us3l_jax`` into Colab or a TPU VM keeps a preinstalled JAX that
+is in range instead of replacing it.
+
+Extras: ``[cuda12]`` / ``[tpu]`` (JAX for NVIDIA GPUs / Cloud TPUs, same range), ``[prepare]``
+(TensorFlow, for ``python -m us3l_jax.data.prepare`` of CIFAR / ImageNet; training reads the
+prepared ArrayRecord files without it), ``[test]`` (pytest, and nbclient + ipykernel to execute the notebook).
 """
 from setuptools import find_packages, setup
 
+JAX = ">=0.10.2,<0.11"
+
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "tensorflow-datasets==4.9.10",
-    "ml-collections==1.1.0",
-    "chex==0.1.92",
-    "absl-py==2.5.1",
-    "numpy==2.4.6",
+    "jax" + JAX,
+    "jaxlib" + JAX,
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "ml-collections>=1.1.0,<1.2",
+    "chex>=0.1.92,<0.2",
+    "absl-py>=2.5.1,<2.6",
+    "numpy>=2.4.6,<2.5",
     # Streaming input for ImageNet-size data: tfds.data_source + grain need no TensorFlow.
-    "grain==0.2.18",
+    "grain>=0.2.18,<0.3",
     # Bundled offline digits dataset for demos and real-data tests.
-    "scikit-learn==1.9.1",
+    "scikit-learn>=1.9.1,<1.10",
     # Colour-space ops with documented semantics (jitter, grayscale) instead of our own.
-    "dm-pix==0.4.5",
+    "dm-pix>=0.4.5,<0.5",
     # Torch-layout weight files without a torch dependency.
-    "safetensors==0.8.0",
+    "safetensors>=0.8.0,<0.9",
     # TensorBoard event files without TensorFlow.
-    "tensorboardX==2.6.5",
+    "tensorboardX>=2.6.5,<2.7",
     # Width-sweep plots.
-    "matplotlib==3.11.2",
+    "matplotlib>=3.11.2,<3.12",
 ]
+
+EXTRAS_REQUIRE = {
+    "cuda12": ["jax[cuda12]" + JAX],
+    "tpu": ["jax[tpu]" + JAX],
+    # TFDS builds with TensorFlow; etils needs importlib_resources for a builder's files.
+    "prepare": ["tensorflow>=2.21.0,<2.22", "importlib-resources>=7.1.0,<7.2"],
+    "test": ["pytest>=9.2.0,<9.3", "nbclient>=0.11.0,<0.12", "nbformat>=5.11.1,<5.12",
+             "ipykernel>=7.4.0,<7.5"],
+}
 
 setup(
     name="us3l_jax",
@@ -37,6 +55,6 @@ setup(
     packages=find_packages(include=["us3l_jax", "us3l_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["us3l=us3l_jax.main:run"]},
 )

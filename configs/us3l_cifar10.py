@@ -5,7 +5,7 @@
 (``:resnet50`` and ``:mobilenet_v2`` too.) The paper reports CNN pretraining only on
 CIFAR-100 and ImageNet (its CIFAR-10 results are ViTs, Table 3, and transfer from ImageNet,
 Table 6), so there is no published figure to reach; we have not run it to completion.
-Needs CIFAR-10 prepared for TFDS (``tfds build cifar10 --file_format=array_record``).
+Needs CIFAR-10 prepared for TFDS (``python -m us3l_jax.data.prepare cifar10``).
 """
 from us3l_jax import recipes
 

@@ -22,7 +22,7 @@ Official-code deviations, as overrides: R-50 used lr 0.25 (``--config.optim.lr=0
 like MobileNetV2, no dynamic sampling (``--config.sampler.schedule=none``) and an undocumented
 feature-distillation loss we do not implement; one optimizer update per width
 (``--config.method.update_mode=per_width``). Needs CIFAR-100 prepared for TFDS
-(``tfds build cifar100 --file_format=array_record``); about 2.5x the cost of one 400-epoch
+(``python -m us3l_jax.data.prepare cifar100``); about 2.5x the cost of one 400-epoch
 SimCLR run (appendix Eq. 12).
 """
 from us3l_jax import recipes

@@ -13,7 +13,7 @@ Expected ImageNet linear accuracy (paper Table 4, %) at widths 1.0 0.75 0.5 0.25
 Recipe: ``us3l_jax.recipes.us3l_imagenet`` (the paper's InfoNCE base loss, batch 512, lr 0.5,
 group regularization from epoch 50, bfloat16 compute). The official README instead
 recommends a BYOL-based config (lr 0.05, batch 480), reference §7.2. Data: ImageNet prepared
-as ArrayRecord with ``tfds build imagenet2012 --file_format=array_record
+as ArrayRecord with ``python -m us3l_jax.data.prepare imagenet2012
 --manual_dir=<dir with ILSVRC2012_img_train.tar> --data_dir=...``; it streams from the host
 (decode + crops on ``config.data.num_threads`` threads, measured ~370 images/s per core).
 """

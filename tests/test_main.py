@@ -38,6 +38,29 @@ def test_missing_config_file_and_workdir(tmp_path):
     assert out.returncode == 2 and "--workdir is required" in out.stdout
 
 
+def test_help_exits_0_and_lists_configs_and_protocols():
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+    run = lambda *args: subprocess.run([sys.executable, "-m", "us3l_jax.main", *args], cwd=REPO,
+                                       capture_output=True, text=True,
+                                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO))
+    out = run("--help")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    lines = out.stdout.splitlines()
+    configs = {ln.split()[0] for ln in lines if ln.startswith("  configs/")}
+    assert configs == {f"configs/{f}" for f in os.listdir(os.path.join(REPO, "configs"))
+                       if f.endswith(".py")}
+    assert any(ln.startswith("  configs/demo.py ") and "digits" in ln for ln in lines)
+    assert "  --workdir: Run directory (checkpoints, logs, results)." in lines
+    assert "Final sweep protocols (--config.eval.sweep_protocol): fast, knn, paper;" in out.stdout
+    out = run("--config=configs/demo.py:smoke", "--workdir=/tmp/x", "extra")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("error: unexpected arguments ['extra']; see "
+                                  "python -m us3l_jax.main --help")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))

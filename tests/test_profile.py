@@ -198,17 +198,29 @@ def test_cli_json_and_table(capsys):
     assert "11,168,832" in lines[3] and "1,027,352" in lines[4] and len(lines) == 5
 
 
+def test_cli_help_exits_0_and_lists_models(capsys):
+    with pytest.raises(SystemExit) as e:
+        profile.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model: backbone (required): " in out and "resnet50" in out
+    assert "--convention: <paper|backbone>: paper (thop" in out and "(default: paper)" in out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--model", "resnet18", "--widths", "1.0,0.1"], "width 0.1 is outside the allowed range"),
     (["--model", "resnet99"], "unknown model 'resnet99'"),
     (["--model", "resnet18", "--widths", "a"], "widths must be comma-separated numbers"),
-    (["--model", "resnet18", "--convention", "thop"], "invalid choice: 'thop'"),
+    (["--model", "resnet18", "--convention", "thop"],
+     "python -m us3l_jax.profile: error: invalid flags: flag --convention=thop: value should "
+     "be one of <paper|backbone>"),
+    (["--widths", "1.0"], "--model is required; one of: "),
+    (["--model", "resnet18", "extra"], "unexpected arguments ['extra']"),
 ])
 def test_cli_errors_are_one_line(argv, message, capsys):
-    try:
-        rc = profile.main(argv)
-    except SystemExit as e:  # argparse's own errors
-        rc = e.code
+    with pytest.raises(SystemExit) as e:
+        profile.main(argv)
+    rc = e.value.code
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -1,8 +1,30 @@
-"""Atomic file writes: a file is either complete or absent (never half-written)."""
+"""Atomic file writes: a file is either complete or absent (never half-written).
+
+Files get the mode an ordinary ``open(path, "w")`` would give them (0666 less the umask, so
+0644 under the usual 022): results on a shared machine stay readable by others. ``mkstemp``
+alone would leave them 0600.
+"""
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it; the lock keeps our own threads
+    from seeing the transient value)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~current_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -15,6 +37,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
                                suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), default_file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -21,6 +21,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from us3l_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.",
     lock_config=True)
@@ -72,20 +74,18 @@ def init_distributed() -> None:
 def _fail(message: str, code: int) -> None:
     if os.environ.get("US3L_DEBUG") and sys.exc_info()[0] is not None:
         raise
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    cli.fail(None, message, code)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; use --config=... --workdir=...", 2)
+    del argv  # parse_flags has refused positional arguments
     setup_logging()
     try:
         config = _CONFIG.value
         if config is not None:
             config.to_dict()  # config_flags defers file-loading errors to first use
     except Exception as e:  # noqa: BLE001
-        _fail(f"cannot load --config: {_one_line(e)}", 2)
+        _fail(f"cannot load --config: {cli.one_line(e)}", 2)
     if config is None:
         _fail("--config is required, e.g. --config=configs/demo.py", 2)
     if not _WORKDIR.value:
@@ -122,22 +122,31 @@ def main(argv) -> None:
         sys.exit(pretrain.PREEMPTED_EXIT_CODE)
 
 
+_FLAG_NAMES = ("config", "workdir", "distributed", "coordinator_address", "num_processes",
+               "process_id")
+
+
+def usage() -> str:
+    """``--help``: the commands, the configs found, the flags, the sweep protocols."""
+    from us3l_jax.evaluate.evaluator import PROTOCOLS
+    return "\n\n".join([
+        "Pretrain (or resume) a US3L run:\n  python -m us3l_jax.main --config=configs/<file>.py"
+        "[:<arg>] --workdir=<dir> [--config.<key>=<value> ...]\n  (also the `us3l` console "
+        "script)", cli.configs_help(),
+        "Flags:\n" + cli.format_flags(flags.FLAGS, _FLAG_NAMES)
+        + "\n  --config.<key>=<value>: override any config field, e.g. --config.optim.epochs=20",
+        f"Final sweep protocols (--config.eval.sweep_protocol): {', '.join(PROTOCOLS)}; "
+        "evaluate other widths later with python -m us3l_jax.evaluate --help.",
+        "Exit codes: 0 finished; 2 bad config / data / checkpoint; 3 non-finite loss; 143 "
+        "preempted (rerun to resume)."]) + "\n"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, but every failure (unknown config key, wrong type, missing or
-    broken config file) is one line on stderr and exit status 2, not a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - config_flags raises several unrelated types
-        print(f"error: invalid flags: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _one_line(e: BaseException) -> str:
-    """The useful part of an error whose text may embed a traceback (config_flags does)."""
-    text = str(e).replace("\\n", "\n")
-    if "Traceback (most recent call last)" in text:
-        text = [line for line in text.splitlines() if line.strip()][-1]
-    return " ".join(text.split())
+    broken config file) is one line on stderr and exit status 2, not a traceback; --help
+    exits 0."""
+    prog = "us3l" if os.path.basename(argv[0]) == "us3l" else "python -m us3l_jax.main"
+    return cli.parse(flags.FLAGS, argv[1:], prog, usage, error_prog=None)
 
 
 def run() -> None:

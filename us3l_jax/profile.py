@@ -13,12 +13,11 @@ output shapes, so the counts follow the architecture code itself. Two convention
 * ``backbone``: the sliced backbone actually trained (reference §2.5): params = conv + BN
   affine, MACs = conv only; no classifier.
 
-CLI: ``python -m us3l_jax.profile --model resnet50 --widths 1.0,0.75,0.5,0.25
---input-size 224 --num-classes 1000 [--json] [--convention paper|backbone]``.
+CLI: ``python -m us3l_jax.profile --model=resnet50 --widths=1.0,0.75,0.5,0.25
+--input_size=224 --num_classes=1000 [--json] [--convention=paper|backbone]``.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -28,9 +27,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags as absl_flags
 from flax import linen as nn
 
-from us3l_jax import models, slim
+from us3l_jax import cli, models, slim
 from us3l_jax.slim import SlimBatchNorm, SlimConv, SlimDense
 
 CONVENTIONS = ("paper", "backbone")
@@ -188,9 +188,19 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+PROG = "python -m us3l_jax.profile"
+FLAGS = absl_flags.FlagValues()
+absl_flags.DEFINE_string("model", None, "backbone (required): " + ", ".join(models.NAMES),
+                         flag_values=FLAGS)
+absl_flags.DEFINE_string("widths", "1.0,0.75,0.5,0.25", "comma-separated widths",
+                         flag_values=FLAGS)
+absl_flags.DEFINE_integer("input_size", 224, "square input size in pixels", flag_values=FLAGS)
+absl_flags.DEFINE_integer("num_classes", 1000, "classifier outputs (paper convention)",
+                          flag_values=FLAGS)
+absl_flags.DEFINE_enum("convention", "paper", CONVENTIONS, "paper (thop, Tables 6/12) or "
+                       "backbone (the sliced backbone as trained)", flag_values=FLAGS)
+absl_flags.DEFINE_bool("json", False, "print JSON instead of a table", flag_values=FLAGS)
+_NAMES = ("model", "widths", "input_size", "num_classes", "convention", "json")
 
 
 def _widths(text: str) -> list[float]:
@@ -199,33 +209,35 @@ def _widths(text: str) -> list[float]:
     except ValueError:
         widths = []
     if not widths:
-        raise argparse.ArgumentTypeError(f"widths must be comma-separated numbers, got {text!r}")
+        raise ValueError(f"widths must be comma-separated numbers, got {text!r}")
     return widths
 
 
+def usage() -> str:
+    return (f"Params and MACs per width ({__doc__.splitlines()[0]})\n"
+            f"  {PROG} --model=resnet50 --widths=1.0,0.75,0.5,0.25\n\n"
+            f"Flags:\n{cli.format_flags(FLAGS, _NAMES)}\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m us3l_jax.profile",
-                     description="Params and MACs per width (" + __doc__.split("\n")[0] + ")")
-    parser.add_argument("--model", required=True, help=f"one of: {', '.join(models.NAMES)}")
-    parser.add_argument("--widths", type=_widths, default=[1.0, 0.75, 0.5, 0.25])
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--convention", choices=CONVENTIONS, default="paper")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
+    """The CLI (absl flags like ``python -m us3l_jax.main``; ``--input-size`` and the other
+    earlier hyphenated spellings still work). Returns the exit status."""
+    cli.parse(FLAGS, argv, PROG, usage)
+    if not FLAGS.model:
+        cli.fail(PROG, f"--model is required; one of: {', '.join(models.NAMES)}")
     try:
         rows = []
-        for w in args.widths:
-            r = profile(args.model, w, args.input_size, args.num_classes, args.convention)
+        for w in _widths(FLAGS.widths):
+            r = profile(FLAGS.model, w, FLAGS.input_size, FLAGS.num_classes, FLAGS.convention)
             rows.append({**r, **paper_figures(r)})
     except ValueError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
+        cli.fail(PROG, e)
+    if FLAGS.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{args.model}, {args.input_size}x{args.input_size}, convention {args.convention}"
-              + (f", {args.num_classes} classes" if args.convention == "paper" else ""))
+        print(f"{FLAGS.model}, {FLAGS.input_size}x{FLAGS.input_size}, convention "
+              f"{FLAGS.convention}" + (f", {FLAGS.num_classes} classes"
+                                       if FLAGS.convention == "paper" else ""))
         print(format_table(rows))
     return 0
 

@@ -88,7 +88,7 @@ def test_missing_data_dir_fails_fast(tmp_path):
     assert time.perf_counter() - t < 5
     msg = str(e.value)
     assert "'cifar100'" in msg and str(missing) in msg and "does not exist" in msg
-    assert f"tfds build cifar100 --file_format=array_record --data_dir={missing}" in msg
+    assert f"python -m us3l_jax.data.prepare cifar100 --data_dir={missing}" in msg
 
 
 @pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])

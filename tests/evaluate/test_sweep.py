@@ -2,6 +2,8 @@
 statistics, online monitoring, and the errors of bad inputs (also through the CLI)."""
 import json
 import os
+import stat
+import struct
 import subprocess
 import sys
 
@@ -143,11 +145,88 @@ def test_bad_inputs_raise_clear_errors(run, tmp_path):
         run_sweep(run, [1.0], "fast", paper_row="table2/vgg/ours", echo=None)
 
 
-def test_cli_exits_nonzero_with_one_line(run):
+def evaluate_cli(*flags):
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-m", "us3l_jax.evaluate", f"--workdir={run}",
-                           "--widths=1.0,0.1", "--protocol=fast"], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "us3l_jax.evaluate", *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def read_events(logdir):
+    """(tag, step, value) of every scalar and text summary in TensorBoard event files (TFRecord
+    framing: length, its CRC, the Event proto, its CRC), read without TensorFlow."""
+    from tensorboardX.proto import event_pb2
+    out = []
+    for name in sorted(os.listdir(logdir)):
+        data = open(os.path.join(logdir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                text = v.tensor.string_val[0].decode() if v.tensor.string_val else None
+                out.append((v.tag, event.step, v.simple_value if text is None else text))
+    return out
+
+
+def test_sweep_goes_to_tensorboard(sweep):
+    out, records = sweep
+    events = read_events(os.path.join(out, "tb"))
+    scalars = {tag: (step, value) for tag, step, value in events if not isinstance(value, str)}
+    assert scalars == {f"sweep/digits/{r['protocol']}/w{r['width']}": (STEP, pytest.approx(
+        r["accuracy"], abs=1e-4)) for r in records}
+    texts = {tag.split("/")[0]: value for tag, _, value in events if isinstance(value, str)}
+    assert json.loads(texts["config"])["data"]["dataset"] == "digits"
+    assert texts["sweep"].splitlines()[2].startswith("| width | params | MACs | fast top-1")
+
+
+def test_evaluate_never_overwrites_a_report(run, sweep):
+    """The CLI writes each evaluation to a new folder; the run's own sweep stays as it was."""
+    run_sweep(run, [1.0], "fast", echo=None)  # the run's own sweep, as pretraining writes it
+    own = {f: open(os.path.join(run, f), "rb").read() for f in ("sweep.json", "sweep.md",
+                                                                 "sweep.png")}
+    old_umask = os.umask(0o022)
+    try:  # the hyphenated spelling of the argparse version still works
+        proc = evaluate_cli(f"--workdir={run}", "--widths=0.5", "--protocol=knn",
+                            "--calibration-batches=4")
+    finally:
+        os.umask(old_umask)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = os.path.join(run, "eval", "knn-0.5")
+    assert f"wrote {first}/sweep.json" in proc.stdout
+    assert [(r["width"], r["protocol"]) for r in json.load(open(
+        os.path.join(first, "sweep.json")))] == [(0.5, "knn")]
+    for d, _, files in os.walk(first):
+        for f in files:  # sweep.* and the TensorBoard events: readable by others
+            assert stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) == 0o644, f
+    # The same evaluation again: the next free folder.
+    again = run_sweep(run, [0.5], "knn", echo=None, new_report=True)
+    assert json.load(open(os.path.join(run, "eval", "knn-0.5-2", "sweep.json"))) == again
+    assert {f: open(os.path.join(run, f), "rb").read() for f in own} == own
+    # --out naming a folder that holds a sweep: refused before any work, nothing written.
+    proc = evaluate_cli(f"--workdir={run}", f"--out={run}", "--widths=0.5")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"python -m us3l_jax.evaluate: error: {run} already holds a sweep (sweep.json, "
+        "sweep.md, sweep.png); choose another --out, or leave it out for a new folder under "
+        "<workdir>/eval/"]
+    assert sorted(os.listdir(os.path.join(run, "eval"))) == ["knn-0.5", "knn-0.5-2"]
+
+
+def test_cli_help_lists_flags_and_protocols():
+    proc = evaluate_cli("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert "--calibration_batches: BN calibration batches" in proc.stdout
+    assert "Protocols: fast (" in proc.stdout and "knn (" in proc.stdout
+    assert "paper (" in proc.stdout
+    proc = evaluate_cli("--widths=1.0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("python -m us3l_jax.evaluate: error: --workdir is required, "
+                                   "e.g. --workdir=/tmp/us3l_demo")
+
+
+def test_cli_exits_nonzero_with_one_line(run):
+    proc = evaluate_cli(f"--workdir={run}", "--widths=1.0,0.1", "--protocol=fast")
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
     assert errors == ["python -m us3l_jax.evaluate: error: width 0.1 is outside the trained "

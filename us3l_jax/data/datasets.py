@@ -134,17 +134,18 @@ def check_name(name: str) -> None:
 
 
 def _not_found_message(name: str, data_dir, reason: str, split: str | None = None) -> str:
-    searched = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
+    searched = os.fspath(data_dir) if data_dir is not None else default_data_dir()
     target = f"{name!r}" + (f" split {split!r}" if split else "")
-    prepare = (f"tfds build {name} --file_format=array_record --data_dir={searched}")
+    prepare = f"python -m us3l_jax.data.prepare {name} --data_dir={searched}"
     if name == "imagenet2012":
         prepare += (" --manual_dir=DIR, where DIR holds ILSVRC2012_img_train.tar and "
                     "ILSVRC2012_img_val.tar (ImageNet cannot be downloaded automatically; "
                     "register at https://image-net.org)")
     return (f"dataset {target} is not available in {searched} ({reason}). Nothing is "
-            f"downloaded here. Prepare it once with:\n  {prepare}\n(building may need "
-            f"TensorFlow installed; reading ArrayRecord data does not). Or pass data_dir= the "
-            f"directory that holds it.")
+            f"downloaded here. Prepare it once with:\n  {prepare}\n(building needs "
+            f"TensorFlow: pip install -e \".[prepare]\" -c requirements.lock; reading the "
+            f"prepared ArrayRecord data does not). Or pass data_dir= the directory that holds "
+            f"it.")
 
 
 def _diagnose(tfds, name: str, data_dir, error: Exception) -> str:
@@ -163,7 +164,7 @@ def _diagnose(tfds, name: str, data_dir, error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _default_data_dir() -> str:
+def default_data_dir() -> str:
     return os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"),
                                                             "tensorflow_datasets")
 

@@ -1,48 +1,69 @@
 """``python -m us3l_jax.evaluate --workdir=RUN [--widths=1.0,0.5,0.25] [--protocol=fast|knn|paper]
-[--dataset=NAME] [--out=DIR] [--step=N] [--epochs=N] [--calibration-batches=N] [--recalibrate]
-[--paper-row=KEY]``: the width sweep of a pretraining run (see ``sweep.run_sweep``).
+[--dataset=NAME] [--out=DIR] [--step=N] [--epochs=N] [--calibration_batches=N] [--recalibrate]
+[--paper_row=KEY]``: the width sweep of a pretraining run (see ``sweep.run_sweep``).
 
-Bad arguments (no run or checkpoint, a width outside the trained range, an unknown protocol,
-dataset or paper row) print one line ``python -m us3l_jax.evaluate: error: ...`` and exit 2.
+Each evaluation writes ``sweep.json/.md/.png`` (and TensorBoard events) into a new folder
+``<workdir>/eval/<protocols>-<widths>[-<n>]/``, or into ``--out``, which must not already
+hold a sweep: the run's own sweep (written by pretraining) is never replaced.
+
+absl flags like ``python -m us3l_jax.main`` (the earlier hyphenated spellings such as
+``--calibration-batches`` still work). Bad arguments (no run or checkpoint, a width outside the
+trained range, an unknown protocol, dataset or paper row, an ``--out`` that holds a sweep)
+print one line ``python -m us3l_jax.evaluate: error: ...`` and exit 2.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from collections.abc import Sequence
 
+from absl import flags
+
+from us3l_jax import cli
 from us3l_jax.checkpointing import CheckpointError
+from us3l_jax.data.datasets import NAMES as DATASETS
+from us3l_jax.evaluate.evaluator import PROTOCOLS
 
 PROG = "python -m us3l_jax.evaluate"
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "the pretraining run directory (required)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("widths", None, "comma-separated widths (default "
+                    "config.eval.sweep_widths)", flag_values=FLAGS)
+flags.DEFINE_string("protocol", None, f"{', '.join(PROTOCOLS)}, or several comma-separated "
+                    "(default config.eval.sweep_protocol)", flag_values=FLAGS)
+flags.DEFINE_string("dataset", None, "evaluation dataset (default: the pretraining one; "
+                    "oxford_flowers102, oxford_iiit_pet, dtd, cifar10, cifar100 for transfer)",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "report directory; must not already hold a sweep (default: "
+                    "a new <workdir>/eval/<protocols>-<widths>[-<n>]/)", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "checkpoint step (default latest)", flag_values=FLAGS)
+flags.DEFINE_integer("epochs", None, "paper protocol epochs (default the recipe's)",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("calibration_batches", None, "BN calibration batches (default "
+                     "config.eval.calibration_batches)", flag_values=FLAGS)
+flags.DEFINE_bool("recalibrate", False, "recalibrate even if stored statistics match",
+                  flag_values=FLAGS)
+flags.DEFINE_string("paper_row", None, "paper row to draw beside ours, e.g. "
+                    "table2/resnet18/ours (default config.eval.paper_row)", flag_values=FLAGS)
+_NAMES = ("workdir", "widths", "protocol", "dataset", "out", "step", "epochs",
+          "calibration_batches", "recalibrate", "paper_row")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+def usage() -> str:
+    return (f"Accuracy of a US3L run at every width: BN calibration, then a linear probe or "
+            f"kNN.\n  {PROG} --workdir=<run> --widths=1.0,0.5,0.25 --protocol=fast\n\n"
+            f"Flags:\n{cli.format_flags(FLAGS, _NAMES)}\n\n"
+            f"Protocols: fast (softmax probe on cached features, seconds), knn (weighted kNN, "
+            f"k=200), paper (the paper's linear evaluation, long)\n"
+            f"Datasets: {', '.join(DATASETS)}\n"
+            f"Exit codes: 0 done; 2 bad arguments / run / checkpoint.\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog=PROG, description="Accuracy of a US3L run at every width: BN "
-                     "calibration, then a linear probe (fast/paper) or kNN.")
-    parser.add_argument("--workdir", required=True, help="the pretraining run directory")
-    parser.add_argument("--widths", default=None,
-                        help="comma-separated widths (default config.eval.sweep_widths)")
-    parser.add_argument("--protocol", default=None,
-                        help="fast, knn, paper, or several comma-separated "
-                             "(default config.eval.sweep_protocol)")
-    parser.add_argument("--dataset", default=None, help="evaluation dataset (default: the "
-                        "pretraining one; cifar10, cifar100, oxford_flowers102, "
-                        "oxford_iiit_pet, dtd for transfer)")
-    parser.add_argument("--out", default=None, help="report directory (default: --workdir)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    parser.add_argument("--epochs", type=int, default=None, help="paper protocol epochs")
-    parser.add_argument("--calibration-batches", type=int, default=None)
-    parser.add_argument("--recalibrate", action="store_true",
-                        help="recalibrate even if stored statistics match")
-    parser.add_argument("--paper-row", default=None, help="paper row to draw beside ours, "
-                        "e.g. table2/resnet18/ours (default config.eval.paper_row)")
-    args = parser.parse_args(argv)
+    cli.parse(FLAGS, argv, PROG, usage)
+    if not FLAGS.workdir:
+        cli.fail(PROG, "--workdir is required, e.g. --workdir=/tmp/us3l_demo")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)  # absl (imported by orbax) installed its own handler
     for name in ("absl", "jax"):
@@ -50,12 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from us3l_jax.evaluate.sweep import run_sweep  # deferred: argument errors stay fast
 
     try:
-        run_sweep(args.workdir, args.widths, args.protocol, args.dataset, args.out, args.step,
-                  epochs=args.epochs, calibration_batches=args.calibration_batches,
-                  recalibrate=args.recalibrate, paper_row=args.paper_row)
+        run_sweep(FLAGS.workdir, FLAGS.widths, FLAGS.protocol, FLAGS.dataset, FLAGS.out,
+                  FLAGS.step, epochs=FLAGS.epochs, calibration_batches=FLAGS.calibration_batches,
+                  recalibrate=FLAGS.recalibrate, paper_row=FLAGS.paper_row, new_report=True)
     except (CheckpointError, ValueError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        cli.fail(PROG, e)
     return 0
 
 

@@ -6,15 +6,24 @@ more protocols. Per width the BN statistics are calibrated once (or reused from
 shared by ``fast`` and ``knn``. Arguments are checked before anything heavy runs: a missing
 run or checkpoint, a width outside the trained range, an unknown protocol, dataset or paper
 row each raise one clear error.
+
+Where the report goes: the pretraining run's own sweep is ``<workdir>/sweep.*``; a later
+evaluation (``new_report=True``, as the CLI does) never replaces a report: it goes to a new
+folder ``<workdir>/eval/<protocols>-<widths>[-<n>]/`` (the dataset first when it is not the
+pretraining one, ``-step<N>`` last for an explicit step), or into ``out`` if that holds no
+sweep yet. Each report also goes to TensorBoard (``<report dir>/tb``, so the run's own sweep
+lands beside the training curves): accuracy per width as ``sweep/<dataset>/<protocol>/w<width>``
+at the checkpoint's step, the table and the run's config as text.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from us3l_jax import checkpointing, profile as profile_lib
+from us3l_jax import checkpointing, config as config_lib, profile as profile_lib
 from us3l_jax.data import datasets
 from us3l_jax.evaluate import paper as paper_lib, report
 from us3l_jax.evaluate.evaluator import (Evaluator, calibration_settings, check_protocol,
@@ -58,7 +67,8 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
               out: str | None = None, step: int | None = None, *,
               epochs: int | None = None, calibration_batches: int | None = None,
               recalibrate: bool = False, paper_row: str | None = None, mesh=None,
-              echo: Callable[[str], None] | None = print) -> list[Record]:
+              echo: Callable[[str], None] | None = print,
+              new_report: bool = False) -> list[Record]:
     """Evaluates run ``workdir`` at ``widths`` and writes ``sweep.json/.md/.png`` into ``out``.
 
     Args:
@@ -69,12 +79,15 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
         default ``config.eval.sweep_protocol``.
       dataset: evaluation dataset (default the pretraining one); transfer sets calibrate on
         their own training split.
-      out: report directory (default ``workdir``); ``step``: checkpoint (default latest).
+      out: report directory (default ``workdir``, or a new folder with ``new_report``);
+        ``step``: checkpoint (default latest).
       epochs: paper protocol epochs instead of the recipe's (milestones scale with it).
       calibration_batches: instead of ``config.eval.calibration_batches``.
       recalibrate: ignore stored statistics.
       paper_row: a ``paper.ROWS`` key drawn beside ours (default ``config.eval.paper_row``).
       echo: where the table and timings are printed (None: silent).
+      new_report: never replace a report: ``out`` must hold no sweep yet, and without
+        ``out`` the report goes to a new ``<workdir>/eval/...`` folder (module docstring).
     Returns:
       The records (also in ``sweep.json``), widest width first, protocols in the given order.
     """
@@ -88,6 +101,11 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
     paper = paper_lib.get(row_key) if row_key else None
     if epochs is not None:
         config.eval.linear_epochs = int(epochs)
+    if new_report and out is not None:
+        held = [f for f in report.FILES if os.path.exists(os.path.join(out, f))]
+        if held:
+            raise ValueError(f"{out} already holds a sweep ({', '.join(held)}); choose another "
+                             "--out, or leave it out for a new folder under <workdir>/eval/")
     pre = checkpointing.load_pretrained(workdir, step)
     settings = calibration_settings(config, calibration_batches)
     t_load = time.perf_counter()
@@ -127,13 +145,56 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
             records.append(rec)
             log.info("width %g %s: %.2f%% (probe %.1fs, calibration %.1fs%s)", w, p,
                      rec["accuracy"], t_probe, t_cal, ", reused" if reused else "")
-    paths = report.write(records, out or workdir, paper)
+    if out is None:
+        out = workdir
+        if new_report:
+            name = [dataset] if dataset != config.data.dataset else []
+            name += ["+".join(protocols), "_".join(str(w) for w in sorted(widths, reverse=True))]
+            name += [f"step{pre.step}"] if step is not None else []
+            out = claim_dir(os.path.join(workdir, "eval", "-".join(name)))
+    paths = report.write(records, out, paper)
+    log_tensorboard(records, out, config, paper)
     if echo is not None:
         echo(report.describe(records))
         echo(report.markdown_table(records, paper))
         echo(format_times(totals, len(widths)))
         echo("wrote " + ", ".join(paths))
     return records
+
+
+def claim_dir(base: str) -> str:
+    """Creates and returns ``base``, or ``base-2``, ``base-3``, ... if taken (atomically: two
+    evaluations at once never share a folder)."""
+    path, n = base, 1
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            n += 1
+            path = f"{base}-{n}"
+
+
+def log_tensorboard(records: Sequence[Record], out: str, config, paper=None) -> str:
+    """Writes the sweep to TensorBoard events in ``<out>/tb`` (process 0 only): accuracy per
+    width at the checkpoint's step, the table and the config (JSON) as text."""
+    import jax
+    from tensorboardX import SummaryWriter
+
+    logdir = os.path.join(out, "tb")
+    if jax.process_index() != 0:
+        return logdir
+    step = records[0]["step"]
+    with SummaryWriter(logdir) as tb:
+        for r in records:
+            tb.add_scalar(f"sweep/{r['dataset']}/{r['protocol']}/w{r['width']}", r["accuracy"],
+                          step)
+        tb.add_text("sweep", report.describe(records) + "\n\n"
+                    + report.markdown_table(records, paper), step)
+        # Indented: TensorBoard renders text as markdown, this keeps the JSON verbatim.
+        tb.add_text("config", "\n".join("    " + line for line in
+                                         config_lib.to_json(config).splitlines()), step)
+    return logdir
 
 
 def format_times(totals: dict[str, float], num_widths: int) -> str:

@@ -1,0 +1,108 @@
+"""What the command lines share: absl flags, ``--help`` that exits 0, one-line errors.
+
+``main``, ``evaluate`` and ``profile`` all take absl flags (``--name=value`` or ``--name value``;
+booleans as ``--flag`` / ``--noflag``). Flag names use underscores; the hyphenated spellings of
+the earlier argparse versions (``--calibration-batches``, ``--input-size``) are accepted as
+aliases. Any parse error is one line ``<prog>: error: ...`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+
+from absl import flags
+
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull", "-?")
+EXIT_USAGE = 2
+
+
+def one_line(e: BaseException | str) -> str:
+    """The useful part of an error whose text may embed a traceback (config_flags does)."""
+    text = str(e).replace("\\n", "\n")
+    if "Traceback (most recent call last)" in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+    return " ".join(text.split())
+
+
+def fail(prog: str | None, message: BaseException | str, code: int = EXIT_USAGE):
+    """Prints ``[<prog>: ]error: <message>`` (one line) to stderr and exits with ``code``."""
+    prefix = f"{prog}: " if prog else ""
+    print(f"{prefix}error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _underscored(arg: str) -> str:
+    """``--calibration-batches=4`` -> ``--calibration_batches=4`` (flag names only)."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
+
+
+def format_flags(fv: flags.FlagValues, names: Iterable[str]) -> str:
+    """``  --name: help (default: x)`` for each named flag, in the given order."""
+    lines = []
+    for name in names:
+        flag = fv[name]
+        default = "" if flag.default is None else f" (default: {flag.default})"
+        if flag.flag_type() == "bool":
+            default = f" (default: on; --no{name} turns it off)" if flag.default else ""
+        lines.append(f"  --{name}: {flag.help}{default}")
+    return "\n".join(lines)
+
+
+def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str,
+          usage: Callable[[], str], *,
+          error_prog: str | None = "", positional: bool = False) -> list[str]:
+    """Parses ``argv`` (without the program name; ``None``: ``sys.argv[1:]``) into ``fv`` and
+    returns ``[prog, *positional arguments]``.
+
+    ``--help`` prints ``usage()`` and exits 0; a bad flag, or a positional argument unless
+    ``positional``, exits 2 with one line naming ``error_prog`` (default ``prog``; ``None``:
+    no name)."""
+    error_prog = prog if error_prog == "" else error_prog
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in HELP_ARGS for a in args):
+        print(usage().rstrip())
+        sys.exit(0)
+    fv.unparse_flags()  # a second call in one process starts from the defaults again
+    try:
+        rest = fv([prog] + [_underscored(a) for a in args])
+    except Exception as e:  # noqa: BLE001 - absl and config_flags raise several types
+        fail(error_prog, f"invalid flags: {one_line(e)}")
+    if len(rest) > 1 and not positional:
+        fail(error_prog, f"unexpected arguments {rest[1:]}; see {prog} --help")
+    return rest
+
+
+def config_files(directory: str | None = None) -> list[tuple[str, str]]:
+    """``(path, first docstring line)`` of each config file, from ``directory`` or else the
+    first of ``./configs`` and the source checkout's ``configs/`` that exists."""
+    candidates = [directory] if directory else [
+        "configs", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "configs")]
+    for d in candidates:
+        if os.path.isdir(d):
+            break
+    else:
+        return []
+    out = []
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".py") and not name.startswith("_"):
+            path = os.path.join(d, name)
+            with open(path, encoding="utf-8") as f:
+                doc = ast.get_docstring(ast.parse(f.read())) or ""
+            out.append((os.path.relpath(path), doc.strip().split("\n")[0]))
+    return out
+
+
+def configs_help() -> str:
+    files = config_files()
+    if not files:
+        return ("Configs: none found in ./configs (they ship with the source checkout; "
+                "pass --config=<path to a config file>).")
+    width = max(len(p) for p, _ in files)
+    return "Configs (--config=<file>[:<arg>]; each file's docstring lists its args):\n" + \
+        "\n".join(f"  {p.ljust(width)}  {doc}" for p, doc in files)
