@@ -15,7 +15,6 @@ reference detaches (momentum-teacher outputs, SimSiam/BYOL targets).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +22,6 @@ import jax.numpy as jnp
 Array = jax.Array
 
 # Names accepted by the lookups; "mse" is the paper's name for the negative cosine (§4.5).
-BASE_LOSSES = ("infonce", "mse", "neg_cosine")
-DISTILL_LOSSES = ("none", "infonce", "mse", "neg_cosine")
 
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
 _COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity
@@ -123,67 +120,6 @@ def neg_cosine(p1: Array, p2: Array, t1: Array, t2: Array) -> Array:
     for p, t in ((p1, t2), (p2, t1)):
         _check_pair(jnp.asarray(p), jnp.asarray(t), "neg_cosine")
     return -0.5 * (jnp.mean(_cosine(p2, t1)) + jnp.mean(_cosine(p1, t2)))
-
-
-def check_loss_name(name: str, kind: str) -> str:
-    """Canonical loss name (``"neg_cosine"`` for ``"mse"``) or a ValueError listing valid ones.
-
-    ``kind`` is ``"base"`` or ``"distill"``. Call it when validating a config, before tracing.
-    """
-    valid = {"base": BASE_LOSSES, "distill": DISTILL_LOSSES}.get(kind)
-    if valid is None:
-        raise ValueError(f"loss kind must be 'base' or 'distill', got {kind!r}")
-    if name not in valid:
-        raise ValueError(f"unknown {kind} loss {name!r}; valid names: {', '.join(valid)}")
-    return "neg_cosine" if name == "mse" else name
-
-
-def _two(views: Sequence[Array], what: str) -> tuple[Array, Array]:
-    if len(views) != 2:
-        raise ValueError(f"{what} must be a pair (view 1, view 2), got {len(views)} arrays")
-    return views[0], views[1]
-
-
-def base_loss(name: str, outputs: Sequence[Array], targets: Sequence[Array] | None = None, *,
-              tau: float = 0.5, group_size: int | None = None) -> Array:
-    """Base-network loss by name (paper Table 7 "base loss").
-
-    * ``"infonce"`` with ``targets`` (momentum-teacher outputs): ``infonce_distill`` (US3L);
-      without targets: ``simclr_infonce`` between the two online views (SimCLR).
-    * ``"mse"``/``"neg_cosine"``: ``neg_cosine(outputs, targets)`` (BYOL/SimSiam-style; the
-      targets are the teacher's or the online projections, stop-gradiented by the caller).
-    """
-    name = check_loss_name(name, "base")
-    _check_tau(tau)
-    o1, o2 = _two(outputs, "outputs")
-    if name == "infonce":
-        if targets is None:
-            return simclr_infonce(o1, o2, tau, group_size)
-        t1, t2 = _two(targets, "targets")
-        return infonce_distill(o1, o2, t1, t2, tau, group_size)
-    if targets is None:
-        raise ValueError("the 'mse' (negative cosine) base loss needs targets")
-    t1, t2 = _two(targets, "targets")
-    return neg_cosine(o1, o2, t1, t2)
-
-
-def distill_loss(name: str, students: Sequence[Array], teachers: Sequence[Array], *,
-                 tau: float = 0.5, group_size: int | None = None) -> Array:
-    """Sub-network distillation loss by name (paper Table 7 "distill loss").
-
-    ``"none"`` gives 0; ``"mse"``/``"neg_cosine"`` the negative cosine (US3L default, Eq. 6);
-    ``"infonce"`` the cross-view InfoNCE distillation (Eq. 7). Student view v is always paired
-    with teacher view u ≠ v.
-    """
-    name = check_loss_name(name, "distill")
-    _check_tau(tau)
-    if name == "none":
-        return jnp.zeros((), jnp.float32)
-    s1, s2 = _two(students, "students")
-    t1, t2 = _two(teachers, "teachers")
-    if name == "infonce":
-        return infonce_distill(s1, s2, t1, t2, tau, group_size)
-    return neg_cosine(s1, s2, t1, t2)
 
 
 def embedding_std(z: Array) -> Array:

@@ -90,14 +90,9 @@ def lr_schedule(recipe: LinearRecipe, steps_per_epoch: int) -> Callable[[Any], j
     """The learning rate as a function of the step (constant within an epoch)."""
     if recipe.schedule == "cosine":
         return optim.cosine_lr(recipe.lr, recipe.epochs, steps_per_epoch=steps_per_epoch)
-    milestones = jnp.asarray(recipe.milestones or (recipe.epochs + 1,), jnp.int32)
-
-    def schedule(step):
-        epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch
-        drops = jnp.sum(epoch >= milestones)
-        return (recipe.lr * recipe.gamma ** drops).astype(jnp.float32)
-
-    return schedule
+    # The rate drops from the first step of each milestone epoch on (optax: count >= boundary).
+    return optax.piecewise_constant_schedule(
+        recipe.lr, {m * steps_per_epoch: recipe.gamma for m in recipe.milestones})
 
 
 def make_optimizer(recipe: LinearRecipe, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -108,8 +103,7 @@ def make_optimizer(recipe: LinearRecipe, steps_per_epoch: int) -> optax.Gradient
         parts.append(optax.add_decayed_weights(recipe.weight_decay))
     if recipe.lars:
         parts.append(optax.scale_by_trust_ratio(trust_coefficient=recipe.trust_coefficient))
-    parts.append(optax.trace(decay=recipe.momentum))
-    parts.append(optim.scale_by_schedule_at(lr_schedule(recipe, steps_per_epoch)))
+    parts.append(optax.sgd(lr_schedule(recipe, steps_per_epoch), momentum=recipe.momentum))
     return optax.chain(*parts)
 
 
