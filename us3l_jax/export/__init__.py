@@ -102,17 +102,34 @@ def slice_to_width(name: str, variables: Mapping[str, Any], width: float,
     train=t)``. Raises ``ValueError`` for an unknown name, a width outside the model's range,
     unknown collections, or missing/extra/misshaped variables (naming them).
     """
+    variables = _check_collections(variables)
+    params = _flat(variables["params"])
+    model = _build(name, model_kw, lambda fam: (
+        int(np.shape(params[(_HEAD[fam], "kernel")])[1]) if (_HEAD[fam], "kernel") in params
+        else None))
+    return _slice(name, model, variables, width)
+
+
+def slice_module(model: nn.Module, variables: Mapping[str, Any],
+                 width: float) -> tuple[nn.Module, Variables]:
+    """``slice_to_width`` for a slimmable ``model`` already built (e.g. by
+    ``config.build_backbone``), so its exact keywords (dtype, BN group size) carry over."""
+    return _slice(type(model).__name__, model, _check_collections(variables), width)
+
+
+def _check_collections(variables: Mapping[str, Any]) -> Variables:
     variables = dict(variables)
     unknown = sorted(set(variables) - set(COLLECTIONS))
     if unknown or "params" not in variables:
         raise ValueError(f"variables must hold 'params' and optionally 'batch_stats'; got "
                          f"collections {sorted(variables)}")
-    params = _flat(variables["params"])
-    model = _build(name, model_kw, lambda fam: (
-        int(np.shape(params[(_HEAD[fam], "kernel")])[1]) if (_HEAD[fam], "kernel") in params
-        else None))
+    return variables
+
+
+def _slice(name: str, model: nn.Module, variables: Variables,
+           width: float) -> tuple[nn.Module, Variables]:
     plain = plain_network(model, width)
-    stem = params.get((_STEM[_family(model)], "kernel"))
+    stem = _flat(variables["params"]).get((_STEM[_family(model)], "kernel"))
     in_ch = 3 if stem is None else int(np.shape(stem)[2])
     full = _abstract(model, in_ch, width=1.0)
     target = _abstract(plain, in_ch)
