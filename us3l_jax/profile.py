@@ -188,8 +188,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body])
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (exit 2), without the usage dump."""
+
+    def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -204,8 +206,8 @@ def _widths(text: str) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _Parser(prog="python -m us3l_jax.profile",
-                     description="Params and MACs per width (" + __doc__.split("\n")[0] + ")")
+    parser = OneLineParser(prog="python -m us3l_jax.profile", description="Params and MACs "
+                           "per width (" + __doc__.split("\n")[0] + ")")
     parser.add_argument("--model", required=True, help=f"one of: {', '.join(models.NAMES)}")
     parser.add_argument("--widths", type=_widths, default=[1.0, 0.75, 0.5, 0.25])
     parser.add_argument("--input-size", type=int, default=224)

@@ -212,7 +212,13 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any], width: float = 
     uncalibrated. ``num_batches_tracked`` is written as 0 (PyTorch only reads it when BN
     momentum is None). Everything is sliced to ``width`` as in ``slice_to_width``.
     """
-    plain, sliced = slice_to_width(name, variables, width, **model_kw)
+    return plain_to_torch_state_dict(*slice_to_width(name, variables, width, **model_kw))
+
+
+def plain_to_torch_state_dict(plain: nn.Module, sliced: Mapping[str, Any]
+                              ) -> dict[str, np.ndarray]:
+    """``to_torch_state_dict`` of a plain network and its (sliced) variables, e.g. from
+    ``slice_module``."""
     family = _family(plain)
     flat = {col: _flat(tree) for col, tree in sliced.items()}
     sd = {tkey: np.ascontiguousarray(_to_torch_leaf(np.asarray(jax.device_get(flat[col][k]))))
