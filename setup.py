@@ -30,6 +30,10 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
 ]
 
+# ONNX export (python -m us3l_jax.export) and its verification. jax2onnx 0.13.0 is the newest
+# release compatible with orbax-checkpoint 0.12.8 (0.13.1+ require orbax-checkpoint < 0.11.37).
+EXPORT_REQUIRES = ["jax2onnx==0.13.0", "onnxruntime==1.32.0"]
+
 setup(
     name="us3l_jax",
     version="0.1.0",
@@ -37,6 +41,6 @@ setup(
     packages=find_packages(include=["us3l_jax", "us3l_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==9.2.0"]},
+    extras_require={"test": ["pytest==9.2.0", *EXPORT_REQUIRES], "export": EXPORT_REQUIRES},
     entry_points={"console_scripts": ["us3l=us3l_jax.main:run"]},
 )
