@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "torch safetensors, Flax) or tabulate every width's cost.")
     parser.add_argument("--workdir", required=True, help="the pretraining run directory")
     pick = parser.add_mutually_exclusive_group(required=True)
-    pick.add_argument("--width", default=None, help="the width to export")
+    pick.add_argument("--width", type=float, default=None, help="the width to export")
     pick.add_argument("--max-macs", default=None, help="MACs budget, e.g. 300M")
     pick.add_argument("--max-params", default=None, help="parameter budget, e.g. 2M")
     pick.add_argument("--max-latency-ms", default=None,

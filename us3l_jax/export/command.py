@@ -109,12 +109,15 @@ def _resolve_width(config, backbone: nn.Module, params: Any, width: Any,
     if budget is None:
         return check_width(config, width), None
     key, limit = budget
-    lo, _ = config.sampler.width_range
-    rows = widths_lib.table(backbone, params, lo, size, batch, measure=key == "latency_ms",
-                            repeats=repeats)
-    row = widths_lib.pick(rows, key, limit)
-    return row.width, {"max_" + key: limit, "picked": row.width,
-                       "candidates": len(rows), key: row.value(key)}
+    rows = widths_lib.table(backbone, params, config.sampler.width_range[0], size, batch,
+                            measure=False)
+    if key == "latency_ms":
+        row, measured = widths_lib.pick_measured(rows, limit, lambda w: widths_lib.latency(
+            backbone, params, w, batch, size, repeats=repeats))
+    else:
+        row, measured = widths_lib.pick(rows, key, limit), 0
+    return row.width, {"max_" + key: limit, "picked": row.width, "candidates": len(rows),
+                       "latency_measured": measured, key: row.value(key)}
 
 
 def export_run(workdir: str, out: str, width: float | None = None,
@@ -160,9 +163,11 @@ def export_run(workdir: str, out: str, width: float | None = None,
     x = jax.random.normal(jax.random.key(VERIFY_SEED), shape, jnp.float32)
     reference = np.asarray(jax.jit(lambda x: backbone.apply(
         {"params": params, "batch_stats": stats}, x, width=width, train=False))(x))
-    latency_ms = widths_lib.measure_latency(fn, jnp.zeros(shape, jnp.float32), repeats=repeats)
+    run_folded = widths_lib.eval_fn(folded)
+    latency_ms = widths_lib.measure_latency(run_folded, folded_vars,
+                                            jnp.zeros(shape, jnp.float32), repeats=repeats)
     files: dict[str, bytes] = {}
-    outputs: dict[str, np.ndarray] = {"folded": np.asarray(jax.jit(fn)(x))}
+    outputs: dict[str, np.ndarray] = {"folded": np.asarray(run_folded(folded_vars, x))}
     if "onnx" in formats:
         files["onnx"] = artifacts.onnx_bytes(fn, shape, name=f"{config.model.name}_w{width}")
         outputs["onnx"] = artifacts.run_onnx(files["onnx"], np.asarray(x))

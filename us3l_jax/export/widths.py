@@ -10,6 +10,7 @@ classifier), and ``measure_latency`` its median wall time on the current device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import re
@@ -88,19 +89,27 @@ def device_name() -> str:
     return f"{d.device_kind} ({d.platform})"
 
 
-def measure_latency(fn: Callable[[jax.Array], jax.Array], x: jax.Array, warmup: int = 3,
+def measure_latency(fn: Callable[..., jax.Array], *args: Any, warmup: int = 3,
                     repeats: int = 20) -> float:
-    """Median wall time in ms of ``fn(x)`` (jitted; compiled and run ``warmup`` times first,
-    each run waited for with ``block_until_ready``)."""
-    f = jax.jit(fn)
+    """Median wall time in ms of ``fn(*args)`` (a jitted function: compiled and run
+    ``warmup`` times first; each run waited for with ``block_until_ready``)."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be a positive integer, got {repeats!r}")
     for _ in range(max(1, warmup)):  # the first call compiles
-        jax.block_until_ready(f(x))
+        jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(f(x))
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
     return 1e3 * statistics.median(times)
+
+
+@functools.lru_cache(maxsize=256)
+def eval_fn(module: nn.Module) -> Callable[[Any, jax.Array], jax.Array]:
+    """``jit(module.apply(variables, x, train=False))``, one per module (linen modules hash by
+    their attributes), so timing a width twice in a process compiles it once."""
+    return jax.jit(functools.partial(module.apply, train=False))
 
 
 def folded_network(backbone: nn.Module, params: Any, batch_stats: Any | None, width: float
@@ -132,7 +141,7 @@ def latency(backbone: nn.Module, params: Any, width: float, batch: int, image_si
     The weights' values do not change the time, so uncalibrated statistics are used."""
     folded, fv = folded_network(backbone, params, None, width)
     x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
-    return measure_latency(lambda x: folded.apply(fv, x, train=False), x, warmup, repeats)
+    return measure_latency(eval_fn(folded), fv, x, warmup=warmup, repeats=repeats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +179,20 @@ def pick(rows: Sequence[Row], key: str, budget: float) -> Row:
         raise ValueError(f"no width fits {key} <= {_fmt(key, budget)}: the smallest width "
                          f"{low.width} needs {_fmt(key, low.value(key))}")
     return fits[-1]
+
+
+def pick_measured(rows: Sequence[Row], budget: float, measure: Callable[[float], float]
+                  ) -> tuple[Row, int]:
+    """``pick(rows, 'latency_ms', budget)`` with latency ``measure(width)`` taken widest
+    first, stopping at the first width that fits (no monotonicity assumed: that is the widest
+    that fits). Returns the row and how many widths were measured."""
+    measured = []
+    for r in sorted(rows, key=lambda r: -r.width):
+        r = dataclasses.replace(r, latency_ms=measure(r.width))
+        if r.latency_ms <= budget:
+            return r, len(measured) + 1
+        measured.append(r)
+    return pick(measured, "latency_ms", budget), len(measured)  # raises: nothing fits
 
 
 def table(backbone: nn.Module, params: Any, lo: float, image_size: int, batch: int = 1,
