@@ -88,6 +88,12 @@ def _calibrated(config: ml_collections.ConfigDict, params: Any, width: float, wo
     return stats, meta, reused
 
 
+def _backbone(config: ml_collections.ConfigDict) -> nn.Module:
+    """The run's backbone computing in float32 whatever its training dtype: exported files
+    are float32 (parameters always are), and verified against float32 JAX to 1e-4."""
+    return config_lib.build_backbone(config, dtype=jnp.float32)
+
+
 def _channels(folded_params: Mapping[str, Any]) -> dict[str, int]:
     """Output channels of every conv (its path -> count), in parameter order."""
     flat = traverse_util.flatten_dict(dict(folded_params))
@@ -147,7 +153,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
         check_width(config, width)
     size = image_size(config, size)
     pre = checkpointing.load_pretrained(workdir, step)
-    backbone = config_lib.build_backbone(config)
+    backbone = _backbone(config)
     params = pre.params["backbone"]
     width, picked = _resolve_width(config, backbone, params, width, budget, size, batch,
                                    repeats)
@@ -208,7 +214,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
         "output": {"name": artifacts.OUTPUT_NAME, "shape": [batch, int(reference.shape[-1])],
                    "dtype": "float32", "what": "global-average-pooled backbone features "
                    "(no classifier)"},
-        "compute_dtype": config.model.dtype,
+        "compute_dtype": "float32", "training_compute_dtype": config.model.dtype,
         "batchnorm": {"folded_into_convs": True, "calibration": calib_meta,
                       "calibration_reused": reused},
         "max_abs_diff_vs_jax": {k: float(f"{d:.3g}") for k, d in diffs.items()},
@@ -274,7 +280,7 @@ def load_flax(directory: str) -> tuple[nn.Module, dict[str, Any]]:
     with open(os.path.join(directory, artifacts.FILES["flax"]), "rb") as f:
         variables = artifacts.load_flax_variables(f.read())
     config = config_lib.from_json(json.dumps(card["source"]["config"]))
-    return plain_network(config_lib.build_backbone(config), card["width"]), variables
+    return plain_network(_backbone(config), card["width"]), variables
 
 
 def width_table(workdir: str, out: str | None = None, batch: int = 1, size: int | None = None,
@@ -291,7 +297,7 @@ def width_table(workdir: str, out: str | None = None, batch: int = 1, size: int 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is an existing file; give a directory")
     pre = checkpointing.load_pretrained(workdir, step)
-    backbone = config_lib.build_backbone(config)
+    backbone = _backbone(config)
     accuracy = widths_lib.sweep_accuracy(backbone, read_sweep(workdir))
     rows = widths_lib.table(backbone, pre.params["backbone"], config.sampler.width_range[0],
                             size, batch, accuracy, repeats=repeats)
