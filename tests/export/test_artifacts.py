@@ -1,6 +1,5 @@
 """ONNX (onnxruntime) and StableHLO (jax.export.deserialize) files of folded networks agree
 with the slimmable JAX model in eval mode, for a ResNet and a MobileNetV2 at several widths."""
-import jax
 import numpy as np
 import pytest
 

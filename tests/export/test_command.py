@@ -233,3 +233,19 @@ def test_cli_runs_as_a_module(tmp_path):
                         "config.json not found (was it pretrained with `python -m "
                         "us3l_jax.main --workdir=...`?)\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_disagreeing_file_or_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    ref = np.array([[1.0, -4.0]])
+    assert command._verify({"onnx": ref + 1e-5}, ref) == {"onnx": pytest.approx(1e-5)}
+    with pytest.raises(RuntimeError, match=r"exported stablehlo disagree with the JAX model"):
+        command._verify({"onnx": ref, "stablehlo": ref + 1e-3}, ref)  # > 1e-4 x 4
+
+    def fail(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(command, "save_safetensors", fail)
+    with pytest.raises(OSError, match="disk full"):
+        command._write_dir(str(tmp_path / "out"), {"onnx": b"x"}, {"a": np.zeros(1)},
+                           {"model": "m", "width": 0.5, "files": {}})
+    assert os.listdir(tmp_path) == []  # neither the export nor its temporary directory

@@ -126,6 +126,41 @@ def _resolve_width(config, backbone: nn.Module, params: Any, width: Any,
                        "latency_measured": measured, key: row.value(key)}
 
 
+def _serialize(formats: Sequence[str], folded: nn.Module, folded_vars: Any, plain: nn.Module,
+               sliced: Any, x: jax.Array, name: str
+               ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+    """The bytes of each requested format but torch (written from its state dict) and each
+    file's output on ``x``, read back the way a user would."""
+    def fn(x):
+        return folded.apply(folded_vars, x, train=False)
+
+    files: dict[str, bytes] = {}
+    outputs: dict[str, np.ndarray] = {}
+    if "onnx" in formats:
+        files["onnx"] = artifacts.onnx_bytes(fn, tuple(x.shape), name=name)
+        outputs["onnx"] = artifacts.run_onnx(files["onnx"], np.asarray(x))
+    if "stablehlo" in formats:
+        files["stablehlo"] = artifacts.stablehlo_bytes(fn, tuple(x.shape))
+        outputs["stablehlo"] = artifacts.run_stablehlo(files["stablehlo"], np.asarray(x))
+    if "flax" in formats:
+        files["flax"] = artifacts.flax_bytes(sliced)
+        outputs["flax"] = np.asarray(plain.apply(artifacts.load_flax_variables(files["flax"]),
+                                                 x, train=False))
+    return files, outputs
+
+
+def _verify(outputs: Mapping[str, np.ndarray], reference: np.ndarray) -> dict[str, float]:
+    """Max abs difference of each output from ``reference``; ``RuntimeError`` (nothing is
+    written) when one exceeds ``VERIFY_RTOL`` of the reference's largest magnitude."""
+    diffs = {k: artifacts.max_abs_diff(v, reference) for k, v in outputs.items()}
+    scale = float(np.max(np.abs(reference)))
+    bad = {k: d for k, d in diffs.items() if d > VERIFY_RTOL * scale}
+    if bad:
+        raise RuntimeError(f"exported {', '.join(bad)} disagree with the JAX model: max abs "
+                           f"diff {bad} > {VERIFY_RTOL} x {scale:.3g}")
+    return diffs
+
+
 def export_run(workdir: str, out: str, width: float | None = None,
                budget: tuple[str, float] | None = None,
                formats: Sequence[str] = artifacts.FORMATS, batch: int = 1,
@@ -162,34 +197,17 @@ def export_run(workdir: str, out: str, width: float | None = None,
     plain, sliced = slice_module(backbone, {"params": params, "batch_stats": stats}, width)
     folded, folded_vars = fold_batchnorm(plain, sliced)
 
-    def fn(x):
-        return folded.apply(folded_vars, x, train=False)
-
     shape = (batch, size, size, 3)
-    x = jax.random.normal(jax.random.key(VERIFY_SEED), shape, jnp.float32)
-    reference = np.asarray(jax.jit(lambda x: backbone.apply(
-        {"params": params, "batch_stats": stats}, x, width=width, train=False))(x))
     run_folded = widths_lib.eval_fn(folded)
     latency_ms = widths_lib.measure_latency(run_folded, folded_vars,
                                             jnp.zeros(shape, jnp.float32), repeats=repeats)
-    files: dict[str, bytes] = {}
-    outputs: dict[str, np.ndarray] = {"folded": np.asarray(run_folded(folded_vars, x))}
-    if "onnx" in formats:
-        files["onnx"] = artifacts.onnx_bytes(fn, shape, name=f"{config.model.name}_w{width}")
-        outputs["onnx"] = artifacts.run_onnx(files["onnx"], np.asarray(x))
-    if "stablehlo" in formats:
-        files["stablehlo"] = artifacts.stablehlo_bytes(fn, shape)
-        outputs["stablehlo"] = artifacts.run_stablehlo(files["stablehlo"], np.asarray(x))
-    if "flax" in formats:
-        files["flax"] = artifacts.flax_bytes(sliced)
-        outputs["flax"] = np.asarray(plain.apply(artifacts.load_flax_variables(files["flax"]),
-                                                 x, train=False))
-    diffs = {k: artifacts.max_abs_diff(v, reference) for k, v in outputs.items()}
-    scale = float(np.max(np.abs(reference)))
-    bad = {k: d for k, d in diffs.items() if d > VERIFY_RTOL * scale}
-    if bad:
-        raise RuntimeError(f"exported {', '.join(bad)} disagree with the JAX model: max abs "
-                           f"diff {bad} > {VERIFY_RTOL} x {scale:.3g}")
+    x = jax.random.normal(jax.random.key(VERIFY_SEED), shape, jnp.float32)
+    reference = np.asarray(jax.jit(lambda x: backbone.apply(
+        {"params": params, "batch_stats": stats}, x, width=width, train=False))(x))
+    files, outputs = _serialize(formats, folded, folded_vars, plain, sliced, x,
+                                f"{config.model.name}_w{width}")
+    outputs["folded"] = np.asarray(run_folded(folded_vars, x))
+    diffs = _verify(outputs, reference)
     cost = widths_lib.costs(backbone, width, size)
     accuracy = widths_lib.sweep_accuracy(backbone, read_sweep(workdir)).get(
         tuple(backbone.channel_config(width)), {})
