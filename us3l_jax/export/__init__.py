@@ -247,23 +247,32 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], width: float
     sd = dict(state_dict)
     model = _build(name, model_kw, lambda fam: (
         int(np.shape(sd[_TORCH_HEAD[fam]])[0]) if _TORCH_HEAD[fam] in sd else None))
-    family = _family(model)
-    plain = plain_network(model, width)
+    return _plain_from_torch(f"{name} state dict", plain_network(model, width), sd,
+                             f" at width {width}")
+
+
+def plain_from_torch_state_dict(plain: nn.Module, state_dict: Mapping[str, Any]) -> Variables:
+    """``from_torch_state_dict`` for the plain network ``plain`` (the inverse of
+    ``plain_to_torch_state_dict``): its variables, numpy float32."""
+    return _plain_from_torch("state dict", plain, dict(state_dict), "")
+
+
+def _plain_from_torch(what: str, plain: nn.Module, sd: dict[str, Any], at: str) -> Variables:
+    family = _family(plain)
     stem = sd.get(_TORCH_STEM[family])
     in_ch = 3 if stem is None else int(np.shape(stem)[1])
     abstract = _abstract(plain, in_ch)
     entries = _torch_entries(family, abstract)
     optional = {f"{p}.num_batches_tracked" for p in _bn_prefixes(family, abstract)}
-    _check_keys(f"{name} state dict at width {width}", set(sd) - optional,
-                [tkey for _, _, tkey in entries])
+    _check_keys(what + at, set(sd) - optional, [tkey for _, _, tkey in entries])
     shapes = {col: _flat(tree) for col, tree in abstract.items()}
     flat: dict[str, dict] = {col: {} for col in abstract}
     for col, k, tkey in entries:
         a = np.asarray(sd[tkey])
         expected = _torch_shape(shapes[col][k].shape)
         if a.shape != expected:
-            raise ValueError(f"{name} state dict key {tkey!r}: shape {a.shape}, expected "
-                             f"{expected} at width {width} (was it exported at another "
+            raise ValueError(f"{what} key {tkey!r}: shape {a.shape}, expected "
+                             f"{expected}{at} (was it exported at another "
                              "width or with other model_kw?)")
         flat[col][k] = np.ascontiguousarray(_from_torch_leaf(a).astype(np.float32))
     return {col: traverse_util.unflatten_dict(v) for col, v in flat.items()}
@@ -277,14 +286,18 @@ def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     """Writes ``state_dict`` to ``path`` atomically: the bytes go to a temporary file in the
     same directory, are fsynced, and the file is renamed over ``path``; a failure leaves any
     previous file untouched and no partial file behind."""
-    path = os.fspath(path)
+    fileio.atomic_write_bytes(os.fspath(path), safetensors_bytes(state_dict, metadata))
+
+
+def safetensors_bytes(state_dict: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors file of ``state_dict`` (string keys; metadata: strings) as bytes."""
     tensors = {}
     for k, v in state_dict.items():
         if not isinstance(k, str):
             raise ValueError(f"state dict keys must be strings, got {k!r}")
         tensors[k] = np.asarray(jax.device_get(v), order="C")  # keeps 0-d arrays 0-d
-    data = safetensors.numpy.save(tensors, metadata=dict(metadata) if metadata else None)
-    fileio.atomic_write_bytes(path, data)
+    return safetensors.numpy.save(tensors, metadata=dict(metadata) if metadata else None)
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The dict of numpy arrays stored in safetensors file ``path``."""

@@ -22,13 +22,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import traverse_util
+import safetensors.numpy
 from flax import linen as nn
+from flax import traverse_util
 
 from us3l_jax import checkpointing, config as config_lib, fileio
 from us3l_jax.evaluate import calibrate as calib, transforms
 from us3l_jax.evaluate.evaluator import Evaluator, calibration_settings, check_width
-from us3l_jax.export import artifacts, plain_to_torch_state_dict, save_safetensors, slice_module
+from us3l_jax.export import (artifacts, plain_from_torch_state_dict, plain_to_torch_state_dict,
+                             safetensors_bytes, slice_module)
 from us3l_jax.export import widths as widths_lib
 from us3l_jax.export.fold import fold_batchnorm
 from us3l_jax.models.plain import plain_network
@@ -129,8 +131,8 @@ def _resolve_width(config, backbone: nn.Module, params: Any, width: Any,
 def _serialize(formats: Sequence[str], folded: nn.Module, folded_vars: Any, plain: nn.Module,
                sliced: Any, x: jax.Array, name: str
                ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    """The bytes of each requested format but torch (written from its state dict) and each
-    file's output on ``x``, read back the way a user would."""
+    """The bytes of each requested format and each file's output on ``x``, read back the way
+    a user would (the torch file through our torchvision-key reader, as torch is optional)."""
     def fn(x):
         return folded.apply(folded_vars, x, train=False)
 
@@ -146,6 +148,12 @@ def _serialize(formats: Sequence[str], folded: nn.Module, folded_vars: Any, plai
         files["flax"] = artifacts.flax_bytes(sliced)
         outputs["flax"] = np.asarray(plain.apply(artifacts.load_flax_variables(files["flax"]),
                                                  x, train=False))
+    if "torch" in formats:
+        files["torch"] = safetensors_bytes(plain_to_torch_state_dict(plain, sliced),
+                                           {"model": name})
+        torch_vars = plain_from_torch_state_dict(
+            plain, safetensors.numpy.load(files["torch"]))
+        outputs["torch"] = np.asarray(plain.apply(torch_vars, x, train=False))
     return files, outputs
 
 
@@ -241,8 +249,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
                    "config": json.loads(config_lib.to_json(config))},
         "files": {},
     }
-    torch_sd = plain_to_torch_state_dict(plain, sliced) if "torch" in formats else None
-    _write_dir(out, files, torch_sd, card)
+    _write_dir(out, files, card)
     if echo is not None:
         echo(f"exported {config.model.name} width {width} ({cost['params']:,} params, "
              f"{cost['macs']:,} MACs, {latency_ms:.3f} ms at batch {batch} on "
@@ -261,8 +268,7 @@ _WHAT = {"onnx": "ONNX model (onnxruntime), BN folded",
                  "us3l_jax.export.command.load_flax"}
 
 
-def _write_dir(out: str, files: dict[str, bytes], torch_sd: dict[str, np.ndarray] | None,
-               card: dict[str, Any]) -> None:
+def _write_dir(out: str, files: dict[str, bytes], card: dict[str, Any]) -> None:
     """Writes the files and the card into a temporary sibling of ``out``, then renames it."""
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
@@ -270,9 +276,6 @@ def _write_dir(out: str, files: dict[str, bytes], torch_sd: dict[str, np.ndarray
     try:
         for fmt, data in files.items():
             fileio.atomic_write_bytes(os.path.join(tmp, artifacts.FILES[fmt]), data)
-        if torch_sd is not None:
-            save_safetensors(os.path.join(tmp, artifacts.FILES["torch"]), torch_sd,
-                             metadata={"model": card["model"], "width": str(card["width"])})
         for fmt in artifacts.FORMATS:
             path = os.path.join(tmp, artifacts.FILES[fmt])
             if os.path.exists(path):
