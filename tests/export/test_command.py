@@ -251,3 +251,15 @@ def test_a_disagreeing_file_or_a_failed_write_leaves_nothing(tmp_path, monkeypat
         command._write_dir(str(tmp_path / "out"), {"onnx": b"x", "torch": b"y"},
                            {"model": "m", "width": 0.5, "files": {}})
     assert os.listdir(tmp_path) == []  # neither the export nor its temporary directory
+
+
+def test_image_size_defaults_to_the_evaluation_crop_and_out_must_be_new_or_empty(tmp_path):
+    config = helpers.demo_config("smoke")
+    assert command.image_size(config) == 16 and command.image_size(config, 24) == 24
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"--image-size must be a positive integer, got "
+                                             f"{bad!r}"):
+            command.image_size(config, bad)
+    (tmp_path / "empty").mkdir()
+    assert command.check_out(str(tmp_path / "empty")) == str(tmp_path / "empty")
+    assert command.check_out(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
