@@ -39,13 +39,18 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.11.2,<3.12",
 ]
 
+# ONNX export (python -m us3l_jax.export) and its verification. jax2onnx 0.13.0 is the newest
+# release compatible with orbax-checkpoint 0.12.8 (0.13.1+ require orbax-checkpoint < 0.11.37).
+EXPORT_REQUIRES = ["jax2onnx>=0.13.0,<0.13.1", "onnxruntime>=1.32.0,<1.33"]
+
 EXTRAS_REQUIRE = {
     "cuda12": ["jax[cuda12]" + JAX],
     "tpu": ["jax[tpu]" + JAX],
     # TFDS builds with TensorFlow; etils needs importlib_resources for a builder's files.
     "prepare": ["tensorflow>=2.21.0,<2.22", "importlib-resources>=7.1.0,<7.2"],
+    "export": EXPORT_REQUIRES,
     "test": ["pytest>=9.2.0,<9.3", "nbclient>=0.11.0,<0.12", "nbformat>=5.11.1,<5.12",
-             "ipykernel>=7.4.0,<7.5"],
+             "ipykernel>=7.4.0,<7.5", *EXPORT_REQUIRES],
 }
 
 setup(

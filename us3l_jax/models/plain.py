@@ -29,18 +29,27 @@ ConvSpec = tuple[int, int, int, int]
 
 
 class _Layers:
-    """Plain conv / BN / dense built from the slimmable layers with slimming off."""
+    """Plain conv / BN / dense built from the slimmable layers with slimming off.
 
-    def __init__(self, dtype: Any, bn_group_size: int | None):
+    ``folded``: every BN has been folded into the conv before it (``us3l_jax.export.fold``),
+    so convs carry a bias and BN is the identity: the deployed form of an eval-mode network.
+    """
+
+    def __init__(self, dtype: Any, bn_group_size: int | None, folded: bool = False):
         self.dtype = dtype
         self.bn_group_size = bn_group_size
+        self.folded = folded
 
     def conv(self, x, spec: ConvSpec, name: str, depthwise: bool = False):
         k, s, cin, cout = spec
-        return SlimConv(cin, cout, k, s, slim_in=False, slim_out=False, depthwise=depthwise,
-                        dtype=self.dtype, name=name)(x, slim.MAX_WIDTH)
+        return SlimConv(cin, cout, k, s, use_bias=self.folded, slim_in=False, slim_out=False,
+                        depthwise=depthwise, dtype=self.dtype, name=name)(x, slim.MAX_WIDTH)
 
     def bn(self, x, name: str, train: bool):
+        if self.folded:
+            if train:
+                raise ValueError("a network with folded BatchNorm has no train mode")
+            return x
         return SlimBatchNorm(x.shape[-1], slim=False, group_size=self.bn_group_size,
                              dtype=self.dtype, name=name)(x, slim.MAX_WIDTH, train)
 
@@ -60,10 +69,11 @@ class PlainResBlock(nn.Module):
     downsample_stride: int | None
     dtype: Any = jnp.float32
     bn_group_size: int | None = None
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        L = _Layers(self.dtype, self.bn_group_size)
+        L = _Layers(self.dtype, self.bn_group_size, self.folded)
         out = x
         for i, spec in enumerate(self.convs, start=1):
             out = L.bn(L.conv(out, spec, f"conv{i}"), f"bn{i}", train)
@@ -85,10 +95,11 @@ class PlainResNet(nn.Module):
     num_classes: int | None = None
     bn_group_size: int | None = None
     dtype: Any = jnp.float32
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        L = _Layers(self.dtype, self.bn_group_size)
+        L = _Layers(self.dtype, self.bn_group_size, self.folded)
         k, s = (3, 1) if self.stem == "cifar" else (7, 2)
         x = nn.relu(L.bn(L.conv(x, (k, s, x.shape[-1], self.stem_channels), "conv1"), "bn1",
                          train))
@@ -96,7 +107,7 @@ class PlainResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, stage in enumerate(self.blocks):
             for j, (convs, down) in enumerate(stage):
-                x = PlainResBlock(convs, down, self.dtype, self.bn_group_size,
+                x = PlainResBlock(convs, down, self.dtype, self.bn_group_size, self.folded,
                                   name=f"layer{i + 1}_{j}")(x, train)
         x = _pool(x, self.dtype)
         return x if self.num_classes is None else L.dense(x, self.num_classes, "fc")
@@ -113,10 +124,11 @@ class PlainInvertedResidual(nn.Module):
     residual: bool
     dtype: Any = jnp.float32
     bn_group_size: int | None = None
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x, train: bool):
-        L = _Layers(self.dtype, self.bn_group_size)
+        L = _Layers(self.dtype, self.bn_group_size, self.folded)
         h = x
         if self.expand:
             h = nn.relu6(L.bn(L.conv(h, (1, 1, self.inp, self.hidden), "expand_conv"),
@@ -136,15 +148,16 @@ class PlainMobileNetV2(nn.Module):
     num_classes: int | None = None
     bn_group_size: int | None = None
     dtype: Any = jnp.float32
+    folded: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        L = _Layers(self.dtype, self.bn_group_size)
+        L = _Layers(self.dtype, self.bn_group_size, self.folded)
         x = L.conv(x, (3, self.stem_stride, x.shape[-1], self.stem_channels), "stem_conv")
         x = nn.relu6(L.bn(x, "stem_bn", train))
         for i, b in enumerate(self.blocks):
-            x = PlainInvertedResidual(*b, self.dtype, self.bn_group_size, name=f"block{i}")(
-                x, train)
+            x = PlainInvertedResidual(*b, self.dtype, self.bn_group_size, self.folded,
+                                      name=f"block{i}")(x, train)
         x = L.conv(x, (1, 1, self.blocks[-1][2], mbv2.HEAD_CHANNELS), "head_conv")
         x = nn.relu6(L.bn(x, "head_bn", train))
         x = _pool(x, self.dtype)

@@ -102,17 +102,34 @@ def slice_to_width(name: str, variables: Mapping[str, Any], width: float,
     train=t)``. Raises ``ValueError`` for an unknown name, a width outside the model's range,
     unknown collections, or missing/extra/misshaped variables (naming them).
     """
+    variables = _check_collections(variables)
+    params = _flat(variables["params"])
+    model = _build(name, model_kw, lambda fam: (
+        int(np.shape(params[(_HEAD[fam], "kernel")])[1]) if (_HEAD[fam], "kernel") in params
+        else None))
+    return _slice(name, model, variables, width)
+
+
+def slice_module(model: nn.Module, variables: Mapping[str, Any],
+                 width: float) -> tuple[nn.Module, Variables]:
+    """``slice_to_width`` for a slimmable ``model`` already built (e.g. by
+    ``config.build_backbone``), so its exact keywords (dtype, BN group size) carry over."""
+    return _slice(type(model).__name__, model, _check_collections(variables), width)
+
+
+def _check_collections(variables: Mapping[str, Any]) -> Variables:
     variables = dict(variables)
     unknown = sorted(set(variables) - set(COLLECTIONS))
     if unknown or "params" not in variables:
         raise ValueError(f"variables must hold 'params' and optionally 'batch_stats'; got "
                          f"collections {sorted(variables)}")
-    params = _flat(variables["params"])
-    model = _build(name, model_kw, lambda fam: (
-        int(np.shape(params[(_HEAD[fam], "kernel")])[1]) if (_HEAD[fam], "kernel") in params
-        else None))
+    return variables
+
+
+def _slice(name: str, model: nn.Module, variables: Variables,
+           width: float) -> tuple[nn.Module, Variables]:
     plain = plain_network(model, width)
-    stem = params.get((_STEM[_family(model)], "kernel"))
+    stem = _flat(variables["params"]).get((_STEM[_family(model)], "kernel"))
     in_ch = 3 if stem is None else int(np.shape(stem)[2])
     full = _abstract(model, in_ch, width=1.0)
     target = _abstract(plain, in_ch)
@@ -195,7 +212,13 @@ def to_torch_state_dict(name: str, variables: Mapping[str, Any], width: float = 
     uncalibrated. ``num_batches_tracked`` is written as 0 (PyTorch only reads it when BN
     momentum is None). Everything is sliced to ``width`` as in ``slice_to_width``.
     """
-    plain, sliced = slice_to_width(name, variables, width, **model_kw)
+    return plain_to_torch_state_dict(*slice_to_width(name, variables, width, **model_kw))
+
+
+def plain_to_torch_state_dict(plain: nn.Module, sliced: Mapping[str, Any]
+                              ) -> dict[str, np.ndarray]:
+    """``to_torch_state_dict`` of a plain network and its (sliced) variables, e.g. from
+    ``slice_module``."""
     family = _family(plain)
     flat = {col: _flat(tree) for col, tree in sliced.items()}
     sd = {tkey: np.ascontiguousarray(_to_torch_leaf(np.asarray(jax.device_get(flat[col][k]))))
@@ -224,23 +247,32 @@ def from_torch_state_dict(name: str, state_dict: Mapping[str, Any], width: float
     sd = dict(state_dict)
     model = _build(name, model_kw, lambda fam: (
         int(np.shape(sd[_TORCH_HEAD[fam]])[0]) if _TORCH_HEAD[fam] in sd else None))
-    family = _family(model)
-    plain = plain_network(model, width)
+    return _plain_from_torch(f"{name} state dict", plain_network(model, width), sd,
+                             f" at width {width}")
+
+
+def plain_from_torch_state_dict(plain: nn.Module, state_dict: Mapping[str, Any]) -> Variables:
+    """``from_torch_state_dict`` for the plain network ``plain`` (the inverse of
+    ``plain_to_torch_state_dict``): its variables, numpy float32."""
+    return _plain_from_torch("state dict", plain, dict(state_dict), "")
+
+
+def _plain_from_torch(what: str, plain: nn.Module, sd: dict[str, Any], at: str) -> Variables:
+    family = _family(plain)
     stem = sd.get(_TORCH_STEM[family])
     in_ch = 3 if stem is None else int(np.shape(stem)[1])
     abstract = _abstract(plain, in_ch)
     entries = _torch_entries(family, abstract)
     optional = {f"{p}.num_batches_tracked" for p in _bn_prefixes(family, abstract)}
-    _check_keys(f"{name} state dict at width {width}", set(sd) - optional,
-                [tkey for _, _, tkey in entries])
+    _check_keys(what + at, set(sd) - optional, [tkey for _, _, tkey in entries])
     shapes = {col: _flat(tree) for col, tree in abstract.items()}
     flat: dict[str, dict] = {col: {} for col in abstract}
     for col, k, tkey in entries:
         a = np.asarray(sd[tkey])
         expected = _torch_shape(shapes[col][k].shape)
         if a.shape != expected:
-            raise ValueError(f"{name} state dict key {tkey!r}: shape {a.shape}, expected "
-                             f"{expected} at width {width} (was it exported at another "
+            raise ValueError(f"{what} key {tkey!r}: shape {a.shape}, expected "
+                             f"{expected}{at} (was it exported at another "
                              "width or with other model_kw?)")
         flat[col][k] = np.ascontiguousarray(_from_torch_leaf(a).astype(np.float32))
     return {col: traverse_util.unflatten_dict(v) for col, v in flat.items()}
@@ -254,14 +286,18 @@ def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     """Writes ``state_dict`` to ``path`` atomically: the bytes go to a temporary file in the
     same directory, are fsynced, and the file is renamed over ``path``; a failure leaves any
     previous file untouched and no partial file behind."""
-    path = os.fspath(path)
+    fileio.atomic_write_bytes(os.fspath(path), safetensors_bytes(state_dict, metadata))
+
+
+def safetensors_bytes(state_dict: Mapping[str, np.ndarray],
+                      metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors file of ``state_dict`` (string keys; metadata: strings) as bytes."""
     tensors = {}
     for k, v in state_dict.items():
         if not isinstance(k, str):
             raise ValueError(f"state dict keys must be strings, got {k!r}")
         tensors[k] = np.asarray(jax.device_get(v), order="C")  # keeps 0-d arrays 0-d
-    data = safetensors.numpy.save(tensors, metadata=dict(metadata) if metadata else None)
-    fileio.atomic_write_bytes(path, data)
+    return safetensors.numpy.save(tensors, metadata=dict(metadata) if metadata else None)
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The dict of numpy arrays stored in safetensors file ``path``."""

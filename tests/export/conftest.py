@@ -1,0 +1,43 @@
+"""A tiny run to export: the demo smoke config (ResNet-18 layout, one block per stage, base
+width 16, widths [0.25, 1], 16 px digits) with one checkpoint of random weights. Export needs
+a checkpoint and BN calibration, not a trained network; making the weights on the host skips
+compiling the model's init and training steps (pretraining is tested elsewhere), which would
+take most of these tests' time on a CPU."""
+import jax
+import numpy as np
+import pytest
+
+from us3l_jax import build, checkpointing
+from tests import helpers
+
+STEP = 3  # any step number; the random state is stored under it
+
+
+def _random_state(config, seed=0):
+    """A TrainState of the config's shapes: kernels at He scale, BN scales in [0.5, 1.5]
+    (1 would hide slicing mistakes), small biases; integer leaves (step, rng) zero."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        if not np.issubdtype(s.dtype, np.floating):
+            return np.zeros(s.shape, s.dtype)
+        name = getattr(path[-1], "key", "")
+        if name == "kernel":
+            return rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape).astype(s.dtype)
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
+        return rng.normal(0, 0.1, s.shape).astype(s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, build.abstract_state(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    config = helpers.demo_config("smoke", eval__calibration_batches=2)
+    workdir = str(tmp_path_factory.mktemp("export_run"))
+    checkpointing.write_config(workdir, config)
+    ckpt = checkpointing.Checkpointer(workdir, config, async_save=False)
+    ckpt.save(STEP, _random_state(config))
+    ckpt.wait()
+    ckpt.close()
+    return workdir

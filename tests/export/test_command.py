@@ -1,0 +1,265 @@
+"""python -m us3l_jax.export on a tiny run: every file checked against the JAX model, budget
+picks, the width table, and the one-line errors of bad inputs (nothing written)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from us3l_jax import build, checkpointing, export
+from us3l_jax.evaluate import calibrate as calib, report
+from us3l_jax.export import artifacts, command, widths
+from us3l_jax.export.__main__ import main
+from tests import helpers
+from tests.export.conftest import STEP
+
+ALL = "onnx,stablehlo,torch,flax"
+
+
+def _reference(workdir, width, x):
+    """The slimmable backbone of the checkpoint in eval mode at ``width``, with the stored
+    calibrated statistics: what every export must compute."""
+    pre = checkpointing.load_pretrained(workdir)
+    stats, meta = calib.load_stats(calib.stats_path(workdir, pre.step, width))
+    backbone = build.backbone(pre.config)
+    y = backbone.apply({"params": pre.params["backbone"], "batch_stats": stats}, x,
+                       width=width, train=False)
+    return np.asarray(y), meta
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("exports") / "w05")
+    card = command.export_run(tiny_run, out, 0.5, formats=ALL.split(","), batch=2,
+                              repeats=3, echo=None)
+    return out, card
+
+
+def test_every_artifact_matches_the_jax_model(tiny_run, exported):
+    out, card = exported
+    assert sorted(os.listdir(out)) == ["model.msgpack", "model.onnx", "model.safetensors",
+                                       "model.stablehlo", "model_card.json"]
+    x = np.asarray(jax.random.normal(jax.random.key(7), (2, 16, 16, 3)), np.float32)
+    ref, meta = _reference(tiny_run, 0.5, x)
+    assert ref.shape == (2, 64)  # 0.5 x 128 channels
+    assert meta["num_batches"] == 2 and meta["step"] == STEP  # calibrated by the export
+    tol = 1e-4 * np.abs(ref).max()
+    with open(os.path.join(out, "model.onnx"), "rb") as f:
+        np.testing.assert_allclose(artifacts.run_onnx(f.read(), x), ref, rtol=0, atol=tol)
+    with open(os.path.join(out, "model.stablehlo"), "rb") as f:
+        exp = jax.export.deserialize(bytearray(f.read()))  # plain JAX, no us3l_jax
+    assert exp.in_avals[0].shape == (2, 16, 16, 3) and exp.out_avals[0].shape == (2, 64)
+    assert set(exp.platforms) == {"cpu", "cuda", "tpu"}
+    np.testing.assert_allclose(np.asarray(exp.call(jnp.asarray(x))), ref, rtol=0, atol=tol)
+    plain, variables = command.load_flax(out)
+    np.testing.assert_allclose(np.asarray(plain.apply(variables, x, train=False)), ref,
+                               rtol=0, atol=tol)
+    sd = export.load_safetensors(os.path.join(out, "model.safetensors"))
+    assert sd["conv1.weight"].shape == (8, 3, 3, 3)  # OIHW, 0.5 x 16 stem channels
+    assert sd["layer4.0.downsample.0.weight"].shape == (64, 32, 1, 1)
+    np.testing.assert_array_equal(sd["layer1.0.bn1.running_var"],
+                                  variables["batch_stats"]["layer1_0"]["bn1"]["var"])
+    # The export checked each file the same way (on its own input) before writing it.
+    assert set(card["max_abs_diff_vs_jax"]) == {"folded", "onnx", "stablehlo", "torch", "flax"}
+    assert max(card["max_abs_diff_vs_jax"].values()) <= tol
+
+
+def test_model_card_describes_the_export(tiny_run, exported):
+    out, card = exported
+    with open(os.path.join(out, "model_card.json")) as f:
+        assert json.load(f) == card
+    cost = widths.costs(build.backbone(checkpointing.read_config(tiny_run)), 0.5, 16)
+    assert (card["params"], card["macs"]) == (cost["params"], cost["macs"]) == (77352, 1038336)
+    assert card["width"] == 0.5 and card["channel_config"] == [8, 16, 32, 64]
+    assert card["channels"]["conv1"] == 8 and card["channels"]["layer4_0/conv2"] == 64
+    assert card["input"]["shape"] == [2, 16, 16, 3] and card["input"]["layout"] == "NHWC"
+    assert card["input"]["mean"] == [0.4914, 0.4822, 0.4465] and card["input"]["crop"] == 16
+    assert card["output"]["shape"] == [2, 64]
+    assert card["latency_ms"]["batch"] == 2 and card["latency_ms"]["median"] > 0
+    assert card["latency_ms"]["device"] == widths.device_name()
+    assert card["source"]["step"] == STEP and card["source"]["config_identity"] == \
+        checkpointing.identity(checkpointing.read_config(tiny_run))
+    assert card["batchnorm"]["folded_into_convs"] and card["probe_accuracy"] == {}
+    # Folding drops BN's scale and bias (2 per channel) and adds a conv bias (1 per channel).
+    bn_channels = sum(card["channels"].values())
+    assert card["folded_params"] == card["params"] - bn_channels
+    for name in artifacts.FILES.values():
+        assert card["files"][name]["bytes"] == os.path.getsize(os.path.join(out, name))
+
+
+def test_torch_file_loads_into_a_torch_resnet(exported):
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    out, card = exported
+    ch = card["channel_config"]
+
+    class Block(nn.Module):  # torchvision BasicBlock's names
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(ch[0])
+            cin = ch[0]
+            for i, c in enumerate(ch):
+                setattr(self, f"layer{i + 1}", nn.Sequential(Block(cin, c, 1 if i == 0 else 2)))
+                cin = c
+
+        def forward(self, x):
+            x = torch.relu(self.bn1(self.conv1(x)))
+            for i in range(4):
+                x = getattr(self, f"layer{i + 1}")(x)
+            return x.mean((2, 3))
+
+    net = Net().eval()
+    sd = {k: torch.from_numpy(v) for k, v in
+          export.load_safetensors(os.path.join(out, "model.safetensors")).items()}
+    result = net.load_state_dict(sd, strict=True)  # every key matched, both ways
+    assert not result.missing_keys and not result.unexpected_keys
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 16, 16, 3)), np.float32)
+    plain, variables = command.load_flax(out)
+    ref = np.asarray(plain.apply(variables, x, train=False))
+    with torch.no_grad():
+        got = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_budgets_pick_the_widest_width_that_fits(tiny_run, tmp_path):
+    """Through the CLI; ``test_widths`` checks budgets on both sides of every width's cost."""
+    backbone = build.backbone(checkpointing.read_config(tiny_run))
+    macs = widths.costs(backbone, 0.5, 16)["macs"]
+    for flag, expected in [(f"--max-macs={macs - 1}", 0.45), ("--max-latency-ms=1e6", 1.0)]:
+        out = tmp_path / flag.split("=")[0]
+        assert main([f"--workdir={tiny_run}", flag, f"--out={out}", "--format=flax",
+                     "--repeats=2"]) == 0
+        with open(out / "model_card.json") as f:
+            card = json.load(f)
+        assert card["width"] == card["budget"]["picked"] == expected, flag
+        assert card["budget"]["candidates"] == 19
+    # Widest first: an hour-long budget fits 1.0, the first width measured.
+    assert card["budget"]["latency_ms"] > 0 and card["budget"]["latency_measured"] == 1
+
+
+def test_table_lists_every_distinct_width_with_sweep_accuracy(tiny_run, tmp_path, capsys,
+                                                             monkeypatch):
+    # Timing is tested with the exports; here a latency of 1 ms per million MACs makes the
+    # table's numbers exact (and spares compiling 19 networks).
+    def fake_latency(backbone, params, width, batch, size, repeats=20):
+        assert (batch, size, repeats) == (1, 16, 2)
+        return widths.costs(backbone, width, size)["macs"] / 1e6
+
+    monkeypatch.setattr(widths, "latency", fake_latency)
+    # A sweep.json as the evaluate CLI writes it, for widths 1.0 and 0.25.
+    records = [{"width": w, "protocol": "fast", "accuracy": a, "model": "cifar_resnet18",
+                "step": STEP, "dataset": "digits", "input_size": 16, "params": p, "macs": m,
+                "calibration_mode": "cumulative"}
+               for w, a, p, m in [(1.0, 91.5, 307536, 4042752), (0.25, 80.25, 20888, 542720)]]
+    report.write(records, tiny_run)
+    try:
+        assert main([f"--workdir={tiny_run}", "--table", f"--out={tmp_path}",
+                     "--repeats=2"]) == 0
+    finally:
+        for name in report.FILES:
+            os.remove(os.path.join(tiny_run, name))
+    text = capsys.readouterr().out
+    with open(tmp_path / "width_table.json") as f:
+        rows = json.load(f)
+    assert [r["width"] for r in rows] == [0.25, 0.3, 0.4, 0.41, 0.45, 0.5, 0.55, 0.59, 0.6,
+                                          0.68, 0.7, 0.75, 0.8, 0.83, 0.84, 0.9, 0.93, 0.95,
+                                          1.0]
+    assert rows[-1]["probe_accuracy"] == {"fast": 91.5}
+    assert rows[0]["probe_accuracy"] == {"fast": 80.25} and rows[5]["probe_accuracy"] == {}
+    assert (rows[5]["params"], rows[5]["macs"]) == (77352, 1038336)
+    assert [r["latency_ms"] for r in rows] == [round(r["macs"] / 1e6, 4) for r in rows]
+    line = next(ln for ln in text.splitlines() if ln.split()[:1] == ["0.5"])
+    assert line.split() == ["0.5", "77,352", "1,038,336", "1.038"]
+    assert text.splitlines()[3].split() == ["1", "307,536", "4,042,752", "4.043", "91.5"]
+    png = (tmp_path / "width_table.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--width=1.5"], "width 1.5 is outside the trained range [0.25, 1.0]"),
+    (["--max-params=10k"], "no width fits params <= 10,000 (0.01M): the smallest width 0.25 "
+                           "needs 20,888 (0.0209M)"),
+    (["--width=0.5", "--format=onnx,tflite"], "unknown format 'tflite'; valid: onnx, "
+                                              "stablehlo, torch, flax"),
+    (["--max-macs=lots"], "--max-macs 'lots' is not a positive number"),
+    (["--width=0.5", "--out={FILE}"], "--out {FILE!r} is an existing file"),
+    (["--width=0.5", "--out={FULL}"], "--out {FULL!r} is a directory that is not empty"),
+    (["--width=0.5", "--workdir={NORUN}"], "no run in {NORUN!r}: config.json not found"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, capsys, args,
+                                                         message):
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "FULL").mkdir()
+    (tmp_path / "FULL" / "keep").write_text("x")
+    before = sorted(os.listdir(tmp_path))
+    paths = {k: str(tmp_path / k) for k in ("FILE", "FULL", "NORUN")}
+    # Later flags win: the defaults below are overridden by the case's own.
+    argv = [f"--workdir={tiny_run}", f"--out={tmp_path / 'new'}"]
+    with pytest.raises(SystemExit) as e:
+        main(argv + [a.format(**paths) for a in args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("python -m us3l_jax.export: error: "), err
+    assert message.format(**paths) in err, err
+    assert sorted(os.listdir(tmp_path)) == before  # no export, no temporary directory
+
+
+def test_cli_runs_as_a_module(tmp_path):
+    """The installed entry point: a user's shell, exit status 2 and one line on stderr."""
+    r = subprocess.run([sys.executable, "-m", "us3l_jax.export", f"--workdir={tmp_path}",
+                        "--width=0.5", "--out=" + str(tmp_path / "o")], capture_output=True,
+                       text=True, cwd=helpers.REPO, env=dict(os.environ, PYTHONPATH=helpers.REPO),
+                       timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == (f"python -m us3l_jax.export: error: no run in {str(tmp_path)!r}: "
+                        "config.json not found (was it pretrained with `python -m "
+                        "us3l_jax.main --workdir=...`?)\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_disagreeing_file_or_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    ref = np.array([[1.0, -4.0]])
+    assert command._verify({"onnx": ref + 1e-5}, ref) == {"onnx": pytest.approx(1e-5)}
+    with pytest.raises(RuntimeError, match=r"exported stablehlo disagree with the JAX model"):
+        command._verify({"onnx": ref, "stablehlo": ref + 1e-3}, ref)  # > 1e-4 x 4
+
+    def fail(*args, **kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(command.fileio, "atomic_write_text", fail)  # the card, written last
+    with pytest.raises(OSError, match="disk full"):
+        command._write_dir(str(tmp_path / "out"), {"onnx": b"x", "torch": b"y"},
+                           {"model": "m", "width": 0.5, "files": {}})
+    assert os.listdir(tmp_path) == []  # neither the export nor its temporary directory
+
+
+def test_image_size_defaults_to_the_evaluation_crop_and_out_must_be_new_or_empty(tmp_path):
+    config = helpers.demo_config("smoke")
+    assert command.image_size(config) == 16 and command.image_size(config, 24) == 24
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match=f"--image-size must be a positive integer, got "
+                                             f"{bad!r}"):
+            command.image_size(config, bad)
+    (tmp_path / "empty").mkdir()
+    assert command.check_out(str(tmp_path / "empty")) == str(tmp_path / "empty")
+    assert command.check_out(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")

@@ -1,0 +1,96 @@
+"""``python -m us3l_jax.export --workdir=RUN (--width=W | --max-macs=N | --max-params=N |
+--max-latency-ms=MS) --out=DIR [--format=onnx,stablehlo,torch,flax] [--batch=1]
+[--image-size=N] [--step=N]``: export one width of a run (see ``command.export_run``);
+``python -m us3l_jax.export --workdir=RUN --table [--out=DIR]``: params, MACs, latency and
+accuracy of every distinct width (``command.width_table``).
+
+Bad arguments (no run, a width outside the trained range, a budget no width fits, an unknown
+format, ``--out`` an existing file or non-empty directory) print one line
+``python -m us3l_jax.export: error: ...`` and exit 2, writing nothing.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from absl import flags as absl_flags
+
+from us3l_jax import cli
+from us3l_jax.checkpointing import CheckpointError
+from us3l_jax.export import artifacts
+
+PROG = "python -m us3l_jax.export"
+FLAGS = absl_flags.FlagValues()
+absl_flags.DEFINE_string("workdir", None, "the pretraining run directory (required)",
+                         flag_values=FLAGS)
+absl_flags.DEFINE_float("width", None, "the width to export", flag_values=FLAGS)
+absl_flags.DEFINE_string("max_macs", None, "MACs budget, e.g. 300M", flag_values=FLAGS)
+absl_flags.DEFINE_string("max_params", None, "parameter budget, e.g. 2M", flag_values=FLAGS)
+absl_flags.DEFINE_string("max_latency_ms", None,
+                         "latency budget in ms, measured on this device at --batch",
+                         flag_values=FLAGS)
+absl_flags.DEFINE_bool("table", False, "print and plot every width", flag_values=FLAGS)
+absl_flags.DEFINE_string("format", ",".join(artifacts.FORMATS),
+                         f"comma-separated, of: {', '.join(artifacts.FORMATS)}",
+                         flag_values=FLAGS)
+absl_flags.DEFINE_string("out", None, "export directory (new or empty); with --table where "
+                         "the table goes (default --workdir)", flag_values=FLAGS)
+absl_flags.DEFINE_integer("batch", 1, "exported and timed batch size", flag_values=FLAGS)
+absl_flags.DEFINE_integer("image_size", None, "input side (default the run's evaluation crop)",
+                          flag_values=FLAGS)
+absl_flags.DEFINE_integer("step", None, "checkpoint step (default latest)", flag_values=FLAGS)
+absl_flags.DEFINE_integer("repeats", 20, "latency repeats (median)", flag_values=FLAGS)
+_NAMES = ("workdir", "width", "max_macs", "max_params", "max_latency_ms", "table", "format",
+          "out", "batch", "image_size", "step", "repeats")
+_CHOICES = ("width", "max_macs", "max_params", "max_latency_ms", "table")
+
+
+def usage() -> str:
+    return ("Export one width of a US3L run (ONNX, StableHLO, torch safetensors, Flax) or "
+            "tabulate every width's cost.\n"
+            f"  {PROG} --workdir=RUN --max-macs=300M --out=DIR\n"
+            f"  {PROG} --workdir=RUN --table\n\n"
+            f"Flags:\n{cli.format_flags(FLAGS, _NAMES)}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli.parse(FLAGS, argv, PROG, usage)
+    args = FLAGS
+    if not args.workdir:
+        cli.fail(PROG, "--workdir is required (the pretraining run directory)")
+    chosen = [c for c in _CHOICES if (args[c].value if c == "table" else
+                                      args[c].value is not None)]
+    if len(chosen) != 1:
+        cli.fail(PROG, "give exactly one of --width, --max-macs, --max-params, "
+                       f"--max-latency-ms, --table (got {len(chosen)}: "
+                       f"{', '.join('--' + c.replace('_', '-') for c in chosen) or 'none'})")
+    # Our progress at INFO; other libraries (jax2onnx logs every conversion step, absl via
+    # orbax installs its own handler) only at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
+                        force=True)
+    logging.getLogger("us3l_jax").setLevel(logging.INFO)
+    from us3l_jax.export import command, widths  # deferred: argument errors stay fast
+
+    try:
+        if args.table:
+            command.width_table(args.workdir, args.out, args.batch, args.image_size, args.step,
+                                args.repeats)
+            return 0
+        if args.out is None:
+            raise ValueError("--out is required to export (a new or empty directory)")
+        formats = artifacts.check_formats(args.format)
+        budget = None
+        for flag, key in widths.BUDGETS.items():
+            text = getattr(args, flag)
+            if text is not None:
+                budget = (key, widths.parse_count(text, "--" + flag.replace("_", "-")))
+        command.export_run(args.workdir, args.out, args.width, budget, formats, args.batch,
+                           args.image_size, args.step, repeats=args.repeats)
+    except (CheckpointError, ValueError) as e:  # the same one line (exit 2) as bad flags
+        cli.fail(PROG, e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
