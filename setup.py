@@ -40,8 +40,9 @@ INSTALL_REQUIRES = [
 ]
 
 # ONNX export (python -m us3l_jax.export) and its verification. jax2onnx 0.13.0 is the newest
-# release compatible with orbax-checkpoint 0.12.8 (0.13.1+ require orbax-checkpoint < 0.11.37).
-EXPORT_REQUIRES = ["jax2onnx>=0.13.0,<0.13.1", "onnxruntime>=1.32.0,<1.33"]
+# release compatible with orbax-checkpoint 0.12.8 (0.13.1+ require orbax-checkpoint < 0.11.37,
+# so pip's resolver keeps 0.13.0 within this range).
+EXPORT_REQUIRES = ["jax2onnx>=0.13.0,<0.14", "onnxruntime>=1.32.0,<1.33"]
 
 EXTRAS_REQUIRE = {
     "cuda12": ["jax[cuda12]" + JAX],
