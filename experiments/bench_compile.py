@@ -83,7 +83,7 @@ def _compile_all(run: pretrain.Run, width_sets) -> dict[str, float]:
 
 
 def measure_variant(config, steps_per_epoch: int, max_sub_programs: int | None,
-                    time_step: bool) -> dict[str, Any]:
+                    step_repeats: int) -> dict[str, Any]:
     """Cold and cached compilation of one sampler variant (run in its own process)."""
     run = _run(config, steps_per_epoch)
     sets = pretrain.compile_width_sets(run)
@@ -103,8 +103,8 @@ def measure_variant(config, steps_per_epoch: int, max_sub_programs: int | None,
         scale = out["programs_total"] / out["programs_compiled"]
         out[phase]["wall_s_total"] = out[phase]["wall_s"] * scale
         out[phase]["sum_s_total"] = out[phase]["sum_s"] * scale
-    if time_step:
-        out["base_step_s"] = time_base_step(r)
+    if step_repeats:
+        out["base_step_s"] = time_base_step(r, step_repeats)
     return out
 
 
@@ -160,7 +160,7 @@ def _child(args) -> None:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out = measure_variant(config, args.steps_per_epoch, args.max_sub_programs,
-                          time_step=args.variant == "continuous")
+                          step_repeats=args.step_repeats if args.variant == "continuous" else 0)
     print("RESULT " + json.dumps(out))
 
 
@@ -169,6 +169,7 @@ def _spawn(args, variant: str) -> dict[str, Any]:
         cmd = [sys.executable, os.path.abspath(__file__), "--config", args.config,
                "--out", args.out, "--grid-step", str(args.grid_step),
                "--steps-per-epoch", str(args.steps_per_epoch), "--variant", variant,
+               "--step-repeats", str(args.step_repeats),
                "--cache-dir", cache]
         if args.max_sub_programs is not None:
             cmd += ["--max-sub-programs", str(args.max_sub_programs)]
@@ -207,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-sub-programs", type=int, default=None)
     p.add_argument("--steps-per-epoch", type=int, default=None,
                    help="default: the dataset's training split / batch, last batch dropped")
+    p.add_argument("--step-repeats", type=int, default=2,
+                   help="timed base steps (median) after one warm-up step")
     p.add_argument("--sample-every", type=int, default=97,
                    help="iterations between sampled width sets for the FLOP ratio")
     p.add_argument("--variant", choices=("continuous", "grid"), help=argparse.SUPPRESS)
@@ -214,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if not 0 < args.grid_step <= 1:
         p.error(f"--grid-step must be in (0, 1], got {args.grid_step}")
+    if args.step_repeats < 1:
+        p.error(f"--step-repeats must be >= 1, got {args.step_repeats}")
     if args.max_sub_programs is not None and args.max_sub_programs < 1:
         p.error(f"--max-sub-programs must be >= 1, got {args.max_sub_programs}")
     try:

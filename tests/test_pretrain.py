@@ -246,3 +246,23 @@ def test_bfloat16_digits_run_trains_like_float32(reference, tmp_path):
     assert bf16[STEPS] < bf16[1]
     for step in bf16:
         assert bf16[step] == pytest.approx(f32[step], rel=0.05), step
+
+
+def test_eta_knows_the_schedule_and_program_counts_print_when_they_change(tmp_path, caplog):
+    """Stage 1 (base width only) costs one unit per step; the steps with two sub-networks
+    cost more, but less than 2.5 units (teacher + 3 x base when every width were 1.0). The
+    progress line names the programs only when their number changes."""
+    run = pretrain.setup(smoke())
+    cost = pretrain.ScheduleCost(run, STEPS)
+    assert cost.between(0, 22) == pytest.approx(22.0)
+    assert 8 < cost.between(22, STEPS) < 8 * 2.5
+    assert cost.between(0, STEPS) == pytest.approx(22.0 + cost.between(22, STEPS))
+    c = smoke()
+    c.train.max_steps, c.train.log_every_steps = 4, 1
+    with caplog.at_level("INFO", logger="us3l"):
+        pretrain.train(c, str(tmp_path))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 4
+    assert "programs 3 (0 compiled ahead" in lines[0]
+    assert all("programs" not in line for line in lines[1:])
+    assert "ETA ?" in lines[0] and "ETA ?" not in lines[1]

@@ -103,6 +103,39 @@ def compile_width_sets(run: Run) -> list[tuple[float, ...]]:
     return [(b,) for b in bases] + ([(hi, *subs)] if subs else [])
 
 
+class ScheduleCost:
+    """Relative compute of iterations under the sampling schedule, for an ETA that does not
+    extrapolate stage 1's base-only speed into the stages with sub-networks.
+
+    An iteration costs the teacher forward plus three forwards (forward + backward) per width;
+    backbone MACs come from the profiler at the range's ends, interpolated quadratically in
+    the width in between (channels scale both sides of a convolution). Widths are drawn by the
+    run's sampler at every ``stride``-th iteration (cheap on the host) and held in between.
+    """
+
+    def __init__(self, run: Run, end: int, max_samples: int = 20000):
+        from us3l_jax import profile  # deferred: only the ETA needs it
+        c = run.config
+        lo, hi = run.sampler.width_range
+        kw = {k: c.model[k] for k in ("base_width", "stage_sizes") if c.model[k] is not None}
+        size = build.views(c)[0].size
+        m_lo, m_hi = (profile.profile(c.model.name, w, input_size=size, num_classes=None,
+                                      convention="backbone", **kw)["macs"] for w in (lo, hi))
+        macs = lambda w: m_lo + (m_hi - m_lo) * (w * w - lo * lo) / max(hi * hi - lo * lo,
+                                                                        1e-12)
+        teacher = m_hi if build.method(c).uses_teacher else 0.0
+        self.stride = max(1, -(-end // max_samples))
+        costs = [(teacher + 3 * sum(macs(w) for w in sampling.sample_widths(
+            run.sampler, k, run.steps_per_epoch, run.total_steps))) / (teacher + 3 * m_hi)
+            for k in range(0, end, self.stride)]
+        self._cum = np.concatenate([[0.0], np.cumsum(np.repeat(costs, self.stride))])
+
+    def between(self, a: int, b: int) -> float:
+        """Relative cost of iterations a .. b-1 (a base-only iteration costs 1)."""
+        n = len(self._cum) - 1
+        return float(self._cum[min(b, n)] - self._cum[min(a, n)])
+
+
 class MetricWriter:
     """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``), process 0 only."""
 
@@ -209,6 +242,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             log.info("compiling %d programs ahead in the background", n)
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
+        cost = ScheduleCost(run, end)
+        shown_programs = None
         online_every = config.eval.online_every_epochs * run.steps_per_epoch
         t0, last_log_t, last_log_step = time.perf_counter(), time.perf_counter(), start
         batches = run.data.batches(start)
@@ -233,8 +268,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                 # The first step waits for compilation: no rate or ETA from it.
                 first = done == start + 1
                 rate = (done - last_log_step) * config.optim.batch_size / (now - last_log_t)
-                remaining = (math.nan if first else
-                             (end - done) * (now - last_log_t) / (done - last_log_step))
+                # Seconds per unit of compute since the last line, times what remains.
+                remaining = (math.nan if first else cost.between(done, end) *
+                             (now - last_log_t) / cost.between(last_log_step, done))
                 last_log_t, last_log_step = now, done
                 extra = {"widths": list(widths), "epoch": done / run.steps_per_epoch,
                          "programs": trainer.num_programs,
@@ -247,12 +283,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                                     **{k: v for k, v in extra.items() if k != "widths"}})
                 speed = ("first step, incl. compilation" if first else
                          f"{extra['images_per_s_per_device']:.0f} img/s/dev")
-                log.info("step %d/%d ep %.2f | %s | widths %s | %s | programs %d "
-                         "(%.0fs compiling) | ETA %s", done, end, extra["epoch"],
-                         " ".join(f"{k.split('/')[-1]} {float(v):.4f}"
-                                  for k, v in sorted(metrics.items()) if k.startswith("loss/")),
-                         ",".join(f"{w:.3g}" for w in widths), speed, trainer.num_programs,
-                         trainer.programs.compile_seconds, _fmt_time(remaining))
+                programs = (trainer.num_programs, trainer.programs.compiled)
+                compiled = ("" if programs == shown_programs else
+                            f" | programs {programs[0]} ({programs[1]} compiled ahead, "
+                            f"{trainer.programs.compile_seconds:.0f}s)")
+                shown_programs = programs
+                log.info("step %d/%d ep %.2f | %s | widths %s | %s%s | ETA %s", done, end,
+                         extra["epoch"], " ".join(
+                             f"{k.split('/')[-1]} {float(v):.4f}"
+                             for k, v in sorted(metrics.items()) if k.startswith("loss/")),
+                         ",".join(f"{w:.3g}" for w in widths), speed, compiled,
+                         _fmt_time(remaining))
             if online_eval is not None and online_every and done % online_every == 0:
                 out = online_eval(state.params, done)
                 writer.write(done, out)
