@@ -82,8 +82,8 @@ def _compile_all(run: pretrain.Run, width_sets) -> dict[str, float]:
             "programs": trainer.programs.compiled}
 
 
-def measure_variant(config, steps_per_epoch: int, max_sub_programs: int | None,
-                    step_repeats: int) -> dict[str, Any]:
+def measure_variant(config, steps_per_epoch: int, max_sub_programs: int | None
+                    ) -> dict[str, Any]:
     """Cold and cached compilation of one sampler variant (run in its own process)."""
     run = _run(config, steps_per_epoch)
     sets = pretrain.compile_width_sets(run)
@@ -103,8 +103,6 @@ def measure_variant(config, steps_per_epoch: int, max_sub_programs: int | None,
         scale = out["programs_total"] / out["programs_compiled"]
         out[phase]["wall_s_total"] = out[phase]["wall_s"] * scale
         out[phase]["sum_s_total"] = out[phase]["sum_s"] * scale
-    if step_repeats:
-        out["base_step_s"] = time_base_step(r, step_repeats)
     return out
 
 
@@ -155,12 +153,19 @@ def mean_flop_ratio(config, steps_per_epoch: int, sample_every: int) -> float:
 
 def _child(args) -> None:
     config = load_config(args.config)
-    if args.variant == "grid":
-        config.sampler.grid_step = args.grid_step
-    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    out = measure_variant(config, args.steps_per_epoch, args.max_sub_programs,
-                          step_repeats=args.step_repeats if args.variant == "continuous" else 0)
+    if args.variant == "step":
+        # Step time is linear in the batch: a smaller one fits a CPU's memory.
+        batch = config.optim.batch_size
+        config.optim.batch_size = args.step_batch or batch
+        run = _run(config, args.steps_per_epoch)
+        out = {"step_batch": config.optim.batch_size, "base_step_s":
+               time_base_step(run, args.step_repeats) * batch / config.optim.batch_size}
+    else:
+        if args.variant == "grid":
+            config.sampler.grid_step = args.grid_step
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        out = measure_variant(config, args.steps_per_epoch, args.max_sub_programs)
     print("RESULT " + json.dumps(out))
 
 
@@ -170,6 +175,7 @@ def _spawn(args, variant: str) -> dict[str, Any]:
                "--out", args.out, "--grid-step", str(args.grid_step),
                "--steps-per-epoch", str(args.steps_per_epoch), "--variant", variant,
                "--step-repeats", str(args.step_repeats),
+               "--step-batch", str(args.step_batch or 0),
                "--cache-dir", cache]
         if args.max_sub_programs is not None:
             cmd += ["--max-sub-programs", str(args.max_sub_programs)]
@@ -185,8 +191,9 @@ def format_table(record: dict[str, Any]) -> str:
              f"({record['epochs']} epochs x {record['steps_per_epoch']}), batch "
              f"{record['batch']}, {record['device']}",
              f"projected run: {record['run_hours']:.2f} h = {record['total_steps']} steps x "
-             f"{record['base_step_s']:.3f} s (measured base step) x {record['mean_flop_ratio']:.3f}"
-             f" (mean FLOP ratio of the sampled widths)",
+             f"{record['base_step_s']:.3f} s (base step, measured at batch "
+             f"{record['step_batch']}) x {record['mean_flop_ratio']:.3f} (mean FLOP ratio of "
+             f"the sampled widths)",
              "",
              f"{'sampler':>12} {'programs':>9} {'cold s':>9} {'cached s':>9} "
              f"{'cold %run':>9} {'cached %run':>11}  note"]
@@ -212,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="timed base steps (median) after one warm-up step")
     p.add_argument("--sample-every", type=int, default=97,
                    help="iterations between sampled width sets for the FLOP ratio")
-    p.add_argument("--variant", choices=("continuous", "grid"), help=argparse.SUPPRESS)
+    p.add_argument("--step-batch", type=int, default=None,
+                   help="time the base step at this batch and scale linearly to the config's "
+                        "(for models whose full batch does not fit this machine)")
+    p.add_argument("--variant", choices=("continuous", "grid", "step"), help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 0 < args.grid_step <= 1:
@@ -240,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "grid_step": args.grid_step}
     for variant in ("continuous", "grid"):
         record[variant] = _spawn(args, variant)
-    record["base_step_s"] = record["continuous"]["base_step_s"]
+        print(f"{variant}: {json.dumps(record[variant])}", flush=True)
+    record.update(_spawn(args, "step"))
     record["mean_flop_ratio"] = mean_flop_ratio(config, args.steps_per_epoch,
                                                 args.sample_every)
     run_s = record["total_steps"] * record["base_step_s"] * record["mean_flop_ratio"]
