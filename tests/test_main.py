@@ -129,7 +129,7 @@ def test_console_script_is_installed_and_runs(tmp_path):
 
 # ------------------------------------------------------------------ multi-host preemption
 
-PREEMPT_STEPS = 10
+PREEMPT_STEPS = 12
 PREEMPT_FLAGS = [f"--config.train.max_steps={PREEMPT_STEPS}",
                  "--config.train.checkpoint_every_steps=1000",  # only preemption and the end
                  "--config.train.log_every_steps=1", "--config.train.compile_ahead=False",
@@ -179,15 +179,9 @@ def uninterrupted(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("schedule", [[(4, 1)], [(3, 0), (4, 1)]],
-                         ids=["one-process", "both-at-different-steps"])
-def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_path, schedule):
-    """SIGTERM to one process only, or to both at different steps: both processes stop at
-    the same step (the coordination service's agreement; a per-process decision would leave
-    one waiting in a collective forever), save it, exit 143, and the rerun resumes to
-    bitwise the uninterrupted run's parameters."""
+def _preempt(workdir, schedule):
+    """Runs the two processes, signals them by ``schedule``; returns the agreed stop step."""
     from us3l_jax import pretrain
-    workdir = str(tmp_path / "run")
     procs = _two_processes(workdir)
     outs, sent = _signal_at(procs, workdir, schedule)
     assert len(set(sent)) == len(sent)  # signals at different steps
@@ -196,13 +190,25 @@ def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_pa
         assert "Traceback" not in o
     stopped = int(outs[0].split("preempted at step ")[1].split(";")[0])
     assert min(sent) < stopped < PREEMPT_STEPS and max(sent) <= stopped
-    assert checkpointing.Checkpointer(workdir, checkpointing.read_config(workdir)).all_steps() \
-        == [stopped]
+    steps = checkpointing.Checkpointer(workdir, checkpointing.read_config(workdir)).all_steps()
+    assert steps[-1] == stopped
+    return stopped
+
+
+def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_path):
+    """SIGTERM to one process only, then (after resuming) to both at different steps: each
+    time both processes stop at the same step (the coordination service's agreement; a
+    per-process decision would leave one waiting in a collective forever), save it and exit
+    143; the final rerun ends with bitwise the uninterrupted run's parameters."""
+    workdir = str(tmp_path / "run")
+    first = _preempt(workdir, [(3, 1)])
+    second = _preempt(workdir, [(first + 2, 0), (first + 3, 1)])
+    assert second > first
     procs = _two_processes(workdir)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
-    assert f"resuming {workdir} from step {stopped}" in outs[0]
+    assert f"resuming {workdir} from step {second}" in outs[0]
     final = lambda w: jax.tree.leaves(checkpointing.load_pretrained(w).params)
     for x, y in zip(final(uninterrupted), final(workdir)):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
