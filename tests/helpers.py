@@ -18,6 +18,15 @@ def load_config_module(path: str):
     return module
 
 
+def load_experiment(name: str):
+    """Imports a script of ``experiments/`` (e.g. ``bench_step``) as a module."""
+    path = os.path.join(REPO, "experiments", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def demo_config(variant=None, **overrides):
     c = load_config_module("configs/demo.py").get_config(variant)
     for dotted, value in overrides.items():

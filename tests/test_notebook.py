@@ -47,4 +47,6 @@ def test_runs_end_to_end(tmp_path, monkeypatch):
     assert f"width 0.375: {other[0]['accuracy']:.1f}% top-1 (fast)" in text(outputs[3])
     assert json.load(open(workdir / "sweep.json")) == sweep
     export = text(outputs[4])
-    assert export.startswith("skipped: ") or os.path.isdir(workdir / "export-0.5"), export
+    assert "'model.msgpack'" in export and "'model_card.json'" in export, export
+    card = json.load(open(workdir / "export-0.5" / "model_card.json"))
+    assert card["width"] == 0.5

@@ -1,22 +1,11 @@
 """experiments/bench_compile.py on the demo config: program counts, extrapolation, the FLOP
 ratio of the schedule, and argument errors (no assertion depends on timings)."""
-import importlib.util
-import os
-
 import pytest
 
-from tests.helpers import REPO, demo_config
+from tests.helpers import demo_config, load_experiment
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_compile", os.path.join(REPO, "experiments", "bench_compile.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_experiment("bench_compile")
 
 
 def test_programs_of_a_run_and_their_extrapolation():

@@ -3,29 +3,19 @@
 One benchmark run (both update modes, the base-only case and one US3L case, 1 timed step) is
 shared by the tests; no assertion depends on timings.
 """
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 
+from tests.helpers import load_experiment
 from us3l_jax import profile
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--model", "cifar_resnet18", "--base-width", "8", "--stage-sizes", "1,1,1,1",
         "--batch", "16", "--image-size", "8"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_step", os.path.join(REPO, "experiments", "bench_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_experiment("bench_step")
 
 
 @pytest.fixture(scope="module")
