@@ -4,7 +4,6 @@ import json
 import os
 
 import nbformat
-import pytest
 
 from tests.helpers import CACHE, REPO
 

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 
 from us3l_jax import build, checkpointing, pretrain
-from tests.helpers import REPO, demo_config, run_main
+from tests.helpers import demo_config, run_main
 
 STEPS = 30  # stage 1 ends at step 22 (one epoch); 8 more steps train sub-networks
 

@@ -13,7 +13,6 @@ cannot be read (corrupted files) is skipped with a warning in favour of the prev
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
