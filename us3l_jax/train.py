@@ -254,9 +254,10 @@ def views(rng, step, images, *, views_fn: ViewsFn, dtype):
     return v1.astype(dtype), v2.astype(dtype)
 
 
-def _teacher_and_base(params, ema, step, v1, v2, *, model, method, width, teacher_width,
-                      total_steps, mesh, sharded):
-    """EMA update, teacher forward and the base network's partial gradients."""
+def base_grads(params, ema, step, v1, v2, *, model, method, width, teacher_width,
+               total_steps, mesh, sharded):
+    """EMA update, teacher forward and the base network's partial gradients: (new teacher,
+    partial gradients, targets of the sub-networks, metrics)."""
     mom = jnp.float32(0)
     if method.uses_teacher:
         mom = ema_momentum(method, step, total_steps)
@@ -271,11 +272,6 @@ def _teacher_and_base(params, ema, step, v1, v2, *, model, method, width, teache
                                               sharded=sharded)
     metrics = {**metrics, "ema_momentum": mom, "loss/total": metrics["loss/base"]}
     return ema, partial, targets, metrics
-
-
-def base_grads(params, ema, step, v1, v2, **kw):
-    """accumulate mode: (new teacher, partial gradients, targets, metrics)."""
-    return _teacher_and_base(params, ema, step, v1, v2, **kw)
 
 
 def _sub_partial(params, targets, v1, v2, *, model, method, width, mesh, sharded):
@@ -304,7 +300,7 @@ def apply_update(state: TrainState, partial, *, tx, groups: frozenset[str], lr_s
 
 def base_update(state: TrainState, v1, v2, *, tx, lr_schedule, **kw):
     """per_width mode: teacher, base network and its own update."""
-    ema, partial, targets, metrics = _teacher_and_base(
+    ema, partial, targets, metrics = base_grads(
         state.params, state.ema_params, state.step, v1, v2, **kw)
     state, gn = _update(state.replace(ema_params=ema), _sum_partials(partial), tx,
                         kw["method"].decay_groups(sub=False))
