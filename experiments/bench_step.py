@@ -2,9 +2,10 @@
 
     python experiments/bench_step.py --model cifar_resnet18 --batch 128 --out step.json \
         [--image-size 32] [--steps 3] [--widths 1.0,0.5,0.25 --widths 1.0,0.75,0.25] \
-        [--modes accumulate,per_width] [--base-width 16 --stage-sizes 1,1,1,1] [--breakdown]
+        [--modes accumulate,per_width] [--base-width 16 --stage-sizes 1,1,1,1] [--breakdown] \
+        [--devices 8 --collectives]
 
-For each update mode (a fresh ``US3LTrainer`` per mode, built from ``config.get_default()``
+For each update mode (a fresh ``train.Trainer`` per mode, built from ``config.get_default()``
 as ``build.trainer`` does) it times, on whatever devices JAX sees (or the first
 ``--devices``; on CPU this script forces that many host devices):
 

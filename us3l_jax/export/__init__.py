@@ -113,7 +113,7 @@ def slice_to_width(name: str, variables: Mapping[str, Any], width: float,
 def slice_module(model: nn.Module, variables: Mapping[str, Any],
                  width: float) -> tuple[nn.Module, Variables]:
     """``slice_to_width`` for a slimmable ``model`` already built (e.g. by
-    ``config.build_backbone``), so its exact keywords (dtype, BN group size) carry over."""
+    ``build.backbone``), so its exact keywords (dtype, BN group size) carry over."""
     return _slice(type(model).__name__, model, _check_collections(variables), width)
 
 
