@@ -85,7 +85,7 @@ def possible_sub_widths(run: Run) -> list[float]:
     ws = set(s.grid) if s.grid is not None else set(slim.distinct_widths(key, lo, hi))
     ws |= {sampling.min_width(s, k, run.steps_per_epoch, run.total_steps)
            for k in range(0, run.total_steps, max(1, run.steps_per_epoch))}
-    unique = {key(w): w for w in sorted(ws) if w < hi or key(w) != key(hi)}
+    unique = {key(w): w for w in sorted(ws) if w < hi}  # a sub-width is below hi
     return sorted(unique.values(), reverse=True)
 
 

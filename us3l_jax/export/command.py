@@ -282,9 +282,8 @@ def _write_dir(out: str, files: dict[str, bytes], card: dict[str, Any]) -> None:
                 card["files"][artifacts.FILES[fmt]] = {"bytes": os.path.getsize(path),
                                                        "what": _WHAT[fmt]}
         fileio.atomic_write_text(os.path.join(tmp, CARD), json.dumps(card, indent=2) + "\n")
-        for name in os.listdir(tmp):  # temporary files are private; the export is not
-            os.chmod(os.path.join(tmp, name), 0o644)
-        os.chmod(tmp, 0o755)
+        # mkdtemp makes the folder private; the export is not (files get fileio's modes).
+        os.chmod(tmp, 0o777 & ~fileio.current_umask())
         if os.path.isdir(out):
             os.rmdir(out)  # empty (check_out); a rename cannot replace a directory otherwise
         os.rename(tmp, out)
