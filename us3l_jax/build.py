@@ -174,10 +174,12 @@ def teacher_width(config: Config) -> float:
 
 def trainer(config: Config, mesh: Mesh, steps_per_epoch: int) -> Trainer:
     tx, lr = optimizer(config, steps_per_epoch)
+    total = config.optim.epochs * steps_per_epoch
     return Trainer(model(config), method(config), tx, views_fn(config), mesh,
-                   batch_size=config.optim.batch_size,
-                   total_steps=config.optim.epochs * steps_per_epoch,
-                   teacher_width=teacher_width(config), lr_schedule=lr)
+                   batch_size=config.optim.batch_size, total_steps=total,
+                   teacher_width=teacher_width(config), lr_schedule=lr,
+                   first_sub_step=sampling.first_sub_network_step(sampler(config),
+                                                                  steps_per_epoch, total))
 
 
 def abstract_state(config: Config, mesh: Mesh | None = None) -> TrainState:

@@ -214,6 +214,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             except ValueError as e:
                 raise ConfigError(f"config.{path}: {e} (the trained range is "
                                   f"{tuple(config.sampler.width_range)})") from None
+    if method.decay_rule == "weight_decay" and config.optim.reg_alpha != 0:
+        raise ConfigError(
+            f"config.method.decay_rule='weight_decay' is plain weight decay, but "
+            f"config.optim.reg_alpha={config.optim.reg_alpha}: set reg_alpha=0, or use "
+            f"decay_rule='group_reg' for group regularization")
     g = method.group_size
     if g is not None and config.optim.batch_size % g:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "

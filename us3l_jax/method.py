@@ -16,6 +16,7 @@ DISTILL_LOSSES = ("none", "mse", "infonce")
 AUX_HEADS = ("none", "shared", "new")
 UPDATE_MODES = ("accumulate", "per_width")
 EMA_SCHEDULES = ("constant", "cosine")
+DECAY_RULES = ("group_reg", "weight_decay")
 TEACHER_KEYS = ("backbone", "projector")
 
 
@@ -38,6 +39,11 @@ class MethodConfig:
       official per-GPU batch), so results do not depend on the device count; None: the batch.
     * ``update_mode``: ``accumulate`` (paper Algorithm 1: one update per iteration with the
       summed gradients) or ``per_width`` (official code: one update after each width).
+    * ``decay_rule``: which parameter groups an update decays (``decay_groups``):
+      ``group_reg`` when the regularizer is group regularization (the official GroupReg loss
+      term, which skips the heads at the base width) or ``weight_decay`` for plain weight
+      decay (the official SGD ``weight_decay``: every parameter that has had a gradient).
+      See docs/fidelity.md, "Weight decay".
     """
     base_loss: str = "infonce"
     distill_loss: str = "mse"
@@ -50,13 +56,15 @@ class MethodConfig:
     update_mode: str = "accumulate"
     ema_momentum: float = 0.99
     ema_schedule: str = "constant"
+    decay_rule: str = "group_reg"
 
     def __post_init__(self):
         for name, value, allowed in [("base_loss", self.base_loss, BASE_LOSSES),
                                      ("distill_loss", self.distill_loss, DISTILL_LOSSES),
                                      ("aux_head", self.aux_head, AUX_HEADS),
                                      ("update_mode", self.update_mode, UPDATE_MODES),
-                                     ("ema_schedule", self.ema_schedule, EMA_SCHEDULES)]:
+                                     ("ema_schedule", self.ema_schedule, EMA_SCHEDULES),
+                                     ("decay_rule", self.decay_rule, DECAY_RULES)]:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
         if not self.tau > 0:
@@ -87,15 +95,32 @@ class MethodConfig:
                          | ({"distill_head"} if self.uses_distill_head else set()))
 
     def decay_groups(self, sub: bool) -> frozenset[str]:
-        """Top-level parameter groups that get weight decay in an update.
+        """Top-level parameter groups decayed by an update that trains sub-networks (``sub``)
+        or only the base network.
 
-        As the official GroupReg: heads (``predictor*``) are left out at width 1.0 and
-        included at sub-widths. So the base-only updates (per-width mode, and stage-1
-        iterations in accumulate mode) decay {backbone, projector}; updates that include
-        sub-networks decay everything. This also keeps a head that has not been used yet
-        untouched (its gradient is zero), like PyTorch skipping parameters whose grad is None.
+        ``group_reg``: as the official GroupReg loss term, the heads (``predictor``,
+        ``distill_head``) are left out at the base width and included at sub-widths, so
+        base-only updates decay {backbone, projector} and the others everything.
+        ``weight_decay``: as PyTorch's SGD weight decay, every group the update's losses reach:
+        the base network's (with the predictor when its loss uses one) and, with sub-networks,
+        everything. Groups that only sub-networks reach are also decayed by later base-only
+        updates (``late_decay_groups``).
         """
-        return self.param_groups() if sub else frozenset({"backbone", "projector"})
+        if sub:
+            return self.param_groups()
+        base = {"backbone", "projector"}
+        if self.decay_rule == "weight_decay" and self.uses_predictor:
+            base.add("predictor")
+        return frozenset(base)
+
+    def late_decay_groups(self) -> frozenset[str]:
+        """``weight_decay`` rule: groups only sub-networks train (the auxiliary head). PyTorch's
+        SGD skips a parameter until its first gradient and then decays it in every update, so
+        base-only updates decay these once a sub-network update has run. Empty for
+        ``group_reg``."""
+        if self.decay_rule != "weight_decay":
+            return frozenset()
+        return self.param_groups() - self.decay_groups(sub=False)
 
 
 def ema_momentum(method: MethodConfig, step: jax.Array | int, total_steps: int) -> jax.Array:

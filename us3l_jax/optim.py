@@ -152,8 +152,8 @@ def grouped_weight_decay(
       groups: G, number of channel groups (8).
       warmup, total: α ramp (``alpha_schedule``) in epochs if ``steps_per_epoch`` is given
         (official), else in steps.
-      mask: pytree of Python bools (or a function of params giving one): True = regularized. The
-        momentum teacher is not an optimizer parameter at all, so needs no mask. ``update``
+      mask: pytree of Python bools (or a function of params giving one): True = regularized;
+        a leaf may also be a scalar bool array, decided on device. The momentum teacher is not an optimizer parameter at all, so needs no mask. ``update``
         also takes ``decay_mask=`` to override it for one call (e.g. to leave the auxiliary
         head out at width 1.0, as the official code does).
       rule: "official" or "paper" channel grouping (``group_indices``).
@@ -179,9 +179,7 @@ def grouped_weight_decay(
         masks = _resolve_mask(mask if decay_mask is None else decay_mask, params)
 
         def decay(u, p, m):
-            if isinstance(m, jax.core.Tracer):
-                raise TypeError("decay masks must hold Python bools (static), not traced arrays")
-            if not m:
+            if isinstance(m, (bool, np.bool_)) and not m:
                 return u
             axis = group_axis(p.shape) if alpha != 0 else None
             if axis is None:
@@ -191,7 +189,10 @@ def grouped_weight_decay(
                 shape = [1] * p.ndim
                 shape[axis] = p.shape[axis]
                 coef = 2.0 * lam * (1.0 - alpha_t * jnp.asarray(idx.reshape(shape)))
-            return u + (coef * p).astype(u.dtype)
+            term = coef * p
+            if not isinstance(m, (bool, np.bool_)):  # decided on device (a scalar bool array)
+                term = jnp.where(m, term, 0.0)
+            return u + term.astype(u.dtype)
 
         new = jax.tree.map(decay, updates, params, masks)
         return new, CountState(count=optax.safe_increment(state.count))

@@ -214,6 +214,18 @@ def sample_widths(cfg: SamplerConfig, step: int, steps_per_epoch: int,
     return tuple(sorted(fixed + random, reverse=True))
 
 
+def first_sub_network_step(cfg: SamplerConfig, steps_per_epoch: int,
+                           total_steps: int) -> int | None:
+    """The first iteration that trains more than the base width (the start of stage 2 with
+    schedule "A", 0 without a schedule), or None if none does (individual baselines)."""
+    _check_run(0, steps_per_epoch, total_steps)
+    if cfg.individual_width is not None:
+        return None
+    stages = _stage_of(cfg, np.arange(total_steps), steps_per_epoch, total_steps)
+    multi = np.flatnonzero(_num_widths(cfg, stages) > 1)
+    return int(multi[0]) if multi.size else None
+
+
 def expected_forward_count(cfg: SamplerConfig, total_steps: int, steps_per_epoch: int) -> int:
     """Network passes (forward + backward, one per sampled width) over a whole run.
 
