@@ -121,11 +121,16 @@ def get_default() -> ml_collections.ConfigDict:
     c.eval.calibration_batches = 100
     c.eval.batch_size = 512
     c.eval.paper_row = config_dict.placeholder(str)  # e.g. "table2/resnet18/ours"
-    # BN calibration (us3l_jax.evaluate.calibrate): "cumulative" = exact statistics over all
-    # calibration batches (US-Net); "ema" = the official momentum-0.1 running averages.
+    # BN calibration (us3l_jax.evaluate.calibrate): a named procedure, "official_cifar" or
+    # "official_imagenet" (what the paper's numbers used), or "custom": the fields below.
+    c.eval.calibration = "custom"
+    # "cumulative" = exact statistics over all calibration batches (US-Net); "ema" = the
+    # official momentum-0.1 running averages.
     c.eval.calibration_mode = "cumulative"
+    c.eval.calibration_batch_size = config_dict.placeholder(int)  # None: eval.batch_size
     # Calibration inputs: "linear_train" (the linear-eval training crops, as the official CIFAR
-    # path) or "none" (the deterministic eval transform).
+    # path), "ssl" (the pretraining views, as the official ImageNet calibration run) or "none"
+    # (the deterministic eval transform).
     c.eval.calibration_augment = "linear_train"
     c.eval.online_calibration_batches = 10  # smaller budget for the online probe
     c.eval.knn_k = 200
@@ -165,6 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             ("allow", "log", "disallow", "log_explicit", "disallow_explicit"))
     _choice("eval.online_protocol", config.eval.online_protocol, ("fast", "knn"))
     _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
+    _choice("eval.calibration", config.eval.calibration, calibrate_lib.PRESETS)
     _choice("eval.calibration_mode", config.eval.calibration_mode, calibrate_lib.MODES)
     _choice("eval.calibration_augment", config.eval.calibration_augment,
             calibrate_lib.AUGMENTS)
@@ -223,6 +229,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if g is not None and config.optim.batch_size % g:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
                           f"multiple of config.method.group_size={g}")
+    cal_batch = config.eval.calibration_batch_size
+    if cal_batch is not None:
+        _positive("eval.calibration_batch_size", cal_batch)
+        if g is not None and cal_batch % g:
+            raise ConfigError(f"config.eval.calibration_batch_size={cal_batch} is not a "
+                              f"multiple of config.method.group_size={g} (calibration "
+                              f"normalises per group, as pretraining)")
     if config.optim.warmup_epochs >= config.optim.epochs:
         raise ConfigError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be "
                           f"below config.optim.epochs={config.optim.epochs}")

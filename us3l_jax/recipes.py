@@ -77,6 +77,7 @@ def us3l_cifar(arch: str = "resnet18", dataset: str = "cifar100",
         c.optim.reg_warmup_epochs = epochs // 2
     c.eval.sweep_widths = CIFAR_SWEEP
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
     c.eval.online_every_epochs = 20
     return c
 
@@ -111,6 +112,7 @@ def individual_cifar(method: str, width: float, arch: str = "resnet18",
         raise ValueError(f"unknown baseline {method!r}; valid: simclr, byol, simsiam")
     c.eval.sweep_widths = (float(width),)
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
     return c
 
 
@@ -171,6 +173,7 @@ def us_baseline_cifar(method: str, arch: str = "resnet18",
         raise ValueError(f"unknown US baseline {method!r}; valid: us_simclr, us_simsiam")
     c.eval.sweep_widths = CIFAR_SWEEP
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
     return c
 
 
@@ -191,6 +194,7 @@ def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
     c.train.log_every_steps = 100
     c.eval.sweep_widths = IMAGENET_SWEEP
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_imagenet"
     c.eval.online_every_epochs = 10
     c.eval.batch_size = 1024
     return c

@@ -45,6 +45,7 @@ class EvalData:
     load_size: int | None  # side ``datasets.load`` stores images at (None: native)
     train_view: augment.ViewConfig  # linear-eval training augmentation
     eval_view: augment.EvalConfig  # deterministic test transform
+    ssl_view: augment.ViewConfig  # the pretraining view (official ImageNet BN calibration)
 
     @property
     def size(self) -> int:
@@ -76,7 +77,8 @@ def for_run(config, dataset: str | None = None) -> EvalData:
     else:
         load_size = resize
     train_split, test_split = SPLITS[dataset]
-    return EvalData(dataset, train_split, test_split, load_size, train, test)
+    return EvalData(dataset, train_split, test_split, load_size, train, test,
+                    dataclasses.replace(build.view_recipe(config)[0], size=s))
 
 
 def load(data: EvalData, data_dir: str | None = None
