@@ -1,4 +1,4 @@
-"""Width sampler: schedule "A" stages (§12 item 6), sandwich rule, determinism, grid mode and
+"""Width sampler: schedule "A" stages, sandwich rule, determinism, grid mode and
 the expected forward count (appendix Eq. 12)."""
 import pytest
 
@@ -65,7 +65,7 @@ def test_no_schedule_and_no_sandwich():
 
 
 def test_four_samples_without_duplicates():
-    # The official sandwich loop gives [max, max, r, r, min, min] for N = 4 (§5.1); we give 4.
+    # The official sandwich loop gives [max, max, r, r, min, min] for N = 4; we give 4.
     cfg = SamplerConfig(num_samples=4)
     for epoch in (100, 250, 350):
         for it in range(20):

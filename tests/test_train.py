@@ -324,7 +324,7 @@ def test_unused_head_is_untouched_until_first_used(acc, images):
 
 
 def test_base_loss_is_infonce_against_the_teacher(acc, images):
-    """US3L base loss (reference §4.3): NT-Xent of online z against the other view's teacher z."""
+    """US3L base loss: NT-Xent of online z against the other view's teacher z."""
     state = acc.init_state(jax.random.key(4), images)
     v1, v2 = noisy_views(jax.random.key(5), images)
     model = acc.model

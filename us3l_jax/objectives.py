@@ -1,7 +1,8 @@
-"""SSL objectives of US3L: NT-Xent, InfoNCE distillation and negative cosine (reference §4).
+"""SSL objectives of US3L: NT-Xent, InfoNCE distillation and negative cosine.
 
-Pure functions on arrays. All math runs in float32 whatever the input dtype, and the
-contrastive losses use log-sum-exp (the official code uses plain exp/log, which overflows for
+Pure functions on arrays (how they relate to the official losses: docs/fidelity.md,
+"Losses"). All math runs in float32 whatever the input dtype, and the contrastive losses use
+log-sum-exp (the official code uses plain exp/log, which overflows for
 small temperatures; the values agree otherwise).
 
 Negatives can be restricted to groups of ``group_size`` consecutive examples: the batch is
@@ -10,7 +11,7 @@ over groups. The official CNN code computes its losses per GPU (128 examples, no
 so ``group_size=128`` reproduces it on any number of devices; ``None`` uses the whole batch.
 
 Nothing here stops gradients: callers pass ``jax.lax.stop_gradient(teacher)`` where the
-reference detaches (momentum-teacher outputs, SimSiam/BYOL targets).
+official code detaches (momentum-teacher outputs, SimSiam/BYOL targets).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Names accepted by the lookups; "mse" is the paper's name for the negative cosine (§4.5).
+# Names accepted by the lookups; "mse" is the paper's name for the negative cosine.
 
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
 _COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity
@@ -63,7 +64,7 @@ def _groups(batch: int, group_size: int | None) -> int:
 
 
 def nt_xent(a: Array, b: Array, tau: float, group_size: int | None = None) -> Array:
-    """NT-Xent with the official ``nt_xentv2`` semantics (reference §4.1).
+    """NT-Xent with the official ``nt_xentv2`` semantics.
 
     Rows of ``a`` and ``b`` (B, D) are L2-normalised and stacked to X = [n(a); n(b)] (2B rows).
     Row i's positive is its partner in the other half; its denominator sums over all 2B−1 other
@@ -90,13 +91,13 @@ def nt_xent(a: Array, b: Array, tau: float, group_size: int | None = None) -> Ar
 
 
 def simclr_infonce(z1: Array, z2: Array, tau: float, group_size: int | None = None) -> Array:
-    """SimCLR base loss (``InfoNCEv2``, reference §4.2): NT-Xent between the two online views."""
+    """SimCLR base loss (``InfoNCEv2``): NT-Xent between the two online views."""
     return nt_xent(z1, z2, tau, group_size)
 
 
 def infonce_distill(s1: Array, s2: Array, t1: Array, t2: Array, tau: float,
                     group_size: int | None = None) -> Array:
-    """``InfoNCEv2_distill`` (reference §4.3): ½[NT-Xent(s1, t2) + NT-Xent(s2, t1)].
+    """``InfoNCEv2_distill``: ½[NT-Xent(s1, t2) + NT-Xent(s2, t1)].
 
     Cross-view pairs only (student view v against teacher view u ≠ v). This is the US3L base
     loss (students = online max-width outputs, teachers = momentum-encoder outputs) and the
@@ -112,7 +113,7 @@ def _cosine(x: Array, y: Array) -> Array:
 
 
 def neg_cosine(p1: Array, p2: Array, t1: Array, t2: Array) -> Array:
-    """The paper's "MSE" loss, really −cos (reference §4.5): −½[mean cos(p2, t1) + mean cos(p1, t2)].
+    """The paper's "MSE" loss, really −cos: −½[mean cos(p2, t1) + mean cos(p1, t2)].
 
     Cross-view pairs only; range [−1, 1]. (The true MSE of normalised vectors, 2 − 2cos, has
     twice this gradient; the official learning rates assume this convention.)

@@ -1,4 +1,5 @@
-"""Grouped weight decay (paper §3.2.3, reference §6) and the SGD/LARS optimizer (reference §7).
+"""Grouped weight decay (paper §3.2.3) and the SGD/LARS optimizer; where the official code
+differs from the paper: docs/fidelity.md, "Group regularization" and "Weight decay".
 
 Group regularization gives the trailing channels of a layer — used only by wide sub-networks —
 a smaller L2 coefficient: channel group i of G gets λ_i = λ·(1 − α_t·i). The official code adds

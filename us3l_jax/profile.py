@@ -4,13 +4,13 @@ The model's forward at the width is traced abstractly (``jax.eval_shape``, nothi
 while ``flax.linen.intercept_methods`` records every conv / BN / dense call with its input and
 output shapes, so the counts follow the architecture code itself. Two conventions:
 
-* ``paper`` (default) reproduces the paper's Tables 6 and 12 (reference §2.6): thop's classic
+* ``paper`` (default) reproduces the paper's Tables 6 and 12: thop's classic
   hooks on a plain network with a ``num_classes`` classifier. Params = conv + BN affine +
   classifier weight and bias. MACs = conv (+1 per output for a conv bias) + classifier
   (in x out) + BN 2 x (elements of its input) + global average pool (H*W + 1) x C.
   ReLU and max-pool count 0. At 1.0/0.75/0.5/0.25 the slimmable channels (make_divisible)
   equal the paper's int(c*w).
-* ``backbone``: the sliced backbone actually trained (reference §2.5): params = conv + BN
+* ``backbone``: the sliced backbone actually trained: params = conv + BN
   affine, MACs = conv only; no classifier.
 
 CLI: ``python -m us3l_jax.profile --model=resnet50 --widths=1.0,0.75,0.5,0.25
@@ -44,7 +44,7 @@ PAPER_FIGURES: dict[tuple[str, float], tuple[str, str]] = {
     ("resnet18", 0.5): ("3.06M", "0.49G"), ("resnet18", 0.25): ("0.83M", "0.14G"),
 }
 PAPER_NOTES: dict[tuple[str, float], str] = {
-    ("resnet50", 1.0): "paper's 22.56M is a typo for 25.56M (reference 2.6)",
+    ("resnet50", 1.0): "paper's 22.56M is a typo for 25.56M",
     ("resnet18", 1.0): "paper's MACs cell is garbled ('1'); 1.82G expected",
 }
 
@@ -162,7 +162,7 @@ def paper_figures(r: dict[str, Any]) -> dict[str, str]:
 
 
 def _human(n: int) -> str:
-    """4111514624 -> '4.11G', 555417600 -> '555.4M' (the paper's and reference's styles)."""
+    """4111514624 -> '4.11G', 555417600 -> '555.4M' (the paper's styles)."""
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n < 1e8 else f"{n / 1e6:.1f}M"
 
 

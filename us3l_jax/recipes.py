@@ -1,7 +1,7 @@
 """Paper recipes as config builders, shared by the files in ``configs/``.
 
 Hyper-parameters follow the paper (§4.1, appendix Table 11) where it states them and the
-official configs (reference §7.2) where it does not; each function says which, and where the
+official configs where it does not; each function says which, and where the
 two disagree the official value is one override away (see the config files' docstrings).
 """
 from __future__ import annotations
@@ -179,7 +179,7 @@ def us_baseline_cifar(method: str, arch: str = "resnet18",
 
 def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
     """US3L on ImageNet (paper Table 4 "Ours"): the CIFAR recipe with 100 epochs, 224 px views
-    with blur (reference §8), group-reg warm-up 50 epochs (official ImageNet configs), BN and
+    with blur, group-reg warm-up 50 epochs (official ImageNet configs), BN and
     negatives per 128 (R-18) / 64 (R-50) examples, bfloat16 compute. Data streams from TFDS
     ``imagenet2012`` prepared as ArrayRecord (``config.data.data_dir``)."""
     c = config_lib.get_default()

@@ -1,7 +1,7 @@
 """Width arithmetic and universally slimmable layers.
 
 A slimmable layer holds full-size parameters and, at width ``w``, uses only the **leading**
-channels (reference §1.2-1.4). Width is always a static Python float: channel counts are Python
+channels. Width is always a static Python float: channel counts are Python
 ints computed on the host with the official rounding, so every width is an ordinary,
 fully-sliced XLA program whose cost follows its FLOPs (no masking).
 """
@@ -122,7 +122,7 @@ def distinct_widths(config_fn: Callable[[float], tuple[int, ...]], lo: float, hi
 
 
 # ------------------------------------------------------------------------------------------
-# Initialisers (reference §1.6)
+# Initialisers
 # ------------------------------------------------------------------------------------------
 
 # PyTorch's default conv/linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
@@ -156,7 +156,7 @@ def _check_in(name: str, got: int, expected: int, c_max: int, width: float) -> N
 class SlimConv(nn.Module):
     """2-D convolution (NHWC/HWIO) slimmed on input and/or output channels.
 
-    ``ratio_in``/``ratio_out`` implement MobileNetV2's expansion ratio (reference §1.2). With
+    ``ratio_in``/``ratio_out`` implement MobileNetV2's expansion ratio. With
     ``depthwise`` the kernel is (kh, kw, 1, C) and ``feature_group_count`` equals the used
     channels. Padding is symmetric ``kernel // 2`` as in PyTorch (not XLA's 'SAME').
     """
@@ -256,7 +256,7 @@ def grouped_moments(x: Array, group_size: int | None) -> tuple[Array, Array]:
 
 
 class SlimBatchNorm(nn.Module):
-    """BatchNorm over the leading channels at the current width (reference §1.4).
+    """BatchNorm over the leading channels at the current width.
 
     Training normalises with the batch statistics of the used channels (optionally per group
     of ``group_size`` examples, so that e.g. a 512 batch reproduces the official per-GPU

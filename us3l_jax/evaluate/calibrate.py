@@ -1,8 +1,9 @@
 """BN calibration: the BatchNorm statistics of one width of a pretrained slimmable backbone.
 
-Pretraining stores no BN statistics: every width normalises with batch statistics (reference
-§1.4). Before a width can run in eval mode its statistics are estimated: the backbone runs in
-train mode at that width (so each BN sees the inputs it saw in training, normalised per group
+Pretraining stores no BN statistics: every width normalises with batch statistics, as in the
+official code. Before a width can run in eval mode its statistics are estimated (how the
+official code does it, and how the options compare: docs/fidelity.md, "BN calibration"): the
+backbone runs in train mode at that width (so each BN sees the inputs it saw in training, normalised per group
 as in training) over N training batches, and the moments of every BN's input over the used
 channels are accumulated. Two modes:
 
@@ -10,7 +11,7 @@ channels are accumulated. Two modes:
   calibration data, merged batch by batch from each batch's mean/variance and element count
   (law of total variance, Chan et al.'s pairwise update). This is what US-Net's cumulative
   averaging intends; the result does not depend on the batch order.
-* ``ema``: the official code's PyTorch running averages (reference §1.5): starting from mean 0
+* ``ema``: the official code's PyTorch running averages: starting from mean 0
   / var 1, ``run = (1 - m)·run + m·batch`` with momentum m = 0.1 and the running variance
   updated with the **unbiased** batch variance n/(n-1)·var.
 

@@ -5,10 +5,10 @@ normalisation the backbone was trained on:
 
 * CIFAR-sized views (side S < 128): linear-eval training crops RandomResizedCrop(S, scale
   (0.8, 1), bicubic) + flip; test transform Resize(round(S·36/32), bicubic) + CenterCrop(S)
-  (reference §9.2; S = 32 gives exactly the official CIFAR pipeline, the 16 px digits demo
+  (S = 32 gives exactly the official CIFAR pipeline, the 16 px digits demo
   Resize(18) + CenterCrop(16)).
 * ImageNet-sized views: RandomResizedCrop(S, scale (0.08, 1)) + flip; Resize(round(S·256/224))
-  + CenterCrop(S), bilinear (reference §9.3/9.4).
+  + CenterCrop(S), bilinear.
 
 Mean/std are the pretraining views' (CIFAR's for the ``cifar``/``none`` presets).
 Variable-size datasets (Flowers, Pets, DTD, ImageNet) are stored at the resize size, so the

@@ -12,7 +12,7 @@ from flax import linen as nn
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.resnet import ResNet
 
-# name -> (constructor, default keyword arguments). Init schemes follow reference §1.6:
+# name -> (constructor, default keyword arguments). Init schemes follow the official models:
 # the CIFAR ResNets use PyTorch defaults, the ImageNet ResNets kaiming-normal fan-out.
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "cifar_resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2), block="basic", stem="cifar")),

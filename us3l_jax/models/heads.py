@@ -1,4 +1,4 @@
-"""SSL heads and the model bundle (reference §3.1-3.3).
+"""SSL heads and the model bundle.
 
 The projector's first layer reads the slimmed backbone feature (input slimmed, output not);
 everything after it, and the predictor / auxiliary distillation head, is full width. Head BNs
@@ -52,7 +52,7 @@ class Projector(nn.Module):
 
 class Predictor(nn.Module):
     """Linear(d->hidden, no bias) -> BN -> ReLU -> Linear(hidden->d): the BYOL/SimSiam predictor
-    and the US3L auxiliary distillation head g (reference §3.1-3.2)."""
+    and the US3L auxiliary distillation head g."""
     features: int
     hidden: int = 2048
     bn_group_size: int | None = None
