@@ -118,3 +118,16 @@ def test_config_json_round_trip():
     assert back.to_dict() == c.to_dict()
     with pytest.raises(config_lib.ConfigError, match="unknown key 'optim.lrr'"):
         config_lib.from_json('{"optim": {"lrr": 1}}')
+
+
+def test_too_small_model_for_the_width_range_is_named():
+    """8 channels at 0.25x round up to 9 under the official rule: refused before any run."""
+    c = load_config_module("configs/demo.py").get_config("smoke")
+    c.model.base_width = 8
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"a layer of 8 channels at width 0.25 needs 9 under the official "
+                             r"rounding .* model.base_width"):
+        config_lib.validate(c)
+    c.sampler.width_range = (0.5, 1.0)
+    c.eval.sweep_widths = (1.0, 0.5)
+    config_lib.validate(c)

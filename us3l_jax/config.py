@@ -207,6 +207,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             backbone.feature_dim(w)
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
+    lo = min(config.sampler.width_range)
+    for c, ratio in backbone.slim_dims():
+        if slim.channels(c, lo, ratio) > c:
+            raise ConfigError(
+                f"config.model: a layer of {c} channels at width {lo} needs "
+                f"{slim.channels(c, lo, ratio)} under the official rounding (multiples of 8, "
+                f"never 10% below), more than it has; use a larger model.base_width (16 or more "
+                f"for width 0.25) or a larger sampler.width_range[0]")
     if sampler.individual_width is not None:
         try:
             slim.validate_width(sampler.individual_width, sampler.width_range[0])
