@@ -129,5 +129,5 @@ def test_too_small_model_for_the_width_range_is_named():
                              r"rounding .* model.base_width"):
         config_lib.validate(c)
     c.sampler.width_range = (0.5, 1.0)
-    c.eval.sweep_widths = (1.0, 0.5)
+    c.eval.sweep_widths = c.eval.online_widths = (1.0, 0.5)
     config_lib.validate(c)
