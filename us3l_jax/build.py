@@ -173,11 +173,19 @@ def teacher_width(config: Config) -> float:
 
 
 def trainer(config: Config, mesh: Mesh, steps_per_epoch: int) -> Trainer:
+    """The run's trainer; SEED / SEED-MSE / MoCo v2 get ``BaselineTrainer`` (with the frozen
+    teacher loaded from ``config.teacher``)."""
     tx, lr = optimizer(config, steps_per_epoch)
-    return Trainer(model(config), method(config), tx, views_fn(config), mesh,
-                   batch_size=config.optim.batch_size,
-                   total_steps=config.optim.epochs * steps_per_epoch,
-                   teacher_width=teacher_width(config), lr_schedule=lr)
+    m = method(config)
+    kw = dict(batch_size=config.optim.batch_size,
+              total_steps=config.optim.epochs * steps_per_epoch,
+              teacher_width=teacher_width(config), lr_schedule=lr)
+    if m.is_single_width_baseline:
+        from us3l_jax import baseline_train, teacher as teacher_lib
+        frozen = teacher_lib.load(config) if m.teacher == "frozen" else None
+        return baseline_train.BaselineTrainer(model(config), m, tx, views_fn(config), mesh,
+                                              teacher=frozen, **kw)
+    return Trainer(model(config), m, tx, views_fn(config), mesh, **kw)
 
 
 def abstract_state(config: Config, mesh: Mesh | None = None) -> TrainState:

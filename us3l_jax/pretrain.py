@@ -223,6 +223,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
         if _main_thread() and not agreed else None
     try:
+        frozen = getattr(trainer, "teacher", None)
+        if frozen is not None:  # SEED: record the teacher, or check it is the recorded one
+            from us3l_jax import teacher as teacher_lib
+            teacher_lib.record(workdir, frozen)
         found = ckpt.restore_latest(trainer.abstract_state(run.image_spec))
         if found is None:
             checkpointing.write_config(workdir, config)
