@@ -84,3 +84,21 @@ def test_bad_teachers_give_one_clear_error(teacher_dir, tmp_path):
         pretrain.setup(tiny(f"seed,0.5,{teacher_dir}", data__image_size=16))
     with pytest.raises(checkpointing.CheckpointError, match="embeds in 16 dimensions"):
         pretrain.setup(tiny(f"seed,0.5,{teacher_dir}", heads__proj_out=32))
+
+
+def test_method_combinations_of_the_baselines():
+    from us3l_jax.method import MethodConfig
+    with pytest.raises(ValueError, match="base_loss='seed' needs a queue"):
+        MethodConfig(base_loss="seed", teacher="frozen")
+    with pytest.raises(ValueError, match="base_loss='seed' distills a frozen pretrained"):
+        MethodConfig(base_loss="seed", queue_size=64)
+    with pytest.raises(ValueError, match="queue_size=64 is only used by base_loss"):
+        MethodConfig(queue_size=64)
+    with pytest.raises(ValueError, match="teacher='frozen' needs base_loss 'seed'"):
+        MethodConfig(teacher="frozen")
+    with pytest.raises(ValueError, match="teacher='bn' is not one of"):
+        MethodConfig(teacher="bn")
+    m = MethodConfig(base_loss="mse", teacher="frozen", distill_loss="none", aux_head="none",
+                     momentum_sub=False)
+    assert m.is_single_width_baseline and m.uses_predictor and not m.uses_ema_teacher
+    assert not MethodConfig().is_single_width_baseline and MethodConfig().uses_ema_teacher
