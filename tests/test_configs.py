@@ -88,7 +88,8 @@ def test_individual_baseline_trains_one_width():
 
 PAPER_TABLE_CONFIGS = ("configs/us3l_cifar100.py", "configs/us3l_imagenet.py",
                        "configs/table7.py", "configs/strategies.py",
-                       "configs/baselines_cifar100.py")
+                       "configs/baselines_cifar100.py", "configs/seed_cifar100.py",
+                       "configs/mocov2_cifar100.py", "configs/byol_imagenet.py")
 
 
 @pytest.mark.parametrize("path", PAPER_TABLE_CONFIGS)
@@ -131,3 +132,81 @@ def test_too_small_model_for_the_width_range_is_named():
     c.sampler.width_range = (0.5, 1.0)
     c.eval.sweep_widths = c.eval.online_widths = (1.0, 0.5)
     config_lib.validate(c)
+def test_seed_configs_cover_table2_and_take_the_teacher_workdir():
+    mod = load_config_module("configs/seed_cifar100.py")
+    for loss, arch, tag in sorted(mod.ROWS):
+        c = mod.get_config(f"{loss},{arch},{tag},0.5,runs/teacher_{tag}")
+        config_lib.validate(c)
+        assert c.teacher.workdir == "runs/teacher_" + tag
+        assert c.eval.paper_row == f"table2/{arch}/{loss}_byol_{tag}"
+        m = build.method(c)
+        assert (m.teacher, c.sampler.individual_width, c.heads.proj_out) == ("frozen", 0.5, 2048)
+        assert m.uses_predictor == (loss == "seed_mse")
+    c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
+    m = build.method(c)
+    assert (m.queue_size, m.tau, m.teacher_tau, c.optim.epochs, c.optim.lr) == (
+        32768, 0.5, 1e-4, 200, 0.05)
+    assert 2 * c.optim.reg_lambda == pytest.approx(1e-4)
+    c.teacher.workdir = None
+    with pytest.raises(config_lib.ConfigError, match="config.teacher.workdir must name"):
+        config_lib.validate(c)
+    c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
+    c.method.queue_size = 1000
+    with pytest.raises(config_lib.ConfigError, match="queue_size=1000 must be a multiple"):
+        config_lib.validate(c)
+    c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
+    c.sampler.individual_width = None
+    with pytest.raises(config_lib.ConfigError, match="trains one width"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match="unknown teacher tag 'r34'"):
+        mod.get_config("seed,resnet18,r34,1.0,runs/t")
+
+
+def test_mocov2_is_the_official_cifar_config():
+    c = load_config_module("configs/mocov2_cifar100.py").get_config("0.5")
+    config_lib.validate(c)
+    m = build.method(c)
+    assert (m.base_loss, m.tau, m.ema_momentum, m.queue_size) == ("moco", 0.2, 0.999, 2048)
+    assert (c.heads.proj_style, c.heads.proj_hidden, c.heads.proj_out) == ("mocov2", 2048, 256)
+    assert (c.optim.lr, c.optim.batch_size, c.method.group_size) == (0.3, 256, 64)
+    assert 2 * c.optim.reg_lambda == pytest.approx(1e-4)
+
+
+def test_byol_imagenet_table4():
+    mod = load_config_module("configs/byol_imagenet.py")
+    for arch in ("resnet18", "resnet50"):
+        for w in (1.0, 0.75, 0.5, 0.25):
+            c = mod.get_config(f"byol,{arch},{w}")
+            config_lib.validate(c)
+            assert build.sampler(c).individual_width == w and c.eval.sweep_widths == (w,)
+        c = mod.get_config(f"us_byol,{arch}")
+        config_lib.validate(c)
+        assert build.method(c) == recipes.table7_method(
+            4, group_size=c.method.group_size, tau=0.5, update_mode="per_width",
+            decay_rule="weight_decay")
+        s = build.sampler(c)
+        assert (s.num_samples, s.sandwich, s.schedule) == (3, True, None)
+        assert c.eval.paper_row == f"table4/{arch}/us_byol" and c.optim.lr == 0.05
+    assert mod.get_config("byol,resnet50,1.0").optim.batch_size == 480
+
+
+def test_us_simclr_is_table7_case14():
+    c = load_config_module("configs/baselines_cifar100.py").get_config("us_simclr")
+    m = build.method(c)
+    assert (m.base_loss, m.distill_loss, m.aux_head, m.momentum_base, m.momentum_sub) == \
+        recipes.TABLE7_CASES[14]
+    assert c.sampler.num_samples == 3
+
+
+def test_demo_baseline_variants():
+    mod = load_config_module("configs/demo.py")
+    base = mod.get_config(None)
+    for arg in ("byol", "byol,0.25", "us_byol", "mocov2,0.5", "seed,0.25", "seed_mse,1.0,/x"):
+        c = mod.get_config(arg)
+        config_lib.validate(c)
+        # Same backbone, data, batch and number of steps as the US3L demo.
+        for key in ("model", "data"):
+            assert c[key].to_dict() == base[key].to_dict(), (arg, key)
+        assert (c.optim.batch_size, c.optim.epochs) == (base.optim.batch_size,
+                                                         base.optim.epochs)
+    assert mod.get_config("seed,0.5").teacher.workdir == "/tmp/us3l_demo_byol"

@@ -172,14 +172,26 @@ def teacher_width(config: Config) -> float:
     return config.sampler.individual_width or config.sampler.width_range[1]
 
 
-def trainer(config: Config, mesh: Mesh, steps_per_epoch: int) -> Trainer:
+def trainer(config: Config, mesh: Mesh, steps_per_epoch: int,
+            frozen_teacher: Any = None) -> Trainer:
+    """The run's trainer; SEED / SEED-MSE / MoCo v2 get ``BaselineTrainer``, SEED with
+    ``frozen_teacher`` (``us3l_jax.teacher.load(config)``, which builds models through this
+    module and so is loaded by the caller)."""
     tx, lr = optimizer(config, steps_per_epoch)
+    m = method(config)
     total = config.optim.epochs * steps_per_epoch
-    return Trainer(model(config), method(config), tx, views_fn(config), mesh,
-                   batch_size=config.optim.batch_size, total_steps=total,
-                   teacher_width=teacher_width(config), lr_schedule=lr,
-                   first_sub_step=sampling.first_sub_network_step(sampler(config),
-                                                                  steps_per_epoch, total))
+    kw = dict(batch_size=config.optim.batch_size, total_steps=total,
+              teacher_width=teacher_width(config), lr_schedule=lr,
+              first_sub_step=sampling.first_sub_network_step(sampler(config), steps_per_epoch,
+                                                             total))
+    if m.is_single_width_baseline:
+        from us3l_jax import baseline_train
+        if (m.teacher == "frozen") != (frozen_teacher is not None):
+            raise ValueError("a frozen teacher (us3l_jax.teacher.load(config)) is needed "
+                             "exactly when config.method.teacher='frozen'")
+        return baseline_train.BaselineTrainer(model(config), m, tx, views_fn(config), mesh,
+                                              teacher=frozen_teacher, **kw)
+    return Trainer(model(config), m, tx, views_fn(config), mesh, **kw)
 
 
 def abstract_state(config: Config, mesh: Mesh | None = None) -> TrainState:

@@ -72,6 +72,14 @@ def get_default() -> ml_collections.ConfigDict:
     # bounds the number of compiled programs; None draws continuously as the paper.
     c.sampler.grid_step = config_dict.placeholder(float)
 
+    # The frozen teacher of SEED / SEED-MSE (method.teacher='frozen'): a pretrained run's
+    # workdir, its checkpoint step (None: the latest) and the width it runs at (None: the width
+    # it was trained at, or its range's maximum).
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.workdir = config_dict.placeholder(str)
+    c.teacher.step = config_dict.placeholder(int)
+    c.teacher.width = config_dict.placeholder(float)
+
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar100"
     c.data.data_dir = config_dict.placeholder(str)
@@ -233,6 +241,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.method.decay_rule='weight_decay' is plain weight decay, but "
             f"config.optim.reg_alpha={config.optim.reg_alpha}: set reg_alpha=0, or use "
             f"decay_rule='group_reg' for group regularization")
+    _validate_baseline(config, method, sampler)
     g = method.group_size
     if g is not None and config.optim.batch_size % g:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
@@ -255,6 +264,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         build.optimizer(config, steps_per_epoch=1)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
+
+
+def _validate_baseline(config: ml_collections.ConfigDict, method: MethodConfig,
+                       sampler) -> None:
+    """SEED / SEED-MSE / MoCo v2: one width per run, a teacher run, whole batches per queue."""
+    if not method.is_single_width_baseline:
+        return
+    if sampler.individual_width is None:
+        raise ConfigError(f"config.method.base_loss={method.base_loss!r} with teacher="
+                          f"{method.teacher!r} trains one width: set "
+                          f"config.sampler.individual_width")
+    if method.teacher == "frozen" and not config.teacher.workdir:
+        raise ConfigError("config.teacher.workdir must name the workdir of a pretrained "
+                          "teacher run (method.teacher='frozen')")
+    if method.queue_size and method.queue_size % config.optim.batch_size:
+        raise ConfigError(f"config.method.queue_size={method.queue_size} must be a multiple "
+                          f"of config.optim.batch_size={config.optim.batch_size}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-BASE_LOSSES = ("infonce", "mse")
+BASE_LOSSES = ("infonce", "mse", "seed", "moco")
 DISTILL_LOSSES = ("none", "mse", "infonce")
 AUX_HEADS = ("none", "shared", "new")
 UPDATE_MODES = ("accumulate", "per_width")
 EMA_SCHEDULES = ("constant", "cosine")
 DECAY_RULES = ("group_reg", "weight_decay")
 TEACHER_KEYS = ("backbone", "projector")
+TEACHERS = ("ema", "frozen")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,17 @@ class MethodConfig:
       term, which skips the heads at the base width) or ``weight_decay`` for plain weight
       decay (the official SGD ``weight_decay``: every parameter that has had a gradient).
       See docs/fidelity.md, "Weight decay".
+
+    Single-width baselines (``us3l_jax.baseline_train``; they need ``sampler.individual_width``):
+
+    * ``teacher``: ``ema`` (the momentum teacher above) or ``frozen`` (a pretrained network of
+      another run, ``us3l_jax.teacher``, never updated: SEED / SEED-MSE).
+    * ``base_loss='seed'``: SEED's soft cross-entropy of the student's against the frozen
+      teacher's similarities to a queue of teacher embeddings, with temperatures ``tau``
+      (student) and ``teacher_tau``; ``base_loss='mse'`` with ``teacher='frozen'`` is SEED-MSE.
+    * ``base_loss='moco'``: MoCo v2's InfoNCE of the online view 1 against the EMA key of view 2
+      and a queue of past keys, temperature ``tau``.
+    * ``queue_size``: K, the number of queued keys (0: no queue).
     """
     base_loss: str = "infonce"
     distill_loss: str = "mse"
@@ -57,6 +69,9 @@ class MethodConfig:
     ema_momentum: float = 0.99
     ema_schedule: str = "constant"
     decay_rule: str = "group_reg"
+    teacher: str = "ema"
+    queue_size: int = 0
+    teacher_tau: float = 1e-4
 
     def __post_init__(self):
         for name, value, allowed in [("base_loss", self.base_loss, BASE_LOSSES),
@@ -64,7 +79,8 @@ class MethodConfig:
                                      ("aux_head", self.aux_head, AUX_HEADS),
                                      ("update_mode", self.update_mode, UPDATE_MODES),
                                      ("ema_schedule", self.ema_schedule, EMA_SCHEDULES),
-                                     ("decay_rule", self.decay_rule, DECAY_RULES)]:
+                                     ("decay_rule", self.decay_rule, DECAY_RULES),
+                                     ("teacher", self.teacher, TEACHERS)]:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
         if not self.tau > 0:
@@ -76,10 +92,43 @@ class MethodConfig:
                              "exists with base_loss='mse'; use aux_head='new' or 'none'")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group_size must be positive or None, got {self.group_size}")
+        self._check_baseline()
+
+    def _check_baseline(self):
+        """The single-width baselines' combinations (SEED, SEED-MSE, MoCo v2)."""
+        if self.queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
+        if not self.teacher_tau > 0:
+            raise ValueError(f"teacher_tau must be > 0, got {self.teacher_tau}")
+        needs_queue = self.base_loss in ("seed", "moco")
+        if needs_queue and self.queue_size <= 0:
+            raise ValueError(f"base_loss={self.base_loss!r} needs a queue: set queue_size > 0")
+        if not needs_queue and self.queue_size:
+            raise ValueError(f"queue_size={self.queue_size} is only used by base_loss 'seed' "
+                             f"or 'moco', not {self.base_loss!r}; set it to 0")
+        if self.base_loss == "seed" and self.teacher != "frozen":
+            raise ValueError("base_loss='seed' distills a frozen pretrained teacher: set "
+                             "teacher='frozen'")
+        if self.teacher == "frozen" and self.base_loss not in ("seed", "mse"):
+            raise ValueError(f"teacher='frozen' needs base_loss 'seed' (SEED) or 'mse' "
+                             f"(SEED-MSE), got {self.base_loss!r}")
+        if (needs_queue or self.teacher == "frozen") and not self.momentum_base:
+            raise ValueError(f"base_loss={self.base_loss!r} with teacher={self.teacher!r} "
+                             f"learns from the teacher: set momentum_base=True")
 
     @property
     def uses_teacher(self) -> bool:
         return self.momentum_base or self.momentum_sub
+
+    @property
+    def uses_ema_teacher(self) -> bool:
+        """A momentum (EMA) copy of the online network is kept in ``TrainState.ema_params``."""
+        return self.uses_teacher and self.teacher == "ema"
+
+    @property
+    def is_single_width_baseline(self) -> bool:
+        """SEED, SEED-MSE or MoCo v2: trained by ``us3l_jax.baseline_train``."""
+        return self.teacher == "frozen" or self.queue_size > 0
 
     @property
     def uses_predictor(self) -> bool:

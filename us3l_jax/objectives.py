@@ -133,3 +133,39 @@ def embedding_std(z: Array) -> Array:
     if z.ndim != 2:
         raise ValueError(f"embedding_std needs a (batch, dim) array, got shape {z.shape}")
     return jnp.mean(jnp.std(l2_normalize(z), axis=0))
+
+
+def _queue_logits(x: Array, pos: Array, queue: Array, tau: float) -> Array:
+    """[x·pos, x·queue_1, ..., x·queue_K] / tau for L2-normalised rows (B, 1 + K)."""
+    l_pos = jnp.sum(x * pos, axis=-1, keepdims=True)
+    l_neg = jnp.einsum("nd,kd->nk", x, jnp.asarray(queue, jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([l_pos, l_neg], axis=1) / tau
+
+
+def seed_distill(student: Array, teacher: Array, queue: Array, tau_student: float,
+                 tau_teacher: float) -> Array:
+    """SEED's loss: soft cross-entropy between the teacher's and the student's similarity
+    distributions over [the teacher embedding, the K queued teacher embeddings].
+
+    Both embeddings are L2-normalised; the student's logits are [s·t, s·Q] / tau_student, the
+    teacher's target is softmax([t·t, t·Q] / tau_teacher) (detached by the caller). Returns
+    −Σ p_teacher · log_softmax(student logits), averaged over the batch.
+    """
+    _check_tau(tau_student)
+    _check_tau(tau_teacher)
+    _check_pair(jnp.asarray(student), jnp.asarray(teacher), "seed_distill")
+    s, t = l2_normalize(student), l2_normalize(teacher)
+    p_teacher = jax.nn.softmax(_queue_logits(t, t, queue, tau_teacher), axis=-1)
+    log_p_student = jax.nn.log_softmax(_queue_logits(s, t, queue, tau_student), axis=-1)
+    return -jnp.mean(jnp.sum(p_teacher * log_p_student, axis=-1))
+
+
+def moco_infonce(q: Array, k: Array, queue: Array, tau: float) -> Array:
+    """MoCo v2's loss: cross-entropy of logits [q·k, q·Q] / tau with the positive key at index
+    0, averaged over the batch (q, k L2-normalised here; k and the queue detached by the
+    caller)."""
+    _check_tau(tau)
+    _check_pair(jnp.asarray(q), jnp.asarray(k), "moco_infonce")
+    logits = _queue_logits(l2_normalize(q), l2_normalize(k), queue, tau)
+    return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])

@@ -45,7 +45,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from us3l_jax import mesh as mesh_lib
-from us3l_jax import objectives
+from us3l_jax import keyqueue, objectives
 from us3l_jax.method import MethodConfig, ema_momentum, ema_update, teacher_subset
 from us3l_jax.models.heads import SSLModel
 
@@ -60,12 +60,14 @@ class TrainState:
     ({backbone, projector[, predictor][, distill_head]}), ``ema_params`` (teacher copy of
     {backbone, projector}, or None), ``opt_state`` and the base PRNG key ``rng`` (per-step keys
     are ``fold_in(rng, step)``, so resuming at step k reproduces the same randomness). ``rng``
-    is raw key data (uint32), which checkpoints store as a plain array."""
+    is raw key data (uint32), which checkpoints store as a plain array. ``queue``: the key
+    queue of MoCo v2 / SEED (``us3l_jax.keyqueue``), None for every other method."""
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    queue: Any = None
 
 
 # ------------------------------------------------------------------------------ state
@@ -78,9 +80,13 @@ def init_state(rng: jax.Array, *, model: SSLModel, method: MethodConfig,
     init_rng, data_rng = jax.random.split(rng)
     params = flax.core.unfreeze(
         model.init(init_rng, jnp.zeros(view_spec.shape, jnp.float32), 1.0)["params"])
-    ema = jax.tree.map(jnp.copy, teacher_subset(params)) if method.uses_teacher else None
+    ema = jax.tree.map(jnp.copy, teacher_subset(params)) if method.uses_ema_teacher else None
+    # The queue's key is derived from, not split off, ``rng``: runs without a queue keep
+    # exactly the initialisation they always had.
+    queue = keyqueue.init(jax.random.fold_in(rng, 1), method.queue_size, model.proj_out) \
+        if method.queue_size else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng))
+                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng), queue=queue)
 
 
 def abstract_state(model: SSLModel, method: MethodConfig, tx: optax.GradientTransformation,

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from us3l_jax.slim import SlimBatchNorm, SlimDense
 
-PROJECTOR_STYLES = ("simclr", "byol", "simsiam")
+PROJECTOR_STYLES = ("simclr", "byol", "simsiam", "mocov2")
 
 
 class Projector(nn.Module):
@@ -22,7 +22,8 @@ class Projector(nn.Module):
 
     ``style`` selects the official variants: ``simclr`` (SimCLR_Momentum: middle Linear with
     bias), ``byol`` (middle Linear without bias), ``simsiam`` (as byol, and the last Linear is
-    followed by a non-affine BN; its frozen bias cancels inside that BN, so it is omitted).
+    followed by a non-affine BN; its frozen bias cancels inside that BN, so it is omitted),
+    ``mocov2`` (MoCo v2's MLP: Linear(feat->hidden) -> ReLU -> Linear(hidden->out), no BN).
     """
     in_features: int
     slim_in: bool
@@ -39,6 +40,9 @@ class Projector(nn.Module):
         bn = dict(slim=False, group_size=self.bn_group_size, dtype=self.dtype)
         x = SlimDense(self.in_features, self.hidden, use_bias=True, slim_in=self.slim_in,
                       dtype=self.dtype, name="fc1")(h, width)
+        if self.style == "mocov2":
+            return SlimDense(self.hidden, self.out, use_bias=True, slim_in=False,
+                             dtype=self.dtype, name="fc2")(nn.relu(x))
         x = nn.relu(SlimBatchNorm(self.hidden, name="bn1", **bn)(x, 1.0, True))
         x = SlimDense(self.hidden, self.hidden, use_bias=self.style == "simclr", slim_in=False,
                       dtype=self.dtype, name="fc2")(x)
