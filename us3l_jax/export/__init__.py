@@ -30,20 +30,25 @@ from flax import traverse_util
 from us3l_jax import fileio, models
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.plain import PlainMobileNetV2, plain_network
+from us3l_jax.models.vit import VisionTransformer
 from us3l_jax.slim import slice_leading
 
 COLLECTIONS = ("params", "batch_stats")
 # Stem / classifier weights per family: our layer names and torchvision keys.
-_STEM = {"resnet": "conv1", "mobilenet_v2": "stem_conv"}
-_HEAD = {"resnet": "fc", "mobilenet_v2": "classifier"}
-_TORCH_STEM = {"resnet": "conv1.weight", "mobilenet_v2": "features.0.0.weight"}
-_TORCH_HEAD = {"resnet": "fc.weight", "mobilenet_v2": "classifier.1.weight"}
+_STEM = {"resnet": "conv1", "mobilenet_v2": "stem_conv", "vit": "patch_embed"}
+_HEAD = {"resnet": "fc", "mobilenet_v2": "classifier", "vit": "head"}
+_TORCH_STEM = {"resnet": "conv1.weight", "mobilenet_v2": "features.0.0.weight",
+               "vit": "patch_embed.proj.weight"}
+_TORCH_HEAD = {"resnet": "fc.weight", "mobilenet_v2": "classifier.1.weight",
+               "vit": "head.weight"}
 # Shape-only probe input: large enough for every stride pattern (ImageNet ResNet: 32 -> 1).
 _PROBE_SIZE = 32
 
 Variables = dict[str, Any]
 
 def _family(model: nn.Module) -> str:
+    if isinstance(model, VisionTransformer):
+        return "vit"
     return "mobilenet_v2" if isinstance(model, (MobileNetV2, PlainMobileNetV2)) else "resnet"
 
 def _build(name: str, model_kw: Mapping[str, Any],
