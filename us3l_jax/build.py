@@ -112,7 +112,8 @@ def is_streaming(config: Config) -> bool:
 
 def view_recipe(config: Config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
     """The two SSL view recipes: ``cifar`` (no blur), ``imagenet`` (blur 0.5, 224), ``byol``
-    (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2), ``none`` (full crop, no colour ops,
+    (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2; ``byol_cifar``: the same with CIFAR
+    mean/std, as the official ViT runs), ``none`` (full crop, no colour ops,
     no flip: for debugging), at ``config.data.image_size`` when set."""
     name = config.data.augment
     if name == "cifar":
@@ -121,6 +122,9 @@ def view_recipe(config: Config) -> tuple[augment.ViewConfig, augment.ViewConfig]
         recipe = augment.IMAGENET_SSL, augment.IMAGENET_SSL
     elif name == "byol":
         recipe = augment.BYOL_VIEW1, augment.BYOL_VIEW2
+    elif name == "byol_cifar":  # the official ViT runs: BYOL views, CIFAR mean/std
+        recipe = tuple(dataclasses.replace(v, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
+                       for v in (augment.BYOL_VIEW1, augment.BYOL_VIEW2))
     else:
         v = augment.ViewConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0,
                                grayscale_p=0.0, flip_p=0.0)

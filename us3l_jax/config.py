@@ -23,7 +23,7 @@ from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper
 from us3l_jax.method import MethodConfig
 from us3l_jax.models import vit as vit_lib
 from us3l_jax.models.heads import PROJECTOR_STYLES
-AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "none")
+AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "byol_cifar", "none")
 PROTOCOLS = ("fast", "knn", "paper")
 
 
