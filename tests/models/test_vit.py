@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from us3l_jax import export, models, slim
+from tests.models.vit_helpers import perturbed_init as _perturbed_init
 from us3l_jax.models.vit import sincos_pos_embed
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
@@ -21,12 +22,8 @@ def images():
 
 def _init(slicing, num_classes=5):
     model = models.create("vit_tiny", num_classes=num_classes, slicing=slicing, **TINY)
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), width=1.0)
     # Non-zero biases, cls token and LayerNorm affine, so every slice is exercised.
-    leaves, tree = jax.tree.flatten(variables)
-    keys = jax.random.split(jax.random.key(2), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return model, jax.tree.unflatten(tree, leaves)
+    return model, jax.jit(_perturbed_init(model))(jax.random.key(0))
 
 
 def _np_ln(x, scale, bias):

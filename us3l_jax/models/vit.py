@@ -252,8 +252,11 @@ class VisionTransformer(nn.Module):
 
 def plain_vit(model: VisionTransformer, width: float) -> VisionTransformer:
     """The ViT that ``model`` (``slicing='embed'``) is at ``width``: dimension h(w)*head_dim,
-    h(w) heads, the same depth and head dimension; its variables are leading slices."""
+    h(w) heads, the same depth and head dimension; its variables are leading slices. With
+    ``slicing='official'`` only width 1.0 is a plain ViT."""
     if model.slicing != "embed":
+        if slim.validate_width(width, model.min_width) == slim.MAX_WIDTH:
+            return model.clone(min_width=1.0)  # width 1.0 is the ViT itself
         raise ValueError(
             "only slicing='embed' sub-networks are smaller ViTs; with slicing='official' the "
             "residual stream stays full width and the network runs the full weights at a width")
