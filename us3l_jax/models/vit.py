@@ -191,6 +191,8 @@ class VisionTransformer(nn.Module):
     bn_group_size: int | None = None
     dtype: Any = jnp.float32
 
+    has_batch_norm = False  # nothing for BN calibration to do
+
     # ---------------------------------------------------------------- host-side sizes
 
     def _check(self) -> None:
