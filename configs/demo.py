@@ -2,6 +2,7 @@
 
     python -m us3l_jax.main --config=configs/demo.py --workdir=/tmp/us3l_demo
     python -m us3l_jax.main --config=configs/demo.py:smoke --workdir=/tmp/us3l_smoke
+    python -m us3l_jax.main --config=configs/demo.py:vit --workdir=/tmp/us3l_vit_demo
 
 Full US3L (paper Table 7 case 13: InfoNCE base loss against an EMA teacher, negative-cosine
 distillation through an auxiliary head, sandwich rule with dynamic sampling "A", group
@@ -31,6 +32,11 @@ Arguments: ``byol[,width]`` / ``mocov2[,width]`` (individual runs, width default
 (``us3l_jax.recipes``) scaled to digits: 64/128 heads, queues of 512 keys, 12 epochs; MoCo v2's
 key encoder uses m 0.99 instead of 0.999, whose teacher would still be 77% its random
 initialisation after 264 steps.
+
+``vit`` is US3L for ViTs (the Table 3 recipe of ``configs/vit_cifar10.py`` scaled down): a
+slimmable ViT of dim 64, depth 4, 4 heads, patch 4 on the 16-px digits (16 patches), official
+slicing, MoCo v3 loss (tau 0.2) with InfoNCE distillation through a copy of the predictor,
+AdamW, per-width updates, sandwich rule with dynamic sampling "A", then the same sweep.
 """
 from us3l_jax import config as config_lib, recipes
 
@@ -70,8 +76,10 @@ def get_config(arg: str | None = None):
         c.train.log_every_steps = 11
         c.train.checkpoint_every_steps = 22
         c.eval.sweep_widths = (1.0, 0.25)
+    elif arg == "vit":
+        _vit_demo(c)
     elif arg:
-        raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke', "
+        raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke', 'vit', "
                          f"{', '.join(repr(b) for b in BASELINES)} or none")
     return c
 
@@ -100,3 +108,19 @@ def _baseline(c, arg: str):
     c.heads.proj_out = 64
     c.heads.head_hidden = 128
     return c
+
+
+def _vit_demo(c):
+    v = recipes.mocov3_vit("tiny", "us3l")
+    for section in ("heads", "method", "optim"):
+        c[section] = v[section]
+    c.model = v.model
+    c.model.dtype = "float32"
+    c.model.dim, c.model.depth, c.model.heads, c.model.patch_size = 64, 4, 4, 4
+    c.heads.proj_hidden, c.heads.proj_out, c.heads.head_hidden = 128, 64, 128
+    c.sampler.schedule = "A"
+    c.optim.batch_size = 64
+    c.optim.epochs = 12
+    c.optim.warmup_epochs = 2
+    c.optim.lr = 1e-3
+    c.eval.paper_row = None

@@ -89,7 +89,8 @@ def test_individual_baseline_trains_one_width():
 PAPER_TABLE_CONFIGS = ("configs/us3l_cifar100.py", "configs/us3l_imagenet.py",
                        "configs/table7.py", "configs/strategies.py",
                        "configs/baselines_cifar100.py", "configs/seed_cifar100.py",
-                       "configs/mocov2_cifar100.py", "configs/byol_imagenet.py")
+                       "configs/mocov2_cifar100.py", "configs/byol_imagenet.py",
+                       "configs/vit_cifar10.py")
 
 
 @pytest.mark.parametrize("path", PAPER_TABLE_CONFIGS)
@@ -210,3 +211,36 @@ def test_demo_baseline_variants():
         assert (c.optim.batch_size, c.optim.epochs) == (base.optim.batch_size,
                                                          base.optim.epochs)
     assert mod.get_config("seed,0.5").teacher.workdir == "/tmp/us3l_demo_byol"
+
+
+def test_vit_cifar10_variants():
+    module = load_config_module("configs/vit_cifar10.py")
+    us3l = module.get_config("small")
+    config_lib.validate(us3l)
+    assert (us3l.model.name, us3l.optim.optimizer, us3l.optim.lr, us3l.optim.weight_decay,
+            us3l.optim.warmup_epochs, us3l.optim.epochs) == ("vit_small", "adamw", 3e-4, 0.1,
+                                                             40, 300)
+    m = build.method(us3l)
+    assert (m.base_loss, m.distill_loss, m.aux_head, m.aux_head_init, m.tau, m.group_size,
+            m.ema_schedule) == ("mocov3", "mocov3", "new", "copy", 0.2, None, "cosine")
+    assert build.sampler(us3l).schedule == "A"
+    assert build.backbone(us3l).image_size == 224
+    baseline = module.get_config("tiny,us_mocov3")
+    assert (baseline.method.aux_head, baseline.sampler.schedule) == ("shared", "none")
+    single = module.get_config("tiny,mocov3@0.25")
+    config_lib.validate(single)
+    assert build.teacher_width(single) == 0.25 and build.sampler(single).num_samples == 1
+    for bad in ("huge", "tiny,mocov2", "tiny,mocov3@x"):
+        with pytest.raises(ValueError, match="tiny|variant|number"):
+            module.get_config(bad)
+    with pytest.raises(config_lib.ConfigError, match="model.dim only applies to ViTs"):
+        c = config_lib.get_default()
+        c.model.dim = 64
+        config_lib.validate(c)
+    with pytest.raises(config_lib.ConfigError, match="model.slicing"):
+        us3l.model.slicing = "narrow"
+        config_lib.validate(us3l)
+    with pytest.raises(config_lib.ConfigError, match="reg_lambda=0"):
+        c = module.get_config("tiny")
+        c.optim.reg_lambda = 5e-5
+        config_lib.validate(c)

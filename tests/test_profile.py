@@ -224,3 +224,26 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_vit_counts_match_hand_count_and_parameter_trees():
+    from us3l_jax.models.vit import plain_vit
+    tiny = dict(dim=32, depth=2, heads=4, patch_size=4)
+    # Hand count, official slicing at 0.5 on 8x8 (4 patches + cls = 5 tokens): qkv/proj/fc1
+    # read md(16) = 16 inputs, fc2 reads md(64) = 64 hidden units, outputs full.
+    r = profile.profile("vit_tiny", 0.5, input_size=8, convention="backbone", **tiny)
+    block_params = (16 * 96 + 96) + (16 * 32 + 32) + (16 * 128 + 128) + (64 * 32 + 32)
+    params = (4 * 4 * 3 * 32 + 32) + 32 + 5 * 2 * 32 + 2 * block_params
+    block_macs = 5 * (16 * 96 + 16 * 32 + 16 * 128 + 64 * 32) + 2 * 25 * 32
+    assert r["params"] == params and r["macs"] == 4 * 48 * 32 + 2 * block_macs
+    assert r["attn_macs"] == 2 * 2 * 25 * 32  # unchanged by the width in official slicing
+    # Width 1.0 (both modes), and every embed width, count exactly the model's parameters.
+    x = jnp.zeros((1, 8, 8, 3))
+    for slicing, width in (("official", 1.0), ("embed", 1.0), ("embed", 0.5), ("embed", 0.25)):
+        model = models.create("vit_tiny", num_classes=10, slicing=slicing, **tiny)
+        net = model if width == 1.0 else plain_vit(model, width)
+        shapes = jax.eval_shape(net.init, jax.random.key(0), x)
+        n = sum(a.size for a in jax.tree.leaves(shapes))
+        got = profile.profile("vit_tiny", width, input_size=8, num_classes=10,
+                              slicing=slicing, **tiny)
+        assert got["params"] == n, (slicing, width)

@@ -21,8 +21,9 @@ from us3l_jax.build import DTYPES
 from us3l_jax.data import datasets
 from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper
 from us3l_jax.method import MethodConfig
+from us3l_jax.models import vit as vit_lib
 from us3l_jax.models.heads import PROJECTOR_STYLES
-AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "none")
+AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "byol_cifar", "none")
 PROTOCOLS = ("fast", "knn", "paper")
 
 
@@ -55,6 +56,14 @@ def get_default() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.base_width = config_dict.placeholder(int)  # ResNet only: stage planes base*(1,2,4,8)
     c.model.stage_sizes = config_dict.placeholder(tuple)  # ResNet only: blocks per stage
+    # ViT only (None: the named model's value): sizes, patch, "official"/"embed" slicing and
+    # the frozen patch embedding (MoCo v3's --stop-grad-conv1).
+    c.model.dim = config_dict.placeholder(int)
+    c.model.depth = config_dict.placeholder(int)
+    c.model.heads = config_dict.placeholder(int)
+    c.model.patch_size = config_dict.placeholder(int)
+    c.model.slicing = config_dict.placeholder(str)
+    c.model.stop_grad_patch = config_dict.placeholder(bool)
 
     c.heads = ml_collections.ConfigDict()
     c.heads.proj_hidden = 2048
@@ -107,6 +116,10 @@ def get_default() -> ml_collections.ConfigDict:
     c.optim.reg_warmup_epochs = 0
     c.optim.reg_rule = "official"
     c.optim.lars = False
+    # "sgd" (the CNN recipes above) or "adamw" (MoCo v3 ViTs: per-iteration warm-up + cosine,
+    # decoupled weight_decay; reg_lambda must then be 0).
+    c.optim.optimizer = "sgd"
+    c.optim.weight_decay = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every_steps = 20
@@ -201,6 +214,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if config.model[key] is not None:
                 raise ConfigError(f"config.model.{key} only applies to ResNets, not "
                                   f"{config.model.name!r}")
+    _choice("optim.optimizer", config.optim.optimizer, ("sgd", "adamw"))
+    if config.model.name not in models.VIT_NAMES:
+        for key in ("dim", "depth", "heads", "patch_size", "slicing", "stop_grad_patch"):
+            if config.model[key] is not None:
+                raise ConfigError(f"config.model.{key} only applies to ViTs "
+                                  f"{models.VIT_NAMES}, not {config.model.name!r}")
+    elif config.model.slicing is not None:
+        _choice("model.slicing", config.model.slicing, vit_lib.SLICINGS)
     try:
         method = build.method(config)
     except ValueError as e:

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-BASE_LOSSES = ("infonce", "mse", "seed", "moco")
-DISTILL_LOSSES = ("none", "mse", "infonce")
+BASE_LOSSES = ("infonce", "mse", "seed", "moco", "mocov3")
+DISTILL_LOSSES = ("none", "mse", "infonce", "mocov3")
+AUX_HEAD_INITS = ("independent", "copy")
 AUX_HEADS = ("none", "shared", "new")
 UPDATE_MODES = ("accumulate", "per_width")
 EMA_SCHEDULES = ("constant", "cosine")
@@ -28,7 +29,8 @@ class MethodConfig:
     * ``base_loss``: ``infonce`` (NT-Xent: against the teacher's other view when
       ``momentum_base``, else SimCLR between the two online views) or ``mse`` (negative cosine
       of the predictor output against the teacher / the stop-gradient online other view:
-      BYOL / SimSiam).
+      BYOL / SimSiam), or ``mocov3`` (MoCo v3: the predictor's queries against the teacher's
+      keys of the other view, ``objectives.moco_v3``; needs ``momentum_base``).
     * ``distill_loss``: loss of each sub-network against the targets; ``none`` trains every
       sub-network with the base loss on its own outputs (no inplace distillation).
     * ``aux_head``: ``new`` (a separate head g for sub-networks, Eq. 3), ``shared`` (the base
@@ -56,6 +58,8 @@ class MethodConfig:
     * ``base_loss='moco'``: MoCo v2's InfoNCE of the online view 1 against the EMA key of view 2
       and a queue of past keys, temperature ``tau``.
     * ``queue_size``: K, the number of queued keys (0: no queue).
+    * ``aux_head_init``: the new head g starts ``independent`` (its own initialisation, as the
+      CNN code) or as a ``copy`` of the predictor (the official ViT code's deepcopy).
     """
     base_loss: str = "infonce"
     distill_loss: str = "mse"
@@ -72,6 +76,7 @@ class MethodConfig:
     teacher: str = "ema"
     queue_size: int = 0
     teacher_tau: float = 1e-4
+    aux_head_init: str = "independent"
 
     def __post_init__(self):
         for name, value, allowed in [("base_loss", self.base_loss, BASE_LOSSES),
@@ -80,16 +85,26 @@ class MethodConfig:
                                      ("update_mode", self.update_mode, UPDATE_MODES),
                                      ("ema_schedule", self.ema_schedule, EMA_SCHEDULES),
                                      ("decay_rule", self.decay_rule, DECAY_RULES),
-                                     ("teacher", self.teacher, TEACHERS)]:
+                                     ("teacher", self.teacher, TEACHERS),
+                                     ("aux_head_init", self.aux_head_init, AUX_HEAD_INITS)]:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of {allowed}")
         if not self.tau > 0:
             raise ValueError(f"tau must be > 0, got {self.tau}")
         if not 0.0 <= self.ema_momentum <= 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1], got {self.ema_momentum}")
-        if self.aux_head == "shared" and self.base_loss != "mse":
+        if self.aux_head == "shared" and not self.uses_predictor:
             raise ValueError("aux_head='shared' shares the base network's predictor, which only "
-                             "exists with base_loss='mse'; use aux_head='new' or 'none'")
+                             "exists with base_loss='mse' or 'mocov3'; use aux_head='new' or "
+                             "'none'")
+        if self.base_loss == "mocov3" and not self.momentum_base:
+            raise ValueError("base_loss='mocov3' contrasts against the momentum encoder's keys; "
+                             "it needs momentum_base=True")
+        if self.aux_head_init == "copy" and not (self.uses_predictor and
+                                                 self.uses_distill_head):
+            raise ValueError("aux_head_init='copy' copies the predictor into the new head: it "
+                             "needs aux_head='new' and a base loss with a predictor ('mse' or "
+                             "'mocov3')")
         if self.group_size is not None and self.group_size <= 0:
             raise ValueError(f"group_size must be positive or None, got {self.group_size}")
         self._check_baseline()
@@ -132,7 +147,7 @@ class MethodConfig:
 
     @property
     def uses_predictor(self) -> bool:
-        return self.base_loss == "mse"
+        return self.base_loss in ("mse", "mocov3")
 
     @property
     def uses_distill_head(self) -> bool:

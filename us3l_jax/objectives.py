@@ -107,6 +107,31 @@ def infonce_distill(s1: Array, s2: Array, t1: Array, t2: Array, tau: float,
     return 0.5 * (nt_xent(s1, t2, tau, group_size) + nt_xent(s2, t1, tau, group_size))
 
 
+def moco_v3_contrast(q: Array, k: Array, tau: float, group_size: int | None = None) -> Array:
+    """MoCo v3's ``contrastive_loss``: cross-entropy of the logits n(q)·n(k)ᵀ/τ with the
+    positive on the diagonal (query i against key i; the other keys are negatives), times 2τ.
+    Keys from the **whole batch** (``group_size=None``) equal the official all-gathered keys:
+    the official per-GPU losses over local queries against all keys, averaged by DDP, are the
+    mean over all queries. A ``group_size`` splits the batch into independent problems."""
+    _check_tau(tau)
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    _check_pair(q, k, "moco_v3_contrast")
+    batch, dim = q.shape
+    g = _groups(batch, group_size)
+    qn = l2_normalize(q).reshape(batch // g, g, dim)
+    kn = l2_normalize(k).reshape(batch // g, g, dim)
+    logits = jnp.einsum("nid,njd->nij", qn, kn, precision=jax.lax.Precision.HIGHEST) / tau
+    pos = jnp.sum(qn * kn, axis=-1) / tau
+    return 2.0 * tau * jnp.mean(jax.nn.logsumexp(logits, axis=-1) - pos)
+
+
+def moco_v3(q1: Array, q2: Array, k1: Array, k2: Array, tau: float,
+            group_size: int | None = None) -> Array:
+    """The symmetric MoCo v3 loss ctr(q1, k2) + ctr(q2, k1) (a sum, as the official code):
+    the base loss of MoCo v3 and, with students' queries, the ViT US3L distillation loss."""
+    return moco_v3_contrast(q1, k2, tau, group_size) + moco_v3_contrast(q2, k1, tau, group_size)
+
+
 def _cosine(x: Array, y: Array) -> Array:
     """Row-wise cosine similarity, each norm clamped at 1e-8 (``nn.CosineSimilarity(dim=1)``)."""
     return jnp.sum(l2_normalize(x, _COSINE_EPS) * l2_normalize(y, _COSINE_EPS), axis=-1)

@@ -297,3 +297,38 @@ def make_optimizer(
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     parts.append(scale_by_schedule_at(schedule))
     return optax.chain(*parts), schedule
+
+
+def make_adamw(
+    base_lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    decay_mask: MaskOrFn = None,
+) -> tuple[optax.GradientTransformationExtraArgs, Schedule]:
+    """AdamW as ``torch.optim.AdamW`` (decoupled decay: p ← p − lr·(adam + wd·p)) with MoCo
+    v3's per-iteration schedule: linear warm-up from 0 over ``warmup_steps``, then cosine to 0
+    at ``total_steps``. ``tx.update`` takes ``step=`` (schedule time) and ``decay_mask=`` like
+    ``make_optimizer``. Adam's moments and bias correction count updates, as PyTorch's do
+    (several per iteration in the per-width mode)."""
+    total_steps = _check_positive_int("total_steps", total_steps)
+    if isinstance(warmup_steps, bool) or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps must be an integer in [0, {total_steps}), got "
+                         f"{warmup_steps!r}")
+    if not base_lr > 0:
+        raise ValueError(f"base learning rate must be > 0, got {base_lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, base_lr, int(warmup_steps),
+                                                  total_steps, end_value=0.0)
+    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    if weight_decay:
+        # grouped_weight_decay with alpha 0 adds 2·lam·p = wd·p and honours decay_mask=.
+        parts.append(grouped_weight_decay(weight_decay / 2.0, 0.0, total=total_steps,
+                                          mask=decay_mask))
+    parts.append(scale_by_schedule_at(lambda t: schedule(t).astype(jnp.float32)))
+    return optax.chain(*parts), lambda t: schedule(t).astype(jnp.float32)

@@ -121,6 +121,36 @@ def count(layers: Sequence[Layer], convention: str = "paper") -> dict[str, int]:
     return c
 
 
+def vit_count(model: Any, width: float, input_size: int,
+              num_classes: int | None = None) -> dict[str, int]:
+    """Params and MACs of a slimmable ViT at ``width`` for one image, from the sizes its
+    forward uses (``VisionTransformer.dims``). Params: patch embedding, class token, every
+    LayerNorm's affine, the block Linears as sliced at this width (official: inputs only;
+    embed: inputs and outputs), the head if ``num_classes``; the fixed position table is not
+    a parameter. MACs: the patch embedding, each Linear (tokens x in x out), and attention
+    (q kᵀ and attn·v: 2 x tokens² x heads x head_dim per block) at the heads computed; the
+    head. LayerNorm, softmax, GELU and biases count 0 MACs."""
+    d = model.dims(width)
+    p = model.patch_size
+    if input_size % p:
+        raise ValueError(f"input_size {input_size} is not divisible by the patch {p}")
+    patches = (input_size // p) ** 2
+    n = patches + 1
+    qkv_out = 3 * d.heads * (model.dim // model.heads)
+    linears = [(d.block_in, qkv_out), (d.block_in, d.embed), (d.block_in, d.hidden),
+               (d.fc2_in, d.embed)]
+    c = dict(patch_params=p * p * 3 * d.embed + d.embed, patch_macs=patches * p * p * 3 * d.embed,
+             norm_params=(2 * model.depth + 1) * 2 * d.embed, token_params=d.embed)
+    c["linear_params"] = model.depth * sum(i * o + o for i, o in linears)
+    c["linear_macs"] = model.depth * n * sum(i * o for i, o in linears)
+    c["attn_macs"] = model.depth * 2 * n * n * qkv_out // 3
+    c["fc_params"] = d.embed * num_classes + num_classes if num_classes else 0
+    c["fc_macs"] = d.embed * num_classes if num_classes else 0
+    c["params"] = sum(v for k, v in c.items() if k.endswith("_params"))
+    c["macs"] = sum(v for k, v in c.items() if k.endswith("_macs"))
+    return c
+
+
 def profile(name: str, width: float, input_size: int = 224, num_classes: int | None = 1000,
             convention: str = "paper", in_channels: int = 3, **model_kw: Any) -> dict[str, Any]:
     """Params and MACs of backbone ``name`` at ``width`` for one ``input_size`` image.
@@ -139,6 +169,10 @@ def profile(name: str, width: float, input_size: int = 224, num_classes: int | N
     classes = num_classes if convention == "paper" else None
     model = models.create(name, num_classes=classes, **model_kw)
     width = slim.validate_width(width, model.min_width)
+    if name in models.VIT_NAMES:
+        return dict(name=name, width=width, input_size=input_size, num_classes=classes,
+                    convention=convention, slicing=model.slicing,
+                    **vit_count(model, width, input_size, classes))
     layers = trace_layers(model, (1, input_size, input_size, in_channels), width=width,
                           train=True)
     return dict(name=name, width=width, input_size=input_size, num_classes=classes,
@@ -169,6 +203,9 @@ def _human(n: int) -> str:
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain-text table of ``profile`` rows (with the paper's figures where present)."""
     head = ["width", "params", "MACs", "~params", "~MACs"]
+    with_slicing = any("slicing" in r for r in rows)
+    if with_slicing:
+        head = ["slicing"] + head
     with_paper = any("paper_params" in r for r in rows)
     if with_paper:
         head += ["paper params", "paper MACs", "note"]
@@ -176,6 +213,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         line = [f"{r['width']}", f"{r['params']:,}", f"{r['macs']:,}",
                 _human(r["params"]), _human(r["macs"])]
+        if with_slicing:
+            line = [r.get("slicing", "")] + line
         if with_paper:
             line += [r.get("paper_params", ""), r.get("paper_macs", ""), r.get("note", "")]
         body.append(line)
@@ -200,7 +239,9 @@ absl_flags.DEFINE_integer("num_classes", 1000, "classifier outputs (paper conven
 absl_flags.DEFINE_enum("convention", "paper", CONVENTIONS, "paper (thop, Tables 6/12) or "
                        "backbone (the sliced backbone as trained)", flag_values=FLAGS)
 absl_flags.DEFINE_bool("json", False, "print JSON instead of a table", flag_values=FLAGS)
-_NAMES = ("model", "widths", "input_size", "num_classes", "convention", "json")
+absl_flags.DEFINE_enum("slicing", "both", ("official", "embed", "both"),
+                       "ViTs only: which slicing mode(s) to count", flag_values=FLAGS)
+_NAMES = ("model", "widths", "input_size", "num_classes", "convention", "json", "slicing")
 
 
 def _widths(text: str) -> list[float]:
@@ -227,9 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.fail(PROG, f"--model is required; one of: {', '.join(models.NAMES)}")
     try:
         rows = []
-        for w in _widths(FLAGS.widths):
-            r = profile(FLAGS.model, w, FLAGS.input_size, FLAGS.num_classes, FLAGS.convention)
-            rows.append({**r, **paper_figures(r)})
+        vit = FLAGS.model in models.VIT_NAMES
+        slicings = ((("official", "embed") if FLAGS.slicing == "both" else (FLAGS.slicing,))
+                    if vit else (None,))
+        for slicing in slicings:
+            for w in _widths(FLAGS.widths):
+                kw = {"slicing": slicing} if vit else {}
+                r = profile(FLAGS.model, w, FLAGS.input_size, FLAGS.num_classes,
+                            FLAGS.convention, **kw)
+                rows.append({**r, **paper_figures(r)})
     except ValueError as e:
         cli.fail(PROG, e)
     if FLAGS.json:

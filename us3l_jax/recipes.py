@@ -340,3 +340,85 @@ def byol_imagenet(arch: str, width: float | None) -> ml_collections.ConfigDict:
     if width is not None:
         _single_width(c, width)
     return c
+
+
+VIT_ARCHS = {"tiny": "vit_tiny", "small": "vit_small"}
+VIT_VARIANTS = ("us3l", "us_mocov3", "mocov3@<width>")
+
+
+def mocov3_vit(arch: str = "tiny", variant: str = "us3l") -> ml_collections.ConfigDict:
+    """Slimmable ViTs with MoCo v3 on CIFAR-10 (paper Table 3), as the official ViT code ran:
+
+    * MoCo v3: ViT with the fixed sin-cos position embedding, official slicing (block Linears
+      slimmed on their input side); 3-layer projector (hidden 2048, out 256, last BN without
+      affine), 2-layer predictor; momentum encoder at width 1.0 with the cosine ramp from
+      0.99; contrastive loss with tau 0.2 (x 2 tau) against keys from the whole batch
+      (all-gathered in the official code; BN statistics over the whole batch too, SyncBN).
+    * AdamW, lr 1.5e-4 x 512/256 = 3e-4, weight decay 0.1, 40 warm-up epochs then cosine to
+      300 epochs, per iteration; batch 512; one update per width (``per_width``); 224-px views
+      of CIFAR-10 with the asymmetric BYOL augmentations and CIFAR mean/std; bfloat16 compute
+      (the official runs use AMP).
+    * ``us3l``: sandwich rule [1.0, min, U(min, 1)] with dynamic sampling "A" (by epoch);
+      sub-networks through a new predictor that starts as a copy of the predictor, with the
+      same MoCo v3 loss against the teacher's keys (InfoNCE distillation).
+    * ``us_mocov3``: the same sandwich rule without dynamic sampling; sub-networks through the
+      shared predictor against the momentum keys.
+    * ``mocov3@<w>``: one model trained at the fixed width w (teacher at w too).
+    """
+    if variant not in ("us3l", "us_mocov3") and not variant.startswith("mocov3@"):
+        raise ValueError(f"unknown ViT variant {variant!r}; valid: {', '.join(VIT_VARIANTS)}")
+    c = config_lib.get_default()
+    c.model.name = _arch(arch, VIT_ARCHS)
+    c.model.dtype = "bfloat16"
+    c.model.slicing = "official"
+    c.heads.proj_style = "mocov3"
+    c.heads.proj_hidden = 2048
+    c.heads.proj_out = 256
+    c.heads.head_hidden = 2048
+    c.method.base_loss = "mocov3"
+    c.method.tau = 0.2
+    c.method.ema_momentum = 0.99
+    c.method.ema_schedule = "cosine"
+    c.method.group_size = None  # SyncBN and all-gathered keys: the whole batch
+    c.method.update_mode = "per_width"
+    c.data.dataset = "cifar10"
+    c.data.augment = "byol_cifar"
+    c.data.image_size = 224
+    c.optim.optimizer = "adamw"
+    c.optim.batch_size = 512
+    c.optim.lr = 1.5e-4 * c.optim.batch_size / 256
+    c.optim.weight_decay = 0.1
+    c.optim.reg_lambda = 0.0
+    plain_weight_decay(c)  # AdamW decays every parameter that has had a gradient
+    c.optim.epochs = 300
+    c.optim.warmup_epochs = 40
+    c.optim.schedule_unit = "step"
+    c.sampler.num_samples = 3
+    c.sampler.sandwich = True
+    c.eval.sweep_widths = IMAGENET_SWEEP
+    if variant == "us3l":
+        c.method.distill_loss = "mocov3"
+        c.method.aux_head = "new"
+        c.method.aux_head_init = "copy"
+        c.sampler.schedule = "A"
+        c.eval.paper_row = f"table3/{c.model.name}/ours"
+    elif variant == "us_mocov3":
+        c.method.distill_loss = "mocov3"
+        c.method.aux_head = "shared"
+        c.sampler.schedule = "none"
+        c.eval.paper_row = f"table3/{c.model.name}/us_mocov3"
+    else:
+        try:
+            width = float(variant.split("@", 1)[1])
+        except ValueError:
+            raise ValueError(f"mocov3@<width> needs a number, got {variant!r}") from None
+        c.method.distill_loss = "none"
+        c.method.aux_head = "none"
+        c.method.momentum_sub = False
+        c.sampler.individual_width = width
+        c.sampler.num_samples = 1
+        c.sampler.sandwich = False
+        c.sampler.schedule = "none"
+        c.eval.sweep_widths = (width,)
+        c.eval.paper_row = f"table3/{c.model.name}/mocov3"
+    return c

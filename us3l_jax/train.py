@@ -80,6 +80,8 @@ def init_state(rng: jax.Array, *, model: SSLModel, method: MethodConfig,
     init_rng, data_rng = jax.random.split(rng)
     params = flax.core.unfreeze(
         model.init(init_rng, jnp.zeros(view_spec.shape, jnp.float32), 1.0)["params"])
+    if method.aux_head_init == "copy":  # the official ViT code's deepcopy of the predictor
+        params["distill_head"] = jax.tree.map(jnp.copy, params["predictor"])
     ema = jax.tree.map(jnp.copy, teacher_subset(params)) if method.uses_ema_teacher else None
     # The queue's key is derived from, not split off, ``rng``: runs without a queue keep
     # exactly the initialisation they always had.
@@ -132,6 +134,8 @@ def _pair_loss(method: MethodConfig, name: str, o1, o2, t1, t2):
     if name == "infonce":
         return objectives.infonce_distill(o1, o2, t1, t2, method.tau,
                                           group_size=method.group_size)
+    if name == "mocov3":
+        return objectives.moco_v3(o1, o2, t1, t2, method.tau, group_size=method.group_size)
     return objectives.neg_cosine(o1, o2, t1, t2)
 
 

@@ -203,6 +203,8 @@ def calibrate(backbone: nn.Module, params: PyTree, width: float, batches: Iterab
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; valid: {', '.join(MODES)}")
+    if not getattr(backbone, "has_batch_norm", True):
+        return {}  # e.g. a ViT: LayerNorm only, nothing to calibrate
     step = _step_fn(backbone, float(width), mode, float(momentum))
     acc = None
     image_shape = None

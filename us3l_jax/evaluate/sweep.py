@@ -56,7 +56,7 @@ def _widths(widths: str | Sequence[float]) -> list[Any]:
 
 def _model_kwargs(config) -> dict[str, Any]:
     kw: dict[str, Any] = {"min_width": config.sampler.width_range[0]}
-    for key in ("base_width", "stage_sizes"):
+    for key in ("base_width", "stage_sizes", "dim", "depth", "heads", "patch_size", "slicing"):
         if config.model[key] is not None:
             kw[key] = config.model[key]
     return kw
