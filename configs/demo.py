@@ -37,6 +37,18 @@ initialisation after 264 steps.
 slimmable ViT of dim 64, depth 4, 4 heads, patch 4 on the 16-px digits (16 patches), official
 slicing, MoCo v3 loss (tau 0.2) with InfoNCE distillation through a copy of the predictor,
 AdamW, per-width updates, sandwich rule with dynamic sampling "A", then the same sweep.
+
+Supervised slimmable training (paper Table 1) on the same data, model and number of steps
+(12 epochs, 264 steps), ending with a top-1 sweep of the trained classifier per width:
+
+    python -m us3l_jax.main --config=configs/demo.py:supervised_us --workdir=/tmp/us3l_sup_us
+    python -m us3l_jax.main --config=configs/demo.py:s_net --workdir=/tmp/us3l_s_net
+
+``supervised_us`` is US-Net (sandwich rule with 4 widths from the 0.125 grid, inplace
+distillation from the largest width's soft predictions, one accumulated update per
+iteration); ``s_net`` is S-Net (widths 1.0/0.75/0.5/0.25 every step, private BatchNorm per
+width, cross-entropy at every width, one update per width as the official worker). Both use
+SGD lr 0.1, weight decay 1e-4 and the linear-evaluation crops as augmentation.
 """
 from us3l_jax import config as config_lib, recipes
 
@@ -78,8 +90,11 @@ def get_config(arg: str | None = None):
         c.eval.sweep_widths = (1.0, 0.25)
     elif arg == "vit":
         _vit_demo(c)
+    elif arg in ("supervised_us", "s_net"):
+        _supervised(c, s_net=arg == "s_net")
     elif arg:
         raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke', 'vit', "
+                         f"'supervised_us', 's_net', "
                          f"{', '.join(repr(b) for b in BASELINES)} or none")
     return c
 
@@ -124,3 +139,17 @@ def _vit_demo(c):
     c.optim.warmup_epochs = 2
     c.optim.lr = 1e-3
     c.eval.paper_row = None
+
+
+def _supervised(c, s_net: bool) -> None:
+    c.train.objective = "supervised"
+    c.optim.lr = 0.1
+    recipes.plain_weight_decay(c)  # 1e-4 (reg_lambda 5e-5)
+    c.sampler.schedule = "none"
+    c.eval.sweep_protocol = "top1"
+    if s_net:
+        c.model.switchable_widths = (1.0, 0.75, 0.5, 0.25)
+        c.supervised.distill = False
+        c.method.update_mode = "per_width"
+    else:
+        c.sampler.num_samples = 4

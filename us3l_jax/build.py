@@ -18,7 +18,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from us3l_jax import mesh as mesh_lib, models, optim, sampling, slim
+from us3l_jax import mesh as mesh_lib, models, optim, sampling, slim, supervised
 from us3l_jax.data import augment, datasets, feeding
 from us3l_jax.method import MethodConfig
 from us3l_jax.models.heads import SSLModel
@@ -42,7 +42,18 @@ def _model_kwargs(config: Config) -> dict[str, Any]:
             kw[key] = m[key]
     if m.name in models.VIT_NAMES:  # the size the torch-layout pos_embed is written for
         kw["image_size"] = view_recipe(config)[0].size
+    if m.switchable_widths:
+        kw["switchable_widths"] = switchable_widths(config)
     return kw
+
+
+def switchable_widths(config: Config) -> tuple[float, ...]:
+    """An S-Net's fixed width list, widest first (empty: universally slimmable)."""
+    return tuple(sorted((float(w) for w in config.model.switchable_widths), reverse=True))
+
+
+def is_supervised(config: Config) -> bool:
+    return config.train.objective == "supervised"
 
 
 def backbone(config: Config, num_classes: int | None = None, **overrides: Any):
@@ -70,6 +81,8 @@ def sampler(config: Config) -> sampling.SamplerConfig:
         width_range=tuple(s.width_range), num_samples=s.num_samples, sandwich=s.sandwich,
         schedule=None if s.schedule == "none" else s.schedule, stage_by=s.stage_by,
         individual_width=s.individual_width, seed=config.seed)
+    if config.model.switchable_widths:  # S-Net: its whole width list at every step
+        return dataclasses.replace(out, grid=switchable_widths(config), fixed=True)
     if s.grid_step is None:
         return out
     if not 0 < s.grid_step <= 1:
@@ -193,12 +206,42 @@ def teacher_width(config: Config) -> float:
     return config.sampler.individual_width or config.sampler.width_range[1]
 
 
+def classifier(config: Config):
+    """The backbone with its classifier ``fc`` over the dataset's classes (supervised runs)."""
+    return backbone(config, num_classes=datasets.NUM_CLASSES[config.data.dataset])
+
+
+def supervised_config(config: Config) -> supervised.SupervisedConfig:
+    s = config.supervised
+    return supervised.SupervisedConfig(
+        distill=s.distill, label_smoothing=s.label_smoothing,
+        group_size=config.method.group_size, update_mode=config.method.update_mode)
+
+
+def linear_train_view(config: Config) -> augment.ViewConfig:
+    """The linear-evaluation training crops at the run's view size and normalisation
+    (CIFAR-sized: RandomResizedCrop(S, (0.8, 1), bicubic) + flip; ImageNet-sized:
+    RandomResizedCrop(S, (0.08, 1)) + flip), also the supervised training augmentation."""
+    v = views(config)[0]
+    base = augment.IMAGENET_LINEAR_TRAIN if v.size >= IMAGENET_SIZED else \
+        augment.CIFAR_LINEAR_TRAIN
+    return dataclasses.replace(base, size=v.size, mean=v.mean, std=v.std)
+
+
+IMAGENET_SIZED = 128  # views at least this large use the ImageNet recipes
+
+
 def trainer(config: Config, mesh: Mesh, steps_per_epoch: int,
             frozen_teacher: Any = None) -> Trainer:
-    """The run's trainer; SEED / SEED-MSE / MoCo v2 get ``BaselineTrainer``, SEED with
+    """The run's trainer; supervised runs get ``SupervisedTrainer``, SEED / SEED-MSE /
+    MoCo v2 ``BaselineTrainer``, SEED with
     ``frozen_teacher`` (``us3l_jax.teacher.load(config)``, which builds models through this
     module and so is loaded by the caller)."""
     tx, lr = optimizer(config, steps_per_epoch)
+    if is_supervised(config):
+        return supervised.SupervisedTrainer(
+            classifier(config), supervised_config(config), tx, linear_train_view(config),
+            mesh, batch_size=config.optim.batch_size, lr_schedule=lr)
     m = method(config)
     total = config.optim.epochs * steps_per_epoch
     kw = dict(batch_size=config.optim.batch_size, total_steps=total,
@@ -221,5 +264,9 @@ def abstract_state(config: Config, mesh: Mesh | None = None) -> TrainState:
     mesh = mesh or mesh_lib.make_mesh()
     tx, _ = optimizer(config, steps_per_epoch=1)
     spec = image_spec(config, mesh)
+    if is_supervised(config):
+        view = jax.eval_shape(functools.partial(augment.view, cfg=linear_train_view(config)),
+                              jax.random.key(0), spec)
+        return supervised.abstract_state(classifier(config), tx, view, mesh)
     view = jax.eval_shape(views_fn(config), jax.random.key(0), spec)[0]
     return train_lib.abstract_state(model(config), method(config), tx, view, mesh)

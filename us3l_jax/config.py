@@ -24,7 +24,8 @@ from us3l_jax.method import MethodConfig
 from us3l_jax.models import vit as vit_lib
 from us3l_jax.models.heads import PROJECTOR_STYLES
 AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "byol_cifar", "none")
-PROTOCOLS = ("fast", "knn", "paper")
+PROTOCOLS = ("fast", "knn", "paper", "top1")
+OBJECTIVES = ("ssl", "supervised")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,9 @@ def get_default() -> ml_collections.ConfigDict:
     c.model.patch_size = config_dict.placeholder(int)
     c.model.slicing = config_dict.placeholder(str)
     c.model.stop_grad_patch = config_dict.placeholder(bool)
+    # S-Net (switchable networks): a fixed width list, each width with private BatchNorm, all
+    # of them trained every step; sampler.width_range must be (min, max) of it. Empty: US-Net.
+    c.model.switchable_widths = ()
 
     c.heads = ml_collections.ConfigDict()
     c.heads.proj_hidden = 2048
@@ -71,11 +75,18 @@ def get_default() -> ml_collections.ConfigDict:
     c.heads.proj_style = "simclr"
     c.heads.head_hidden = 2048
 
+    # Supervised slimmable training (paper Table 1; us3l_jax.supervised). The objective
+    # lives in train.objective; the update mode and BN groups are method.update_mode and
+    # method.group_size, the widths come from the sampler as in SSL.
+    c.supervised = ml_collections.ConfigDict()
+    c.supervised.distill = True  # sub-networks learn the largest width's soft predictions
+    c.supervised.label_smoothing = 0.0
+
     c.method = _from_dataclass(MethodConfig())
     # The official per-GPU batch on CIFAR (MethodConfig's default None is the whole batch).
     c.method.group_size = 128
 
-    c.sampler = _from_dataclass(sampling.SamplerConfig(), exclude=("grid", "seed"))
+    c.sampler = _from_dataclass(sampling.SamplerConfig(), exclude=("grid", "seed", "fixed"))
     c.sampler.schedule = c.sampler.schedule or "none"  # "A", ..., or "none"
     # Random widths from a grid of this step (deduplicated by channel configuration), which
     # bounds the number of compiled programs; None draws continuously as the paper.
@@ -122,6 +133,7 @@ def get_default() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0
 
     c.train = ml_collections.ConfigDict()
+    c.train.objective = "ssl"  # or "supervised": cross-entropy on the labels (Table 1)
     c.train.log_every_steps = 20
     c.train.checkpoint_every_steps = config_dict.placeholder(int)  # default: once per epoch
     c.train.keep_checkpoints = 3
@@ -186,6 +198,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("heads.proj_style", config.heads.proj_style, PROJECTOR_STYLES)
     _choice("data.dataset", config.data.dataset, datasets.NAMES)
     _choice("data.augment", config.data.augment, AUGMENT_PRESETS)
+    _choice("train.objective", config.train.objective, OBJECTIVES)
     _choice("optim.schedule_unit", config.optim.schedule_unit, ("epoch", "step"))
     _choice("train.transfer_guard", config.train.transfer_guard,
             ("allow", "log", "disallow", "log_explicit", "disallow_explicit"))
@@ -222,6 +235,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                                   f"{models.VIT_NAMES}, not {config.model.name!r}")
     elif config.model.slicing is not None:
         _choice("model.slicing", config.model.slicing, vit_lib.SLICINGS)
+    _validate_supervised(config)
     try:
         method = build.method(config)
     except ValueError as e:
@@ -249,11 +263,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             slim.validate_width(sampler.individual_width, sampler.width_range[0])
         except ValueError as e:
             raise ConfigError(f"config.sampler.individual_width: {e}") from None
+    switchable = build.switchable_widths(config)
     for path in ("eval.online_widths", "eval.sweep_widths"):
         section, key = path.split(".")
         for w in config[section][key]:
             try:
                 slim.validate_width(w, config.sampler.width_range[0])
+                if switchable:
+                    slim.switch_index(switchable, w)
             except ValueError as e:
                 raise ConfigError(f"config.{path}: {e} (the trained range is "
                                   f"{tuple(config.sampler.width_range)})") from None
@@ -302,6 +319,44 @@ def _validate_baseline(config: ml_collections.ConfigDict, method: MethodConfig,
     if method.queue_size and method.queue_size % config.optim.batch_size:
         raise ConfigError(f"config.method.queue_size={method.queue_size} must be a multiple "
                           f"of config.optim.batch_size={config.optim.batch_size}")
+
+
+def _validate_supervised(config: ml_collections.ConfigDict) -> None:
+    """The S-Net width list, the supervised loss design and what supervised runs support."""
+    widths = build.switchable_widths(config)
+    if widths:
+        for w in widths:
+            try:
+                slim.validate_width(w)
+            except ValueError as e:
+                raise ConfigError(f"config.model.switchable_widths: {e}") from None
+        if len(set(widths)) != len(widths):
+            raise ConfigError(f"config.model.switchable_widths={widths} repeats a width")
+        if widths[0] != 1.0:
+            raise ConfigError(f"config.model.switchable_widths={widths} must include 1.0 (the "
+                              "width the parameters are initialised at)")
+        if tuple(config.sampler.width_range) != (widths[-1], widths[0]):
+            raise ConfigError(
+                f"config.sampler.width_range={tuple(config.sampler.width_range)} must be "
+                f"({widths[-1]}, {widths[0]}), the range of config.model.switchable_widths")
+        if config.sampler.individual_width is not None:
+            raise ConfigError("config.model.switchable_widths trains its whole width list; "
+                              "an individual width (config.sampler.individual_width) needs "
+                              "switchable_widths=()")
+    protocols = {config.eval.sweep_protocol}
+    if config.train.objective != "supervised":
+        if "top1" in protocols:
+            raise ConfigError("config.eval.sweep_protocol='top1' reads the classifier of a "
+                              "supervised run (config.train.objective='supervised'); SSL runs "
+                              "use fast, knn or paper")
+        return
+    try:
+        build.supervised_config(config)
+    except ValueError as e:
+        raise ConfigError(f"config.supervised: {e}") from None
+    if build.is_streaming(config):
+        raise ConfigError("config.train.objective='supervised' runs on in-memory datasets "
+                          f"only; {config.data.dataset} streams (config.data.streaming)")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

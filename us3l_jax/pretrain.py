@@ -127,7 +127,7 @@ class ScheduleCost:
                                       convention="backbone", **kw)["macs"] for w in (lo, hi))
         macs = lambda w: m_lo + (m_hi - m_lo) * (w * w - lo * lo) / max(hi * hi - lo * lo,
                                                                         1e-12)
-        teacher = m_hi if build.method(c).uses_teacher else 0.0
+        teacher = m_hi if build.method(c).uses_teacher and not build.is_supervised(c) else 0.0
         self.stride = max(1, -(-end // max_samples))
         costs = [(teacher + 3 * sum(macs(w) for w in sampling.sample_widths(
             run.sampler, k, run.steps_per_epoch, run.total_steps))) / (teacher + 3 * m_hi)
@@ -251,6 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
         cost = ScheduleCost(run, end)
+        labels = (lambda b: (b.labels,)) if build.is_supervised(config) else (lambda b: ())
         shown_programs = None
         online_every = config.eval.online_every_epochs * run.steps_per_epoch
         t0, last_log_t, last_log_step = time.perf_counter(), time.perf_counter(), start
@@ -263,7 +264,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             # The hot path: batch, step and (at log steps) the explicit fetch of metrics.
             with jax.transfer_guard(config.train.transfer_guard):
                 batch = next(batches)
-                state, metrics = trainer.step(state, batch.images, widths)
+                state, metrics = trainer.step(state, batch.images, widths, *labels(batch))
                 if log_now:
                     metrics = fetch(metrics)
             if log_now:

@@ -179,6 +179,73 @@ def us_baseline_cifar(method: str, arch: str = "resnet18",
     return c
 
 
+S_NET_WIDTHS = (1.0, 0.75, 0.5, 0.25)  # the official S-Net layers' hard-coded list
+
+
+def supervised_cifar(kind: str, arch: str = "resnet18", dataset: str = "cifar100",
+                     width: float = 1.0) -> ml_collections.ConfigDict:
+    """Supervised slimmable training on CIFAR (paper Table 1, supervised rows).
+
+    The official S-Net config: cross-entropy, SGD momentum 0.9, lr 1.0 cosine per epoch,
+    weight decay 1e-4, 200 epochs, batch 128 per GPU (x 4 = 512, BN statistics per 128),
+    the linear-evaluation crops (RandomResizedCrop(32, (0.8, 1), bicubic) + flip), one
+    update per width in the order 1.0, 0.75, 0.5, 0.25. ``kind``:
+
+    * ``individual``: one network at ``width`` (US layers, one width every step);
+    * ``s_net``: S-Net, private BN per width of ``S_NET_WIDTHS``, cross-entropy at every width;
+    * ``s_net_distill``: S-Net with inplace distillation (sub-widths learn the 1.0 width's
+      detached soft predictions; the official config's ``DISTILL: True``);
+    * ``us_net``: US-Net, the sandwich rule with 4 widths from [0.25, 1] and inplace
+      distillation, gradients of all widths summed into one update (US-Net's own recipe;
+      not a Table 1 row).
+    """
+    c = config_lib.get_default()
+    c.model.name = _arch(arch, CIFAR_ARCHS)
+    c.data.dataset = dataset
+    c.train.objective = "supervised"
+    c.optim.epochs = 200
+    c.optim.lr = 1.0
+    plain_weight_decay(c)  # 2 * reg_lambda = 1e-4
+    c.sampler.schedule = "none"
+    official_step(c)
+    c.eval.sweep_protocol = "top1"
+    c.eval.sweep_widths = S_NET_WIDTHS
+    if kind == "individual":
+        c.sampler.individual_width = float(width)
+        c.sampler.num_samples = 1
+        c.sampler.sandwich = False
+        c.eval.sweep_widths = (float(width),)
+    elif kind in ("s_net", "s_net_distill"):
+        c.model.switchable_widths = S_NET_WIDTHS
+        c.supervised.distill = kind == "s_net_distill"
+    elif kind == "us_net":
+        c.sampler.num_samples = 4
+        c.method.update_mode = "accumulate"
+    else:
+        raise ValueError(f"unknown supervised recipe {kind!r}; valid: individual, s_net, "
+                         "s_net_distill, us_net")
+    return c
+
+
+def simsiam_s_net_cifar(distill: bool, arch: str = "resnet18",
+                        dataset: str = "cifar100") -> ml_collections.ConfigDict:
+    """SimSiam under S-Net (paper Table 1): private BN per width of ``S_NET_WIDTHS``, every
+    width trained every step with one update each (the official SSL loop). Without
+    ``distill`` every width has its own SimSiam loss (collapses in the paper); with it the
+    sub-widths match the 1.0 width's detached projections through the shared predictor.
+    The official S-Net SimSiam config: lr 0.05, weight decay 5e-4, 400 epochs, batch 128 per
+    GPU, 2048/2048 heads."""
+    c = us_baseline_cifar("us_simsiam", arch, dataset)
+    c.model.switchable_widths = S_NET_WIDTHS
+    c.optim.lr = 0.05
+    c.method.update_mode = "per_width"
+    if not distill:
+        c.method.distill_loss = "none"
+        c.method.aux_head = "none"
+    c.eval.sweep_widths = S_NET_WIDTHS
+    return c
+
+
 def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
     """US3L on ImageNet (paper Table 4 "Ours"): the CIFAR recipe with 100 epochs, 224 px views
     with blur, group-reg warm-up 50 epochs (official ImageNet configs), BN and

@@ -49,6 +49,9 @@ class SamplerConfig:
         official ``NUM_SAMPLE_TRAINING == 1``); needs num_samples=1, sandwich=False and
         schedule=None. See ``SamplerConfig.individual``.
       seed: non-negative integer mixed with the step into each step's random draws.
+      fixed: every step trains every width of ``grid``, widest first (S-Net's switchable
+        training over its fixed width list); needs a grid, no schedule and no
+        individual width. ``num_samples``/``sandwich`` are then not used.
     """
     width_range: tuple[float, float] = (0.25, 1.0)
     num_samples: int = 3
@@ -58,6 +61,7 @@ class SamplerConfig:
     grid: tuple[float, ...] | None = None
     individual_width: float | None = None
     seed: int = 0
+    fixed: bool = False
 
     def __post_init__(self):
         try:
@@ -97,6 +101,12 @@ class SamplerConfig:
             object.__setattr__(self, "individual_width", w)
         if self.grid is not None:
             self._validate_grid()
+        if self.fixed and (self.grid is None or self.schedule is not None
+                           or self.individual_width is not None):
+            raise ValueError(
+                "fixed=True trains every grid width at every step (S-Net): it needs a grid, "
+                f"schedule=None and no individual_width; got grid={self.grid!r}, "
+                f"schedule={self.schedule!r}, individual_width={self.individual_width!r}")
 
     def _validate_grid(self) -> None:
         grid = tuple(sorted({float(w) for w in self.grid}))
@@ -198,6 +208,9 @@ def sample_widths(cfg: SamplerConfig, step: int, steps_per_epoch: int,
     if cfg.individual_width is not None:
         _check_run(step, steps_per_epoch, total_steps)
         return (cfg.individual_width,)
+    if cfg.fixed:
+        _check_run(step, steps_per_epoch, total_steps)
+        return tuple(sorted(cfg.grid, reverse=True))
     st = stage(cfg, step, steps_per_epoch, total_steps)
     hi = cfg.width_range[1]
     lo = _stage_min(cfg, st)
@@ -236,5 +249,7 @@ def expected_forward_count(cfg: SamplerConfig, total_steps: int, steps_per_epoch
     _check_run(0, steps_per_epoch, total_steps)
     if cfg.individual_width is not None:
         return total_steps
+    if cfg.fixed:
+        return total_steps * len(cfg.grid)
     stages = _stage_of(cfg, np.arange(total_steps), steps_per_epoch, total_steps)
     return int(np.sum(_num_widths(cfg, stages)))

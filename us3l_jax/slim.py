@@ -73,6 +73,17 @@ def validate_width(width: Any, min_width: float = 0.0, max_width: float = MAX_WI
     return w
 
 
+def switch_index(widths: Sequence[float], width: float) -> int:
+    """Index of ``width`` in a switchable network's fixed width list (S-Net), or a
+    ``ValueError`` naming the width and the list: an S-Net only runs at its own widths."""
+    for i, w in enumerate(widths):
+        if abs(float(w) - float(width)) < 1e-9:
+            return i
+    raise ValueError(f"width {width!r} is not one of the switchable (S-Net) widths "
+                     f"{tuple(float(w) for w in widths)}; an S-Net has private BatchNorm "
+                     "parameters for those widths only")
+
+
 def channel_config(dims: Iterable[tuple[int, int]], width: float) -> tuple[int, ...]:
     """Channel counts at ``width`` of slimmed outputs given as ``(c_max, ratio)`` pairs."""
     return tuple(channels(c, width, r) for c, r in dims)
@@ -267,6 +278,11 @@ class SlimBatchNorm(nn.Module):
     When the ``bn_moments`` collection is mutable, training also records each layer's
     whole-batch ``mean``/``var`` (biased) and the element ``count`` per channel, which is what
     BN calibration accumulates.
+
+    ``switchable``: a fixed width list (S-Net's switchable BatchNorm). Each width of the list
+    then has its **private** BN, a child ``w<i>`` (i = the width's index) with its own
+    scale/bias and its own ``batch_stats``; convolutions stay shared. Any other width is
+    refused. Initialisation creates every width's variables, whatever width it runs at.
     """
     num_features: int
     ratio: int = 1
@@ -276,9 +292,12 @@ class SlimBatchNorm(nn.Module):
     affine: bool = True  # False: no scale/bias (SimSiam's last projector BN)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    switchable: tuple[float, ...] = ()
 
     @nn.compact
     def __call__(self, x: Array, width: float, train: bool) -> Array:
+        if self.switchable:
+            return self._switch(x, width, train)
         c = x.shape[-1]
         exp_c = channels(self.num_features, width, self.ratio) if self.slim \
             else self.num_features
@@ -314,6 +333,20 @@ class SlimBatchNorm(nn.Module):
                               self.param_dtype)[:c]
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         return y.astype(self.dtype)
+
+    def _switch(self, x: Array, width: float, train: bool) -> Array:
+        i = switch_index(self.switchable, width)
+        kw = dict(num_features=self.num_features, ratio=self.ratio, slim=self.slim,
+                  group_size=self.group_size, epsilon=self.epsilon, affine=self.affine,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.is_initializing():  # create the other widths' private variables too
+            for j, w in enumerate(self.switchable):
+                if j != i:
+                    c_j = channels(self.num_features, w, self.ratio) if self.slim \
+                        else self.num_features
+                    SlimBatchNorm(**kw, name=f"w{j}")(
+                        jnp.zeros(x.shape[:-1] + (c_j,), x.dtype), w, train)
+        return SlimBatchNorm(**kw, name=f"w{i}")(x, width, train)
 
 
 def slice_leading(a: np.ndarray | Array, sizes: Sequence[int | None]) -> Any:

@@ -316,13 +316,12 @@ def sub_grads(params, partial, total, targets, v1, v2, *, method, **kw):
     return (jax.tree.map(jnp.add, partial, g), total + method.distill_weight * raw, raw)
 
 
-def apply_update(state: TrainState, partial, *, tx, method: MethodConfig, sub: bool,
-                 first_sub_step: int | None, lr_schedule):
-    """accumulate mode: reduces the partial gradients once, updates and counts the iteration
-    (``sub``: the iteration trained sub-networks)."""
+def apply_update(state: TrainState, partial, *, tx,
+                 decay: Callable[[jax.Array], dict[str, bool | jax.Array]], lr_schedule):
+    """accumulate mode: reduces the partial gradients once, updates (decaying the groups
+    ``decay(step)`` marks, see ``decay_flags``) and counts the iteration."""
     step = state.step
-    state, gn = _update(state, _sum_partials(partial), tx,
-                        decay_flags(method, sub, step, first_sub_step))
+    state, gn = _update(state, _sum_partials(partial), tx, decay(step))
     metrics = {"grad_norm": gn}
     if lr_schedule is not None:
         metrics["lr"] = lr_schedule(step)
@@ -505,8 +504,9 @@ class Trainer:
             fn = functools.partial(sub_grads, width=width, **s)
             return self._jit(fn, (r, g, r, b, b, b), (g, r, r), donate=(1,))
         if kind == "apply":
-            fn = functools.partial(apply_update, tx=tx, method=self.method, sub=sub,
-                                   first_sub_step=self._first_sub, lr_schedule=lr)
+            decay = functools.partial(decay_flags, self.method, bool(sub),
+                                      first_sub_step=self._first_sub)
+            fn = functools.partial(apply_update, tx=tx, decay=decay, lr_schedule=lr)
             return self._jit(fn, (r, g), (r, r), donate=(0,))
         if kind == "base_update":
             fn = functools.partial(base_update, tx=tx, lr_schedule=lr, width=width,

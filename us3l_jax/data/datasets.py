@@ -24,6 +24,9 @@ from us3l_jax.data import host_transforms
 TFDS_NAMES = ("cifar10", "cifar100", "imagenet2012", "oxford_flowers102", "oxford_iiit_pet",
               "dtd")
 NAMES = TFDS_NAMES + ("digits",)
+# Classes per dataset: the size of a supervised classifier, known before any data is read.
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "oxford_flowers102": 102,
+               "oxford_iiit_pet": 37, "dtd": 47, "digits": 10}
 
 # Datasets whose images vary in size: ``load`` stores them at ``image_size`` (shorter side
 # resized, then center-cropped to a square), the official eval resize.

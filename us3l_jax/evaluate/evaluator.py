@@ -4,7 +4,10 @@ Shared by the width sweep and the online monitor. Protocols:
 
 * ``fast``: the softmax probe on cached eval-transform features (``probe.py``);
 * ``knn``: weighted kNN on the same features (``knn.py``);
-* ``paper``: the paper's linear evaluation through the frozen backbone (``linear.py``).
+* ``paper``: the paper's linear evaluation through the frozen backbone (``linear.py``);
+* ``top1``: no probe: the classifier a supervised run trained (``config.train.objective =
+  'supervised'``), in eval mode with this width's BN statistics (calibrated; an S-Net's
+  private BN per width), on the test split of the run's own dataset.
 
 Accuracies returned here are fractions in [0, 1].
 """
@@ -24,7 +27,7 @@ from us3l_jax.data import datasets, feeding
 from us3l_jax.evaluate import calibrate as calib, features, knn, linear, probe, transforms
 
 log = logging.getLogger(__name__)
-PROTOCOLS = ("fast", "knn", "paper")
+PROTOCOLS = ("fast", "knn", "paper", "top1")
 PyTree = Any
 
 
@@ -46,10 +49,14 @@ def check_width(config: ml_collections.ConfigDict, width: Any) -> float:
     """``width`` as a float, or ``ValueError`` if it is outside the run's trained range."""
     lo, hi = config.sampler.width_range
     try:
-        return slim.validate_width(width, lo, hi)
+        w = slim.validate_width(width, lo, hi)
     except ValueError:
         raise ValueError(f"width {width!r} is outside the trained range [{lo}, {hi}] "
                          f"(config.sampler.width_range)") from None
+    switchable = build.switchable_widths(config)
+    if switchable:
+        slim.switch_index(switchable, w)  # an S-Net runs only at its own widths
+    return w
 
 
 def calibration_settings(config: ml_collections.ConfigDict, num_batches: int | None = None,
@@ -153,6 +160,8 @@ class Evaluator:
         """Top-1 test accuracy (a fraction) of ``protocol`` at ``width``. ``feats``: cached
         features (computed here when a feature protocol needs them and none are given)."""
         check_protocol(protocol)
+        if protocol == "top1":
+            return self.top1(params, batch_stats, width)
         if protocol == "paper":
             clf, losses = linear.train(self.backbone, params, batch_stats, self.train, width,
                                        self.data.train_view, self.recipe, int(self.config.seed))
@@ -171,6 +180,31 @@ class Evaluator:
         e = self.config.eval
         return knn.knn_accuracy(feats.train_x, feats.train_y, feats.test_x, feats.test_y,
                                 self.num_classes, int(e.knn_k), float(e.knn_temperature))
+
+
+    def top1(self, params: PyTree, batch_stats: PyTree, width: float) -> float:
+        """Top-1 test accuracy (a fraction) of a supervised run's own classifier at
+        ``width``: the backbone with its ``fc`` in eval mode, this width's BN statistics."""
+        if not build.is_supervised(self.config):
+            raise ValueError("protocol 'top1' reads the classifier of a supervised run "
+                             "(config.train.objective='supervised'); use fast, knn or paper")
+        if self.dataset != self.config.data.dataset:
+            raise ValueError(f"protocol 'top1' evaluates the run's classifier on its own "
+                             f"dataset {self.config.data.dataset!r}, not {self.dataset!r}")
+        logits, labels = features.extract(build.classifier(self.config), params, batch_stats,
+                                          self.test, width, self.data.eval_view,
+                                          self.batch_size)
+        return top1_accuracy(logits, labels)
+
+
+def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows of ``logits`` [N, C] whose largest entry is at ``labels`` [N]
+    (ties go to the lowest class index)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (logits.shape[0],) or not len(labels):
+        raise ValueError(f"need logits [N, C] and labels [N], got {logits.shape} and "
+                         f"{labels.shape}")
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
 
 
 def timed(fn, *args, **kw) -> tuple[Any, float]:

@@ -1,6 +1,7 @@
 """The paper's published linear-evaluation accuracies (%), to draw beside ours.
 
-Keys are ``table<N>/<backbone>/<method>`` (Tables 2, 3, 4, 6, 8, 16) or ``table<N>/case<k>``
+Keys are ``table<N>/<backbone>/<method>`` (Tables 2, 3, 4, 6, 8, 16), ``table1/<row>`` or
+``table<N>/case<k>``
 (Tables 7, 13, 14, 9 rows as ``table9/<sandwich>_<dynamic>``); ``None`` marks a collapsed
 model ('-' in the paper). All are ResNet-18 on CIFAR-100 unless the key or ``dataset`` says
 otherwise. Transcribed from the paper (main text and appendix); Table 6 rows carry the
@@ -190,6 +191,17 @@ _add("table16/resnet18", "Table 16 R-18 Ours (800ep)", "cifar_resnet18", W17,
      "70.1 69.6 69.3 69.2 69.0 68.4 68.7 68.0 67.3 66.7 66.4 65.4 64.2 63.6 63.1 63.1 62.3")
 _add("table16/resnet50", "Table 16 R-50 Ours (800ep)", "cifar_resnet50", W17,
      "73.0 72.9 72.5 72.1 71.9 71.6 71.6 71.2 71.1 71.0 70.8 69.9 69.1 68.3 68.0 67.8 67.6")
+
+# Table 1: supervised top-1 / SimSiam linear accuracy under S-Net (R-18, CIFAR-100).
+for _m, _label, _vals in (
+        ("supervised_individual", "Supervised individual", "73.8 72.8 71.4 67.3"),
+        ("supervised_s_net", "Supervised S-Net", "71.9 71.7 70.8 66.2"),
+        ("supervised_s_net_distill", "Supervised S-Net+Distill", "73.1 71.9 70.5 67.2"),
+        ("simsiam_individual", "SimSiam individual", "65.2 64.0 60.6 51.2"),
+        ("simsiam_s_net", "SimSiam S-Net", "- - - -"),
+        ("simsiam_s_net_distill", "SimSiam S-Net+Distill", "46.9 46.9 46.7 45.3"),
+        ("ours", "Table 1 Ours", "65.5 65.3 63.2 59.7")):
+    _add(f"table1/{_m}", _label, "cifar_resnet18", W4, _vals)
 
 
 # Table 3: ViTs on CIFAR-10 (MoCo v3 recipe), linear evaluation.

@@ -33,7 +33,7 @@ SPLITS: dict[str, tuple[str, str]] = {
     "dtd": ("train+validation", "test"),
     "imagenet2012": ("train", "validation"),
 }
-_IMAGENET_SIZED = 128  # views at least this large use the ImageNet recipes
+_IMAGENET_SIZED = build.IMAGENET_SIZED  # views at least this large use the ImageNet recipes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,14 +62,10 @@ def for_run(config, dataset: str | None = None) -> EvalData:
     s = view.size
     if s >= _IMAGENET_SIZED:
         resize = round(s * 256 / 224)
-        train = dataclasses.replace(augment.IMAGENET_LINEAR_TRAIN, size=s, mean=view.mean,
-                                    std=view.std)
         test = augment.EvalConfig(resize=resize, crop=s, interpolation="bilinear",
                                   mean=view.mean, std=view.std)
     else:
         resize = round(s * 36 / 32)
-        train = dataclasses.replace(augment.CIFAR_LINEAR_TRAIN, size=s, mean=view.mean,
-                                    std=view.std)
         test = augment.EvalConfig(resize=resize, crop=s, interpolation="bicubic",
                                   mean=view.mean, std=view.std)
     if dataset in ("digits", "cifar10", "cifar100"):
@@ -77,8 +73,8 @@ def for_run(config, dataset: str | None = None) -> EvalData:
     else:
         load_size = resize
     train_split, test_split = SPLITS[dataset]
-    return EvalData(dataset, train_split, test_split, load_size, train, test,
-                    dataclasses.replace(build.view_recipe(config)[0], size=s))
+    return EvalData(dataset, train_split, test_split, load_size, build.linear_train_view(config),
+                    test, dataclasses.replace(build.view_recipe(config)[0], size=s))
 
 
 def load(data: EvalData, data_dir: str | None = None

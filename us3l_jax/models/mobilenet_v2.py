@@ -73,6 +73,9 @@ class MobileNetV2(nn.Module):
     num_classes: int | None = None
     bn_group_size: int | None = None
     min_width: float = 0.25
+    # S-Net: a fixed width list with private BatchNorm per width (``SlimBatchNorm.switchable``);
+    # empty: universally slimmable (any width in [min_width, 1]).
+    switchable_widths: tuple[float, ...] = ()
     dtype: Any = jnp.float32
 
     def feature_dim(self, width: float) -> int:
@@ -86,13 +89,19 @@ class MobileNetV2(nn.Module):
         return tuple(sorted(dims))
 
     def channel_config(self, width: float) -> tuple[int, ...]:
-        return slim.channel_config(self.slim_dims(), width)
+        cfg = slim.channel_config(self.slim_dims(), width)
+        if self.switchable_widths:  # widths with equal channels still have different BNs
+            cfg += (slim.switch_index(self.switchable_widths, width),)
+        return cfg
 
     @nn.compact
     def __call__(self, x: jax.Array, width: float = 1.0, train: bool = True) -> jax.Array:
         width = slim.validate_width(width, self.min_width)
         conv_kw = dict(dtype=self.dtype, kernel_init=conv_init)
-        bn_kw = dict(dtype=self.dtype, group_size=self.bn_group_size)
+        bn_kw = dict(dtype=self.dtype, group_size=self.bn_group_size,
+                     switchable=tuple(self.switchable_widths))
+        if self.switchable_widths:
+            slim.switch_index(self.switchable_widths, width)  # refuse other widths up front
         stem_stride = 1 if self.input_size == 32 else 2
         x = SlimConv(x.shape[-1], STEM_CHANNELS, 3, stem_stride, slim_in=False,
                      name="stem_conv", **conv_kw)(x, width)

@@ -84,6 +84,9 @@ class ResNet(nn.Module):
     init_scheme: str = "torch_default"  # or "kaiming_fan_out" (ImageNet US ResNet)
     bn_group_size: int | None = None
     min_width: float = 0.25
+    # S-Net: a fixed width list with private BatchNorm per width (``SlimBatchNorm.switchable``);
+    # empty: universally slimmable (any width in [min_width, 1]).
+    switchable_widths: tuple[float, ...] = ()
     base_width: int = 64  # stage planes are base_width * (1, 2, 4, 8); small values for tests
     dtype: Any = jnp.float32
 
@@ -108,7 +111,10 @@ class ResNet(nn.Module):
         return tuple((d, 1) for d in sorted(set(dims)))
 
     def channel_config(self, width: float) -> tuple[int, ...]:
-        return slim.channel_config(self.slim_dims(), width)
+        cfg = slim.channel_config(self.slim_dims(), width)
+        if self.switchable_widths:  # widths with equal channels still have different BNs
+            cfg += (slim.switch_index(self.switchable_widths, width),)
+        return cfg
 
     @nn.compact
     def __call__(self, x: jax.Array, width: float = 1.0, train: bool = True) -> jax.Array:
@@ -116,7 +122,10 @@ class ResNet(nn.Module):
         kinit = (slim.kaiming_fan_out_init if self.init_scheme == "kaiming_fan_out"
                  else slim.torch_default_kernel_init)
         conv_kw = dict(dtype=self.dtype, kernel_init=kinit)
-        bn_kw = dict(dtype=self.dtype, group_size=self.bn_group_size)
+        bn_kw = dict(dtype=self.dtype, group_size=self.bn_group_size,
+                     switchable=tuple(self.switchable_widths))
+        if self.switchable_widths:
+            slim.switch_index(self.switchable_widths, width)  # refuse other widths up front
         in_ch = x.shape[-1]
         if self.stem == "cifar":
             x = SlimConv(in_ch, self.base_width, 3, 1, slim_in=False, name="conv1",
