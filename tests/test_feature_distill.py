@@ -224,3 +224,15 @@ def test_training_with_feature_distillation_lowers_the_feature_loss(tr, state0, 
     assert np.all(np.diff(feature) < 0), feature
     assert total[-1] < total[0], total
     assert int(state.step) == 6
+
+
+def test_proj_conv_decay_follows_the_decay_rule():
+    """Group reg (every US3L config) skips proj_conv; plain weight decay decays it like the
+    auxiliary head, from its first sub-network update on (PyTorch SGD)."""
+    gr = MethodConfig(feature_distill=True)
+    assert "proj_conv" in gr.param_groups()
+    assert "proj_conv" not in gr.decay_groups(sub=True) | gr.decay_groups(sub=False)
+    assert not gr.late_decay_groups()
+    wd = MethodConfig(feature_distill=True, decay_rule="weight_decay")
+    assert "proj_conv" in wd.decay_groups(sub=True)
+    assert wd.late_decay_groups() == {"distill_head", "proj_conv"}
