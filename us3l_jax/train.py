@@ -151,15 +151,21 @@ def _self_loss(method: MethodConfig, o1, o2, z1, z2):
     return objectives.neg_cosine(o1, o2, sg(z1), sg(z2))
 
 
-def _own_loss(model, method, params, v1, v2, width, teacher_out, features=False):
+def _own_objective(method, o1, o2, z1, z2, teacher_out):
+    """The base loss of head outputs ``o`` / projections ``z``: against the teacher's other
+    view if ``teacher_out`` is given, else self-targets."""
+    if teacher_out is not None:
+        return _pair_loss(method, method.base_loss, o1, o2, *teacher_out)
+    return _self_loss(method, o1, o2, z1, z2)
+
+
+def _own_loss(model, method, params, v1, v2, width, teacher_out):
     """The base loss of a network at ``width`` (with the predictor when the method has one):
     against the teacher's other view if ``teacher_out`` is given, else self-targets.
-    Returns (loss, z1, z2, student features as in ``_online``)."""
+    Returns (loss, z1, z2)."""
     head = "predictor" if method.uses_predictor else None
-    o1, o2, z1, z2, feats = _online(model, params, v1, v2, width, head, features)
-    if teacher_out is not None:
-        return _pair_loss(method, method.base_loss, o1, o2, *teacher_out), z1, z2, feats
-    return _self_loss(method, o1, o2, z1, z2), z1, z2, feats
+    o1, o2, z1, z2, _ = _online(model, params, v1, v2, width, head)
+    return _own_objective(method, o1, o2, z1, z2, teacher_out), z1, z2
 
 
 def teacher_outputs(ema, v1, v2, *, model: SSLModel, width: float):
@@ -175,8 +181,8 @@ def base_loss(params, teacher_out, v1, v2, *, model: SSLModel, method: MethodCon
               width: float):
     """Loss of the base network; aux: (targets of the sub-networks, metrics). The targets are
     (t1, t2) and, with feature distillation, the teacher's features (``teacher_outputs``)."""
-    loss, z1, z2, _ = _own_loss(model, method, params, v1, v2, width,
-                                teacher_out[:2] if method.momentum_base else None)
+    loss, z1, z2 = _own_loss(model, method, params, v1, v2, width,
+                             teacher_out[:2] if method.momentum_base else None)
     if method.momentum_sub:
         targets = teacher_out[:2]
     else:
@@ -192,8 +198,10 @@ def sub_loss(params, targets, v1, v2, *, model: SSLModel, method: MethodConfig, 
     loss[, "feature": unweighted feature-distillation loss]})."""
     features = method.feature_distill
     if method.distill_loss == "none":  # trained like the base network, on its own
-        loss, _, _, feats = _own_loss(model, method, params, v1, v2, width,
-                                      targets[:2] if method.momentum_sub else None, features)
+        head = "predictor" if method.uses_predictor else None
+        o1, o2, z1, z2, feats = _online(model, params, v1, v2, width, head, features)
+        loss = _own_objective(method, o1, o2, z1, z2,
+                              targets[:2] if method.momentum_sub else None)
     else:
         head = {"new": "distill_head", "shared": "predictor", "none": None}[method.aux_head]
         o1, o2, _, _, feats = _online(model, params, v1, v2, width, head, features)
