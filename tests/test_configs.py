@@ -244,3 +244,47 @@ def test_vit_cifar10_variants():
         c = module.get_config("tiny")
         c.optim.reg_lambda = 5e-5
         config_lib.validate(c)
+
+
+def test_us3l_cifar100_resnet50_official_is_the_official_code_recipe():
+    mod = load_config_module("configs/us3l_cifar100.py")
+    c = mod.get_config("resnet50,official")
+    config_lib.validate(c)
+    assert (c.model.name, c.optim.batch_size, c.optim.lr, c.optim.epochs) == (
+        "cifar_resnet50", 512, 0.25, 400)
+    assert (c.optim.reg_lambda, c.optim.reg_alpha, c.optim.reg_warmup_epochs) == (5e-5, 0.05, 200)
+    s = build.sampler(c)
+    assert (s.num_samples, s.sandwich, s.schedule) == (3, True, None)
+    m = build.method(c)
+    assert m == recipes.table7_method(13, group_size=64, update_mode="per_width",
+                                      feature_distill=True, feature_distill_weight=1.0)
+    assert (m.tau, m.ema_momentum, c.heads.proj_out, c.heads.proj_hidden) == (0.5, 0.99, 256,
+                                                                               2048)
+    model = build.model(c)
+    assert model.feature_layers == ("layer2_3", "layer3_5", "layer4_2")
+    assert m.param_groups() == {"backbone", "projector", "distill_head", "proj_conv"}
+    assert c.eval.paper_row == "table2/resnet50/ours"
+    # The default R-50 config keeps the paper's description.
+    d = mod.get_config("resnet50")
+    assert (d.method.feature_distill, d.sampler.schedule, d.optim.lr) == (False, "A", 0.5)
+    with pytest.raises(ValueError, match="use resnet50,official, not resnet18,official"):
+        mod.get_config("resnet18,official")
+    with pytest.raises(ValueError, match="number of epochs or 'official', got 'fast'"):
+        mod.get_config("resnet50,fast")
+
+
+def test_feature_distillation_config_errors_name_the_field():
+    c = config_lib.get_default()
+    c.method.feature_distill = True
+    c.model.name = "cifar_mobilenet_v2"
+    with pytest.raises(config_lib.ConfigError,
+                       match="config.method.feature_distill: .*MobileNetV2 has none"):
+        config_lib.validate(c)
+    c.model.name = "cifar_resnet18"
+    c.method.feature_layers = ("layer2_1", "layer5_0")
+    with pytest.raises(config_lib.ConfigError,
+                       match="config.method.feature_layers: unknown ResNet block 'layer5_0'"):
+        config_lib.validate(c)
+    c.method.feature_layers = ("layer2_1",)
+    config_lib.validate(c)
+    assert build.model(c).feature_layers == ("layer2_1",)

@@ -151,3 +151,23 @@ def test_embedding_std():
     assert float(obj.embedding_std(z)) == pytest.approx(1 / 8, rel=0.02)
     collapsed = np.tile(z[:1], (32, 1)) * np.linspace(1, 3, 32)[:, None]
     assert float(obj.embedding_std(collapsed)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_mse_is_the_cross_view_mean_over_layers():
+    """Intermediate-feature distillation: MSE over all elements of student view v against the
+    teacher's other view, averaged over the 2 pairs x layers (numbers by hand in numpy)."""
+    rng = np.random.default_rng(3)
+    shapes = {"a": (2, 4, 4, 3), "b": (2, 2, 2, 5)}
+    s1, s2, t1, t2 = ({k: rng.standard_normal(v).astype(np.float32) for k, v in shapes.items()}
+                      for _ in range(4))
+    pairs = [(s1[k], t2[k]) for k in shapes] + [(s2[k], t1[k]) for k in shapes]
+    expected = np.mean([np.mean((s - t) ** 2) for s, t in pairs])
+    got = obj.feature_mse(s1, s2, t1, t2)
+    assert float(got) == pytest.approx(float(expected), rel=1e-6)
+    assert float(obj.feature_mse(s1, s2, s2, s1)) == 0.0  # zero when each view matches
+    bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in s1.items()}
+    assert obj.feature_mse(bf16, bf16, bf16, bf16).dtype == jnp.float32
+    with pytest.raises(ValueError, match="layer 'a' has student shape"):
+        obj.feature_mse({**s1, "a": s1["a"][:, :2]}, s2, t1, t2)
+    with pytest.raises(ValueError, match="same non-empty layers"):
+        obj.feature_mse({"a": s1["a"]}, s2, t1, t2)

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from us3l_jax import mesh as mesh_lib, models, optim, sampling, slim, supervised
 from us3l_jax.data import augment, datasets, feeding
 from us3l_jax.method import MethodConfig
-from us3l_jax.models.heads import SSLModel
+from us3l_jax.models.heads import SSLModel, hooked_layers
 from us3l_jax import train as train_lib
 from us3l_jax.train import Trainer, TrainState
 
@@ -69,10 +69,14 @@ def method(config: Config) -> MethodConfig:
 def model(config: Config) -> SSLModel:
     m = method(config)
     h = config.heads
-    return SSLModel(backbone(config), proj_hidden=h.proj_hidden, proj_out=h.proj_out,
+    bb = backbone(config)
+    layers = tuple(name for name, _ in hooked_layers(bb, m.feature_layers)) \
+        if m.feature_distill else ()
+    return SSLModel(bb, proj_hidden=h.proj_hidden, proj_out=h.proj_out,
                     proj_style=h.proj_style, use_predictor=m.uses_predictor,
                     use_distill_head=m.uses_distill_head, head_hidden=h.head_hidden,
-                    bn_group_size=config.method.group_size, dtype=DTYPES[config.model.dtype])
+                    feature_layers=layers, bn_group_size=config.method.group_size,
+                    dtype=DTYPES[config.model.dtype])
 
 
 def sampler(config: Config) -> sampling.SamplerConfig:

@@ -22,7 +22,7 @@ from us3l_jax.data import datasets
 from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper
 from us3l_jax.method import MethodConfig
 from us3l_jax.models import vit as vit_lib
-from us3l_jax.models.heads import PROJECTOR_STYLES
+from us3l_jax.models.heads import PROJECTOR_STYLES, hooked_layers
 AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "byol_cifar", "none")
 PROTOCOLS = ("fast", "knn", "paper", "top1")
 OBJECTIVES = ("ssl", "supervised")
@@ -258,6 +258,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"{slim.channels(c, lo, ratio)} under the official rounding (multiples of 8, "
                 f"never 10% below), more than it has; use a larger model.base_width (16 or more "
                 f"for width 0.25) or a larger sampler.width_range[0]")
+    if method.feature_distill:
+        try:
+            hooked_layers(backbone, method.feature_layers)
+        except ValueError as e:
+            field = "feature_layers" if method.feature_layers else "feature_distill"
+            raise ConfigError(f"config.method.{field}: {e}") from None
     if sampler.individual_width is not None:
         try:
             slim.validate_width(sampler.individual_width, sampler.width_range[0])

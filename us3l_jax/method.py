@@ -60,6 +60,11 @@ class MethodConfig:
     * ``queue_size``: K, the number of queued keys (0: no queue).
     * ``aux_head_init``: the new head g starts ``independent`` (its own initialisation, as the
       CNN code) or as a ``copy`` of the predictor (the official ViT code's deepcopy).
+    * ``feature_distill``: intermediate-feature distillation (official ResNet-50 configs, not
+      in the paper; docs/fidelity.md): each sub-network's loss adds ``feature_distill_weight``
+      x the cross-view MSE between its hooked backbone features, mapped to full width by a
+      trained ``proj_conv``, and the teacher's at full width. ``feature_layers``: the hooked
+      blocks (empty: the backbone's default, the last block of stages 2-4).
     """
     base_loss: str = "infonce"
     distill_loss: str = "mse"
@@ -77,6 +82,9 @@ class MethodConfig:
     queue_size: int = 0
     teacher_tau: float = 1e-4
     aux_head_init: str = "independent"
+    feature_distill: bool = False
+    feature_distill_weight: float = 1.0
+    feature_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name, value, allowed in [("base_loss", self.base_loss, BASE_LOSSES),
@@ -130,6 +138,12 @@ class MethodConfig:
         if (needs_queue or self.teacher == "frozen") and not self.momentum_base:
             raise ValueError(f"base_loss={self.base_loss!r} with teacher={self.teacher!r} "
                              f"learns from the teacher: set momentum_base=True")
+        if self.feature_distill and not self.uses_teacher:
+            raise ValueError("feature_distill distils the momentum teacher's features; it "
+                             "needs momentum_base or momentum_sub")
+        if not self.feature_distill_weight >= 0:
+            raise ValueError(f"feature_distill_weight must be >= 0, got "
+                             f"{self.feature_distill_weight}")
 
     @property
     def uses_teacher(self) -> bool:
@@ -156,7 +170,8 @@ class MethodConfig:
     def param_groups(self) -> frozenset[str]:
         return frozenset({"backbone", "projector"}
                          | ({"predictor"} if self.uses_predictor else set())
-                         | ({"distill_head"} if self.uses_distill_head else set()))
+                         | ({"distill_head"} if self.uses_distill_head else set())
+                         | ({"proj_conv"} if self.feature_distill else set()))
 
     def decay_groups(self, sub: bool) -> frozenset[str]:
         """Top-level parameter groups decayed by an update that trains sub-networks (``sub``)
@@ -171,7 +186,9 @@ class MethodConfig:
         updates (``late_decay_groups``).
         """
         if sub:
-            return self.param_groups()
+            # The official GroupReg skips proj_conv (and its optimizer has no weight decay).
+            return self.param_groups() - ({"proj_conv"} if self.decay_rule == "group_reg"
+                                          else set())
         base = {"backbone", "projector"}
         if self.decay_rule == "weight_decay" and self.uses_predictor:
             base.add("predictor")

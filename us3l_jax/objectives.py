@@ -16,6 +16,7 @@ official code detaches (momentum-teacher outputs, SimSiam/BYOL targets).
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -146,6 +147,30 @@ def neg_cosine(p1: Array, p2: Array, t1: Array, t2: Array) -> Array:
     for p, t in ((p1, t2), (p2, t1)):
         _check_pair(jnp.asarray(p), jnp.asarray(t), "neg_cosine")
     return -0.5 * (jnp.mean(_cosine(p2, t1)) + jnp.mean(_cosine(p1, t2)))
+
+
+def feature_mse(s1: Mapping[str, Array], s2: Mapping[str, Array], t1: Mapping[str, Array],
+                t2: Mapping[str, Array]) -> Array:
+    """Intermediate-feature distillation loss (official ResNet-50 configs; docs/fidelity.md).
+
+    ``s1``/``s2``: the student's feature maps of views 1/2 by layer (already mapped to full
+    width), ``t1``/``t2``: the teacher's. Mean squared error over all elements of each pair,
+    averaged over the layers and the two cross-view pairs (s1 vs t2, s2 vs t1). As in the
+    official code, the paired maps come from different crops, so they are not spatially
+    aligned. Float32 whatever the input dtype.
+    """
+    if not (set(s1) == set(s2) == set(t1) == set(t2)) or not s1:
+        raise ValueError(f"feature_mse needs the same non-empty layers in every argument, got "
+                         f"{sorted(s1)}, {sorted(s2)}, {sorted(t1)}, {sorted(t2)}")
+    terms = []
+    for name in s1:
+        for s, t in ((s1[name], t2[name]), (s2[name], t1[name])):
+            if s.shape != t.shape:
+                raise ValueError(f"feature_mse: layer {name!r} has student shape {s.shape} "
+                                 f"but teacher shape {t.shape}")
+            d = jnp.asarray(s, jnp.float32) - jnp.asarray(t, jnp.float32)
+            terms.append(jnp.mean(jnp.square(d)))
+    return sum(terms) / len(terms)
 
 
 def embedding_std(z: Array) -> Array:

@@ -114,19 +114,32 @@ def _pair(model: SSLModel, fn, params, a1, a2, *args):
     g = model.bn_group_size
     if g is not None and b % g == 0:
         out = model.apply({"params": params}, jnp.concatenate([a1, a2]), *args, method=fn)
-        return out[:b], out[b:]
+        return jax.tree.map(lambda o: o[:b], out), jax.tree.map(lambda o: o[b:], out)
     return tuple(model.apply({"params": params}, a, *args, method=fn) for a in (a1, a2))
 
 
-def _online(model, params, v1, v2, width, head):
-    """(head outputs, projections) of both views; the head is ``predictor``,
-    ``distill_head`` or None (the projections themselves)."""
-    z1, z2 = _pair(model, SSLModel.encode, params, v1, v2, width)
+def _encode(model: SSLModel, params, v1, v2, width, features: bool):
+    """Projections of both views and, with ``features``, the hooked backbone features of the
+    same forward (else None): (z1, z2, (f1, f2) or None)."""
+    if not features:
+        return *_pair(model, SSLModel.encode, params, v1, v2, width), None
+    (z1, f1), (z2, f2) = _pair(model, SSLModel.encode_features, params, v1, v2, width)
+    return z1, z2, (f1, f2)
+
+
+def _online(model, params, v1, v2, width, head, features=False):
+    """(head outputs, projections, student features) of both views; the head is
+    ``predictor``, ``distill_head`` or None (the projections themselves). With ``features``
+    the hooked features mapped to full width by ``proj_conv`` (else None)."""
+    z1, z2, feats = _encode(model, params, v1, v2, width, features)
+    if feats is not None:
+        feats = tuple(model.apply({"params": params}, f, width,
+                                  method=SSLModel.project_features) for f in feats)
     if head is None:
-        return z1, z2, z1, z2
+        return z1, z2, z1, z2, feats
     fn = {"predictor": SSLModel.predict, "distill_head": SSLModel.distill}[head]
     p1, p2 = _pair(model, fn, params, z1, z2)
-    return p1, p2, z1, z2
+    return p1, p2, z1, z2, feats
 
 
 def _pair_loss(method: MethodConfig, name: str, o1, o2, t1, t2):
@@ -148,46 +161,73 @@ def _self_loss(method: MethodConfig, o1, o2, z1, z2):
     return objectives.neg_cosine(o1, o2, sg(z1), sg(z2))
 
 
+def _own_objective(method, o1, o2, z1, z2, teacher_out):
+    """The base loss of head outputs ``o`` / projections ``z``: against the teacher's other
+    view if ``teacher_out`` is given, else self-targets."""
+    if teacher_out is not None:
+        return _pair_loss(method, method.base_loss, o1, o2, *teacher_out)
+    return _self_loss(method, o1, o2, z1, z2)
+
+
 def _own_loss(model, method, params, v1, v2, width, teacher_out):
     """The base loss of a network at ``width`` (with the predictor when the method has one):
     against the teacher's other view if ``teacher_out`` is given, else self-targets.
     Returns (loss, z1, z2)."""
     head = "predictor" if method.uses_predictor else None
-    o1, o2, z1, z2 = _online(model, params, v1, v2, width, head)
-    if teacher_out is not None:
-        return _pair_loss(method, method.base_loss, o1, o2, *teacher_out), z1, z2
-    return _self_loss(method, o1, o2, z1, z2), z1, z2
+    o1, o2, z1, z2, _ = _online(model, params, v1, v2, width, head)
+    return _own_objective(method, o1, o2, z1, z2, teacher_out), z1, z2
 
 
 def teacher_outputs(ema, v1, v2, *, model: SSLModel, width: float):
-    """Projections of the momentum teacher at ``width`` for both views, detached."""
-    k1, k2 = _pair(model, SSLModel.encode, ema, v1, v2, width)
-    return jax.lax.stop_gradient(k1), jax.lax.stop_gradient(k2)
+    """Projections of the momentum teacher at ``width`` for both views, detached: (k1, k2),
+    and with feature distillation (``model.feature_layers``) a third element, the hooked
+    features of both views from the same forward, ``(f1, f2)`` ({block: map} each)."""
+    k1, k2, feats = _encode(model, ema, v1, v2, width, bool(model.feature_layers))
+    out = (k1, k2) if feats is None else (k1, k2, feats)
+    return jax.lax.stop_gradient(out)
 
 
 def base_loss(params, teacher_out, v1, v2, *, model: SSLModel, method: MethodConfig,
               width: float):
-    """Loss of the base network; aux: (targets of the sub-networks, metrics)."""
+    """Loss of the base network; aux: (targets of the sub-networks, metrics). The targets are
+    (t1, t2) and, with feature distillation, the teacher's features (``teacher_outputs``)."""
     loss, z1, z2 = _own_loss(model, method, params, v1, v2, width,
-                             teacher_out if method.momentum_base else None)
+                             teacher_out[:2] if method.momentum_base else None)
     if method.momentum_sub:
-        targets = teacher_out
+        targets = teacher_out[:2]
     else:
         targets = (jax.lax.stop_gradient(z1), jax.lax.stop_gradient(z2))
+    if method.feature_distill:
+        targets = (*targets, teacher_out[2])
     metrics = {"loss/base": loss, "embed_std": objectives.embedding_std(z1)}
     return loss, (targets, metrics)
 
 
 def sub_loss(params, targets, v1, v2, *, model: SSLModel, method: MethodConfig, width: float):
-    """Weighted loss of the sub-network at ``width``; aux: (None, {"raw": unweighted})."""
+    """Weighted loss of the sub-network at ``width``; aux: (None, {"raw": unweighted distill
+    loss[, "feature": unweighted feature-distillation loss]})."""
+    features = method.feature_distill
     if method.distill_loss == "none":  # trained like the base network, on its own
-        loss, _, _ = _own_loss(model, method, params, v1, v2, width,
-                               targets if method.momentum_sub else None)
+        head = "predictor" if method.uses_predictor else None
+        o1, o2, z1, z2, feats = _online(model, params, v1, v2, width, head, features)
+        loss = _own_objective(method, o1, o2, z1, z2,
+                              targets[:2] if method.momentum_sub else None)
     else:
         head = {"new": "distill_head", "shared": "predictor", "none": None}[method.aux_head]
-        o1, o2, _, _ = _online(model, params, v1, v2, width, head)
-        loss = _pair_loss(method, method.distill_loss, o1, o2, *targets)
-    return method.distill_weight * loss, (None, {"raw": loss})
+        o1, o2, _, _, feats = _online(model, params, v1, v2, width, head, features)
+        loss = _pair_loss(method, method.distill_loss, o1, o2, *targets[:2])
+    metrics = {"raw": loss}
+    if features:
+        metrics["feature"] = objectives.feature_mse(*feats, *targets[2])
+    return _weighted(method, metrics), (None, metrics)
+
+
+def _weighted(method: MethodConfig, metrics) -> jax.Array:
+    """A sub-network's loss from its unweighted terms (``sub_loss``'s metrics)."""
+    loss = method.distill_weight * metrics["raw"]
+    if "feature" in metrics:
+        loss = loss + method.feature_distill_weight * metrics["feature"]
+    return loss
 
 
 # ------------------------------------------------------------------------------ gradients
@@ -299,21 +339,36 @@ def base_grads(params, ema, step, v1, v2, *, model, method, width, teacher_width
     partial, targets, metrics = partial_grads(loss_fn, params, (ema,), (v1, v2), mesh=mesh,
                                               sharded=sharded)
     metrics = {**metrics, "ema_momentum": mom, "loss/total": metrics["loss/base"]}
+    if method.feature_distill:
+        metrics["loss/feature"] = jnp.float32(0)
     return ema, partial, targets, metrics
+
+
+# Metrics summed over the widths of an iteration, carried through its programs: the weighted
+# total loss and (feature distillation) the sub-networks' unweighted feature losses.
+RUNNING = ("loss/total", "loss/feature")
 
 
 def _sub_partial(params, targets, v1, v2, *, model, method, width, mesh, sharded):
     loss_fn = functools.partial(sub_loss, model=model, method=method, width=width)
     partial, _, metrics = partial_grads(loss_fn, params, (), (targets, v1, v2), mesh=mesh,
                                         sharded=sharded)
-    return partial, metrics["raw"]
+    return partial, metrics
+
+
+def _add(method: MethodConfig, total: dict, metrics: dict) -> dict:
+    """The running sums (``RUNNING``) after one more sub-network."""
+    total = {**total, "loss/total": total["loss/total"] + _weighted(method, metrics)}
+    if "feature" in metrics:
+        total["loss/feature"] = total["loss/feature"] + metrics["feature"]
+    return total
 
 
 def sub_grads(params, partial, total, targets, v1, v2, *, method, **kw):
     """accumulate mode: adds the sub-network's partial gradients (no communication);
-    returns (partial, running total loss, this width's unweighted loss)."""
-    g, raw = _sub_partial(params, targets, v1, v2, method=method, **kw)
-    return (jax.tree.map(jnp.add, partial, g), total + method.distill_weight * raw, raw)
+    returns (partial, running sums, this width's unweighted loss)."""
+    g, m = _sub_partial(params, targets, v1, v2, method=method, **kw)
+    return jax.tree.map(jnp.add, partial, g), _add(method, total, m), m["raw"]
 
 
 def apply_update(state: TrainState, partial, *, tx,
@@ -343,9 +398,9 @@ def base_update(state: TrainState, v1, v2, *, tx, lr_schedule, first_sub_step: i
 
 def sub_update(state: TrainState, total, targets, v1, v2, *, tx, method, **kw):
     """per_width mode: one sub-network and its own update (one reduction per update)."""
-    g, raw = _sub_partial(state.params, targets, v1, v2, method=method, **kw)
+    g, m = _sub_partial(state.params, targets, v1, v2, method=method, **kw)
     state, gn = _update(state, _sum_partials(g), tx, decay_flags(method, True, state.step, None))
-    return state, total + method.distill_weight * raw, raw, gn
+    return state, _add(method, total, m), m["raw"], gn
 
 
 def finish(state: TrainState) -> TrainState:
@@ -449,6 +504,9 @@ class Trainer:
             raise ValueError("model.use_predictor must equal method.uses_predictor")
         if model.use_distill_head != method.uses_distill_head:
             raise ValueError("model.use_distill_head must equal method.uses_distill_head")
+        if bool(model.feature_layers) != method.feature_distill:
+            raise ValueError("model.feature_layers must be non-empty exactly when "
+                             "method.feature_distill is on")
         self.model, self.method, self.tx, self.mesh = model, method, tx, mesh
         self.views_fn = views_fn
         self.lr_schedule = lr_schedule
@@ -541,7 +599,7 @@ class Trainer:
         if m.update_mode == "accumulate":
             ema, partial, targets, out = prog("base", state.params, state.ema_params,
                                               state.step, v1, v2, width=base_w)
-            total = out.pop("loss/total")
+            total = {k: out.pop(k) for k in RUNNING if k in out}
             metrics.update(out)
             for i, w in enumerate(subs):
                 partial, total, metrics[f"loss/sub{i}"] = prog(
@@ -551,13 +609,13 @@ class Trainer:
             metrics.update(out)
         else:
             state, targets, out = prog("base_update", state, v1, v2, width=base_w)
-            total = out.pop("loss/total")
+            total = {k: out.pop(k) for k in RUNNING if k in out}
             metrics.update(out)
             for i, w in enumerate(subs):
                 state, total, metrics[f"loss/sub{i}"], metrics[f"grad_norm/sub{i}"] = prog(
                     "sub_update", state, total, targets, v1, v2, width=w)
             state = prog("finish", state)
-        metrics["loss/total"] = total
+        metrics.update(total)
         return state, metrics
 
     def step(self, state: TrainState, images: jax.Array,

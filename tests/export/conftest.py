@@ -1,5 +1,6 @@
 """A tiny run to export: the demo smoke config (ResNet-18 layout, one block per stage, base
-width 16, widths [0.25, 1], 16 px digits) with one checkpoint of random weights. Export needs
+width 16, widths [0.25, 1], 16 px digits, with feature distillation) with one checkpoint of
+random weights. Export needs
 a checkpoint and BN calibration, not a trained network; making the weights on the host skips
 compiling the model's init and training steps (pretraining is tested elsewhere), which would
 take most of these tests' time on a CPU."""
@@ -33,7 +34,9 @@ def _random_state(config, seed=0):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    config = helpers.demo_config("smoke", eval__calibration_batches=2)
+    # With feature distillation, so the checkpoint also holds the training-only proj_conv.
+    config = helpers.demo_config("smoke", eval__calibration_batches=2,
+                                 method__feature_distill=True)
     workdir = str(tmp_path_factory.mktemp("export_run"))
     checkpointing.write_config(workdir, config)
     ckpt = checkpointing.Checkpointer(workdir, config, async_save=False)

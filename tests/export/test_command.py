@@ -263,3 +263,16 @@ def test_image_size_defaults_to_the_evaluation_crop_and_out_must_be_new_or_empty
     (tmp_path / "empty").mkdir()
     assert command.check_out(str(tmp_path / "empty")) == str(tmp_path / "empty")
     assert command.check_out(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
+
+
+def test_training_only_proj_conv_is_left_out(tiny_run, exported):
+    """The run trained with intermediate-feature distillation, so its checkpoint holds
+    ``proj_conv`` next to the backbone; the export holds the backbone only (and matched the
+    JAX model: ``test_every_artifact_matches_the_jax_model``)."""
+    params = checkpointing.load_pretrained(tiny_run).params
+    assert set(params["proj_conv"]) == {"layer2_0", "layer3_0", "layer4_0"}
+    out, _ = exported
+    sd = export.load_safetensors(os.path.join(out, "model.safetensors"))
+    assert sd and not [k for k in sd if "proj" in k or "distill" in k]
+    _, variables = command.load_flax(out)
+    assert "proj_conv" not in variables["params"]

@@ -6,13 +6,15 @@ use batch statistics (per group of ``bn_group_size`` examples, like the official
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from us3l_jax.slim import LeadingDense, SlimBatchNorm, SlimDense, torch_default_kernel_init
+from us3l_jax.slim import (LeadingDense, SlimBatchNorm, SlimConv, SlimDense,
+                           torch_default_kernel_init)
 
 PROJECTOR_STYLES = ("simclr", "byol", "simsiam", "mocov2", "mocov3")
 
@@ -100,11 +102,43 @@ class MoCoMLP(nn.Module):
         return x
 
 
+def hooked_layers(backbone: nn.Module, layers: Sequence[str] = ()
+                  ) -> tuple[tuple[str, int], ...]:
+    """(block, full-width channels) of the features hooked for intermediate-feature
+    distillation: ``layers``, or the backbone's default (the last block of stages 2-4).
+    Raises ``ValueError`` for a backbone without hooks or an unknown block."""
+    if not hasattr(backbone, "feature_channels"):
+        raise ValueError(f"feature distillation hooks ResNet blocks; backbone "
+                         f"{type(backbone).__name__} has none")
+    layers = tuple(layers) or backbone.feature_layers()
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"feature distillation layers repeat a block: {layers}")
+    return tuple((name, backbone.feature_channels(name)) for name in layers)
+
+
+class FeatureProjections(nn.Module):
+    """``proj_conv`` of intermediate-feature distillation: per hooked block a 1x1 conv without
+    bias, input slimmed and output full width, so a sub-network's map of ``md(C w)`` channels
+    becomes comparable with the full-width teacher's ``C`` channels. Training only: no export
+    includes it."""
+    channels: tuple[tuple[str, int], ...]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, feats: dict[str, jax.Array], width: float) -> dict[str, jax.Array]:
+        return {name: SlimConv(c, c, 1, 1, slim_in=True, slim_out=False, dtype=self.dtype,
+                               name=name)(feats[name], width)
+                for name, c in self.channels}
+
+
 class SSLModel(nn.Module):
     """Backbone + projector, with an optional ``predictor`` (the asymmetric head of MSE-based
     methods, applied to the base network) and an optional ``distill_head`` (a new auxiliary
-    head g for sub-networks). Params: ``{backbone, projector[, predictor][, distill_head]}``;
-    the momentum teacher is a copy of ``{backbone, projector}``.
+    head g for sub-networks). Params: ``{backbone, projector[, predictor][, distill_head]
+    [, proj_conv]}``; the momentum teacher is a copy of ``{backbone, projector}``.
+
+    ``feature_layers`` (non-empty: intermediate-feature distillation) names the backbone
+    blocks whose ``bn2`` outputs ``encode_features`` returns, and adds their ``proj_conv``.
     """
     backbone: nn.Module
     proj_hidden: int = 2048
@@ -113,6 +147,7 @@ class SSLModel(nn.Module):
     use_predictor: bool = False
     use_distill_head: bool = False
     head_hidden: int = 2048
+    feature_layers: tuple[str, ...] = ()
     bn_group_size: int | None = None
     dtype: Any = jnp.float32
 
@@ -134,6 +169,9 @@ class SSLModel(nn.Module):
             self.predictor = Predictor(self.proj_out, self.head_hidden, **kw)
         if self.use_distill_head:
             self.distill_head = Predictor(self.proj_out, self.head_hidden, **kw)
+        if self.feature_layers:
+            self.proj_conv = FeatureProjections(hooked_layers(bb, self.feature_layers),
+                                                dtype=self.dtype)
 
     def encode(self, x: jax.Array, width: float) -> jax.Array:
         """Projector output z at ``width`` (BN in train mode: batch statistics)."""
@@ -141,6 +179,31 @@ class SSLModel(nn.Module):
         if self.proj_style == "mocov3":
             return self.projector(h)
         return self.projector(h, width)
+
+    def encode_features(self, x: jax.Array, width: float
+                        ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``encode`` and, from the same forward, the hooked features ``{block: its bn2
+        output}`` (pre-ReLU, batch statistics). They are recorded by a method interceptor,
+        like PyTorch forward hooks, so the backbone's own forward stays unchanged."""
+        path = {("backbone", name, self.backbone.FEATURE_MODULE): name
+                for name in self.feature_layers}
+        feats: dict[str, jax.Array] = {}
+
+        def hook(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            name = path.get(tuple(context.module.path[-3:]))
+            if name is not None and context.method_name == "__call__":
+                feats[name] = out
+            return out
+
+        with nn.intercept_methods(hook):
+            z = self.encode(x, width)
+        return z, {name: feats[name] for name in self.feature_layers}
+
+    def project_features(self, feats: dict[str, jax.Array], width: float
+                         ) -> dict[str, jax.Array]:
+        """``proj_conv``: hooked features at ``width`` -> full-width channels."""
+        return self.proj_conv(feats, width)
 
     def predict(self, z: jax.Array) -> jax.Array:
         return self.predictor(z)
@@ -150,8 +213,12 @@ class SSLModel(nn.Module):
 
     def __call__(self, x: jax.Array, width: float = 1.0) -> dict[str, jax.Array]:
         """Every head's output (used by ``init`` so that all parameters are created)."""
-        z = self.encode(x, width)
-        out = {"z": z}
+        if self.feature_layers:
+            z, feats = self.encode_features(x, width)
+            out = {"z": z, "f": self.project_features(feats, width)}
+        else:
+            z = self.encode(x, width)
+            out = {"z": z}
         if self.use_predictor:
             out["p"] = self.predict(z)
         if self.use_distill_head:

@@ -116,6 +116,27 @@ class ResNet(nn.Module):
             cfg += (slim.switch_index(self.switchable_widths, width),)
         return cfg
 
+    # Intermediate-feature distillation hooks the ``FEATURE_MODULE`` output of named blocks
+    # (see ``us3l_jax.models.heads.SSLModel.encode_features``); the forward is unchanged.
+    FEATURE_MODULE = "bn2"
+
+    def feature_layers(self) -> tuple[str, ...]:
+        """The blocks hooked by default: the last block of stages 2-4 (ResNet-50:
+        ``layer2_3``, ``layer3_5``, ``layer4_2``, as the official feature-distillation
+        configs)."""
+        return tuple(f"layer{i + 1}_{self.stage_sizes[i] - 1}" for i in (1, 2, 3))
+
+    def feature_channels(self, layer: str) -> int:
+        """Full-width channels of block ``layer``'s ``bn2`` output (pre-ReLU): its stage's
+        planes, for the bottleneck's middle BN and the basic block's second BN alike."""
+        blocks = {f"layer{i + 1}_{j}": planes
+                  for i, (n, planes) in enumerate(zip(self.stage_sizes, self.stage_planes))
+                  for j in range(n)}
+        if layer not in blocks:
+            raise ValueError(f"unknown ResNet block {layer!r} to hook for feature "
+                             f"distillation; valid: {', '.join(blocks)}")
+        return blocks[layer]
+
     @nn.compact
     def __call__(self, x: jax.Array, width: float = 1.0, train: bool = True) -> jax.Array:
         width = slim.validate_width(width, self.min_width)

@@ -1,0 +1,238 @@
+"""Intermediate-feature distillation (official ResNet-50 configs; docs/fidelity.md): hooked
+features, proj_conv, the teacher's features, the cross-view MSE in the sub-network loss, its
+gradients, decay and a few training steps.
+
+One tiny bottleneck ResNet (base width 16, stages (1, 2, 1, 1), 16 px) and one module-scoped
+trainer in the official ``per_width`` mode, so each program compiles once.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from us3l_jax import mesh as mesh_lib
+from us3l_jax import models, optim
+from us3l_jax.method import MethodConfig
+from us3l_jax.models.heads import SSLModel, hooked_layers
+from us3l_jax.train import Trainer
+
+BATCH, SIZE, GROUP = 16, 16, 8
+LAYERS = ("layer2_1", "layer3_0", "layer4_0")  # the last block of stages 2-4
+CHANNELS = (32, 64, 128)  # full-width planes of stages 2-4
+FEATURE_WEIGHT = 0.5  # not 1, so that the weighting is visible
+METHOD = MethodConfig(group_size=GROUP, update_mode="per_width", feature_distill=True,
+                      feature_distill_weight=FEATURE_WEIGHT)
+
+
+def noisy_views(key, images):
+    """A cheap, deterministic stand-in for the SSL augmentation: two noisy copies."""
+    x = images.astype(jnp.float32) / 255.0
+    k1, k2 = jax.random.split(key)
+    return (x + 0.1 * jax.random.normal(k1, x.shape),
+            x + 0.1 * jax.random.normal(k2, x.shape))
+
+
+def make_model(method=METHOD):
+    bb = models.create("cifar_resnet50", base_width=16, stage_sizes=(1, 2, 1, 1),
+                       bn_group_size=GROUP)
+    layers = tuple(n for n, _ in hooked_layers(bb)) if method.feature_distill else ()
+    return SSLModel(bb, proj_hidden=32, proj_out=16, head_hidden=32,
+                    use_distill_head=method.uses_distill_head, feature_layers=layers,
+                    bn_group_size=GROUP)
+
+
+@pytest.fixture(scope="module")
+def tr():
+    tx, schedule = optim.make_optimizer(0.1, 20, reg_lambda=5e-5, reg_alpha=0.05)
+    return Trainer(make_model(), METHOD, tx, noisy_views, mesh_lib.make_mesh(jax.devices()[:1]),
+                   batch_size=BATCH, total_steps=20, lr_schedule=schedule)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return jax.device_put(rng.integers(0, 256, (BATCH, SIZE, SIZE, 3)).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def state0(tr, images):
+    return tr.init_state(jax.random.key(0), images)
+
+
+@pytest.fixture(scope="module")
+def views():
+    rng = np.random.default_rng(1)
+    return tuple(jnp.asarray(rng.uniform(0, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32)
+                 for _ in range(2))
+
+
+def bn2_outputs(model, params, x, width):
+    """The hooked maps computed independently of ``encode_features``: flax's own capture of
+    every ``bn2`` call of the backbone alone (the same BN groups: the batch is one view)."""
+    _, state = model.backbone.apply({"params": params["backbone"]}, x, width=width, train=True,
+                                    capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    return {n: np.asarray(inter[n]["bn2"]["__call__"][0]) for n in LAYERS}
+
+
+def proj_conv_numpy(params, feats):
+    """proj_conv by hand: x @ kernel[:, :, :cin, :] (1x1, no bias)."""
+    out = {}
+    for n, f in feats.items():
+        k = np.asarray(params["proj_conv"][n]["kernel"])[0, 0]
+        out[n] = np.einsum("bhwc,cd->bhwd", f, k[: f.shape[-1]])
+    return out
+
+
+def cross_view_mse_numpy(s1, s2, t1, t2):
+    terms = [np.mean((s1[n] - t2[n]) ** 2) for n in LAYERS] + \
+        [np.mean((s2[n] - t1[n]) ** 2) for n in LAYERS]
+    return float(np.mean(terms))
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def test_hooks_and_proj_conv_shapes(state0, views):
+    model = make_model()
+    bb = model.backbone
+    assert bb.feature_layers() == LAYERS
+    assert tuple(c for _, c in hooked_layers(bb)) == CHANNELS
+    # The official ResNet-50 hooks: layer2.3 / layer3.5 / layer4.2, 128 / 256 / 512 channels.
+    r50 = models.create("cifar_resnet50")
+    assert hooked_layers(r50) == (("layer2_3", 128), ("layer3_5", 256), ("layer4_2", 512))
+    p = state0.params
+    assert set(p) == {"backbone", "projector", "distill_head", "proj_conv"}
+    assert set(state0.ema_params) == {"backbone", "projector"}  # the teacher has no proj_conv
+    for n, c in zip(LAYERS, CHANNELS):
+        assert set(p["proj_conv"][n]) == {"kernel"}  # no bias
+        assert p["proj_conv"][n]["kernel"].shape == (1, 1, c, c)
+    for width, slim_channels in ((0.5, (16, 32, 64)), (0.25, (8, 16, 32))):
+        apply = lambda fn, a: model.apply({"params": p}, a, width, method=fn)
+        feats = jax.eval_shape(functools.partial(apply, SSLModel.encode_features), views[0])[1]
+        projected = jax.eval_shape(functools.partial(apply, SSLModel.project_features), feats)
+        for n, c, full in zip(LAYERS, slim_channels, CHANNELS):
+            assert feats[n].shape[-1] == c
+            assert projected[n].shape == feats[n].shape[:-1] + (full,)  # full C at any width
+    width = 0.25
+    z, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, width,
+                                                method=SSLModel.encode_features))(p, views[0])
+    ref = bn2_outputs(model, p, views[0], width)
+    for n in LAYERS:
+        np.testing.assert_allclose(feats[n], ref[n], rtol=1e-5, atol=1e-5)
+        assert feats[n].min() < 0  # pre-ReLU
+    # The forward without hooks gives the same projection.
+    np.testing.assert_allclose(
+        z, model.apply({"params": p}, views[0], width, method=SSLModel.encode), rtol=1e-5,
+        atol=1e-6)
+
+
+def test_bad_layers_and_backbones_are_rejected():
+    bb = models.create("cifar_resnet50", base_width=16, stage_sizes=(1, 2, 1, 1))
+    with pytest.raises(ValueError, match=r"unknown ResNet block 'layer2_2'.*valid: layer1_0"):
+        hooked_layers(bb, ("layer2_2",))
+    with pytest.raises(ValueError, match="backbone MobileNetV2 has none"):
+        hooked_layers(models.create("cifar_mobilenet_v2"))
+    with pytest.raises(ValueError, match="feature_distill .* needs momentum_base or"):
+        MethodConfig(feature_distill=True, momentum_base=False, momentum_sub=False)
+    with pytest.raises(ValueError, match="feature_distill_weight must be >= 0, got -1"):
+        MethodConfig(feature_distill_weight=-1.0)
+    tx, _ = optim.make_optimizer(0.1, 10)
+    with pytest.raises(ValueError, match="feature_layers must be non-empty exactly when"):
+        Trainer(make_model(MethodConfig()), METHOD, tx, noisy_views,
+                mesh_lib.make_mesh(jax.devices()[:1]), batch_size=BATCH, total_steps=10)
+
+
+# ------------------------------------------------------------------------------ the step
+# These run the trainer's own programs (the ones training uses, compiled once) one by one.
+
+
+def run(tr, kind, *args, width):
+    return tr._program(tr.programs.call, kind, *args, width=width)
+
+
+@pytest.fixture(scope="module")
+def base_step(tr, state0, views):
+    """The base (width 1.0) program on a state whose teacher differs from the online network
+    (at init the two are equal): (state before, state after, targets, metrics)."""
+    before = state0.replace(ema_params=jax.tree.map(lambda a: a * 1.05, state0.ema_params))
+    # The program consumes (donates) its state: give it a copy.
+    after, targets, metrics = run(tr, "base_update", jax.tree.map(jnp.copy, before), *views,
+                                  width=1.0)
+    return before, after, targets, metrics
+
+
+def test_teacher_features_come_from_the_ema_params_at_full_width(tr, views, base_step):
+    before, after, targets, metrics = base_step
+    # The EMA step came first, and the teacher forward used its result.
+    expected_ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, before.ema_params,
+                                {k: before.params[k] for k in ("backbone", "projector")})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 after.ema_params, expected_ema)
+    assert len(targets) == 3
+    for feats, v in zip(targets[2], views):
+        ref = bn2_outputs(tr.model, after.ema_params, v, 1.0)
+        online = bn2_outputs(tr.model, before.params, v, 1.0)
+        for n, c in zip(LAYERS, CHANNELS):
+            assert feats[n].shape[-1] == c
+            np.testing.assert_allclose(feats[n], ref[n], rtol=1e-4, atol=1e-4)
+            assert np.abs(np.asarray(feats[n]) - online[n]).max() > 1e-2  # not the online net
+    assert float(metrics["loss/feature"]) == 0.0  # the base network has no feature loss
+
+
+def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
+    _, after, targets, _ = base_step
+    state = jax.tree.map(jnp.copy, after)
+    params = jax.tree.map(np.asarray, after.params)
+    zero = {"loss/total": jnp.float32(0), "loss/feature": jnp.float32(0)}
+    width = 0.5
+    new, total, raw, _ = run(tr, "sub_update", state, zero, targets, *views, width=width)
+    s1, s2 = (proj_conv_numpy(params, bn2_outputs(tr.model, params, v, width)) for v in views)
+    t1, t2 = ({n: np.asarray(f[n]) for n in LAYERS} for f in targets[2])
+    expected = cross_view_mse_numpy(s1, s2, t1, t2)
+    np.testing.assert_allclose(float(total["loss/feature"]), expected, rtol=1e-4)
+    # Cross-view, not same-view: the aligned pairing gives another number.
+    assert abs(cross_view_mse_numpy(s1, s2, t2, t1) - expected) > 1e-3 * expected
+    np.testing.assert_allclose(float(total["loss/total"]), float(raw) + FEATURE_WEIGHT * expected,
+                               rtol=1e-5)
+
+    # proj_conv learns only from sub-networks, and is neither decayed nor group-regularized:
+    # the base update (zero gradient, zero momentum) left it exactly as initialised, and the
+    # width-0.5 update changed only the input rows that width uses. Decay would shrink all.
+    assert "proj_conv" not in tr.method.decay_groups(sub=True)
+    for n in LAYERS:
+        k0 = np.asarray(base_step[0].params["proj_conv"][n]["kernel"])[0, 0]
+        np.testing.assert_array_equal(params["proj_conv"][n]["kernel"][0, 0], k0)
+        k1 = np.asarray(new.params["proj_conv"][n]["kernel"])[0, 0]
+        used = k0.shape[0] // 2  # md(C * 0.5)
+        assert np.abs(k1[:used] - k0[:used]).min() > 0
+        np.testing.assert_array_equal(k1[used:], k0[used:])
+
+
+def test_training_with_feature_distillation_lowers_the_feature_loss(tr, state0, images):
+    state = jax.tree.map(jnp.copy, state0)
+    history = []
+    for _ in range(6):
+        state, m = tr.step(state, images, (1.0, 0.5, 0.25))
+        m = jax.device_get(m)
+        history.append((float(m["loss/feature"]), float(m["loss/total"])))
+    feature, total = np.array(history).T
+    assert np.all(np.isfinite(feature)) and np.all(np.isfinite(total))
+    # loss/feature: the two sub-networks' unweighted feature losses, summed.
+    assert np.all(np.diff(feature) < 0), feature
+    assert total[-1] < total[0], total
+    assert int(state.step) == 6
+
+
+def test_proj_conv_decay_follows_the_decay_rule():
+    """Group reg (every US3L config) skips proj_conv; plain weight decay decays it like the
+    auxiliary head, from its first sub-network update on (PyTorch SGD)."""
+    gr = MethodConfig(feature_distill=True)
+    assert "proj_conv" in gr.param_groups()
+    assert "proj_conv" not in gr.decay_groups(sub=True) | gr.decay_groups(sub=False)
+    assert not gr.late_decay_groups()
+    wd = MethodConfig(feature_distill=True, decay_rule="weight_decay")
+    assert "proj_conv" in wd.decay_groups(sub=True)
+    assert wd.late_decay_groups() == {"distill_head", "proj_conv"}
