@@ -130,3 +130,14 @@ def test_bad_arguments(extra, message, capsys, tmp_path):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+official = load_experiment("official_step_torch")
+
+
+def test_official_driver_help(capsys):
+    """The PyTorch driver imports nothing heavy at load time and has a --help (it needs a CUDA
+    device to run, which tests do not have)."""
+    with pytest.raises(SystemExit) as e:
+        official.main(["--help"])
+    assert e.value.code == 0 and "--widths" in capsys.readouterr().out
