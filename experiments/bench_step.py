@@ -121,18 +121,20 @@ def forward_macs(config, width: float, image_size: int, head: bool) -> dict[str,
             "total": bb["macs"] + proj + aux}
 
 
-def iteration_macs(config, widths: Sequence[float], image_size: int) -> dict[str, int]:
+def iteration_macs(config, widths: Sequence[float], image_size: int,
+                   forward: Callable[..., dict[str, int]] = forward_macs) -> dict[str, int]:
     """MACs per image and view of one iteration with ``widths`` (``widths[0]`` the base):
-    the teacher forward at full width plus 3 x the online forward of every width."""
+    the teacher forward at full width plus 3 x the online forward of every width.
+    ``forward`` is ``forward_macs`` or a cached stand-in with its signature."""
     method = build.method(config)
     if method.base_loss != "infonce" or method.aux_head != "new":
         raise ValueError("the FLOP model covers the US3L loss design (base_loss='infonce', "
                          f"aux_head='new'), got {method.base_loss!r}/{method.aux_head!r}")
-    teacher = forward_macs(config, config.sampler.width_range[1], image_size, head=False)
+    teacher = forward(config, config.sampler.width_range[1], image_size, head=False)
     out = {"teacher": teacher["total"] if method.uses_teacher else 0,
-           "base": 3 * forward_macs(config, widths[0], image_size, head=False)["total"]}
+           "base": 3 * forward(config, widths[0], image_size, head=False)["total"]}
     for w in widths[1:]:
-        out[f"sub@{w:g}"] = 3 * forward_macs(config, w, image_size, head=True)["total"]
+        out[f"sub@{w:g}"] = 3 * forward(config, w, image_size, head=True)["total"]
     out["total"] = sum(out.values())
     return out
 

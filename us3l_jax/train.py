@@ -424,6 +424,7 @@ class Programs:
                                                 thread_name_prefix="us3l-compile")
         self.compile_seconds = 0.0
         self.compiled = 0
+        self.seconds_by_key: dict[Any, float] = {}  # each program's own compile time
 
     def get(self, key, make: Callable[[], Any]):
         with self._lock:
@@ -445,14 +446,16 @@ class Programs:
         fn = self.get(key, make)
         with self._lock:
             if key not in self._compiled:
-                self._compiled[key] = self._pool.submit(self._compile, fn, args)
+                self._compiled[key] = self._pool.submit(self._compile, fn, args, key)
         return jax.eval_shape(fn, *args)
 
-    def _compile(self, fn, args):
+    def _compile(self, fn, args, key=None):
         t = time.perf_counter()
         compiled = fn.lower(*args).compile()
         with self._lock:
-            self.compile_seconds += time.perf_counter() - t
+            seconds = time.perf_counter() - t
+            self.compile_seconds += seconds
+            self.seconds_by_key[key] = seconds
             self.compiled += 1
         return compiled
 
