@@ -196,9 +196,10 @@ def steps_per_epoch(config) -> int:
 
 
 def _label(trainer, widths: Sequence[float]) -> Callable[[Any], str]:
-    """Program key -> label, ``apply`` variants told apart by their decay groups."""
+    """Program key -> label, ``apply`` variants told apart by whether the iteration trained
+    sub-networks (which decides the decayed groups)."""
     label = bench_step._labels(trainer, widths)
-    return lambda key: label(key) + (f"[{'+'.join(sorted(key[1]))}]"
+    return lambda key: label(key) + (("[sub]" if key[1] else "[base]")
                                      if key[0] == "apply" else "")
 
 

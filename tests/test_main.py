@@ -16,7 +16,7 @@ from tests.helpers import run_main
     (["--config.optim.batch_size=0.5"], "--config.optim.batch_size=0.5: invalid literal for int()"),
     (["--config.method.tau=-1"], "config.method: tau must be > 0, got -1.0"),
     (["--config.sampler.width_range=(1.0,0.25)"], "width_range (1.0, 0.25) is invalid"),
-    (["--config.method.base_loss=l2"], "base_loss='l2' is not one of ('infonce', 'mse')"),
+    (["--config.method.base_loss=l2"], "base_loss='l2' is not one of ('infonce', 'mse', "),
     (["--config.optim.batch_size=48"], "batch_size=48 is not a multiple of "
                                        "config.method.group_size=32"),
     (["--config.eval.sweep_widths=(1.0,0.1)"], "width 0.1 is outside the allowed range"),
@@ -54,7 +54,8 @@ def test_help_exits_0_and_lists_configs_and_protocols():
                        if f.endswith(".py")}
     assert any(ln.startswith("  configs/demo.py ") and "digits" in ln for ln in lines)
     assert "  --workdir: Run directory (checkpoints, logs, results)." in lines
-    assert "Final sweep protocols (--config.eval.sweep_protocol): fast, knn, paper;" in out.stdout
+    assert "Final sweep protocols (--config.eval.sweep_protocol): fast, knn, paper, top1;" \
+        in out.stdout
     out = run("--config=configs/demo.py:smoke", "--workdir=/tmp/x", "extra")
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: unexpected arguments ['extra']; see "

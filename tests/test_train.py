@@ -78,7 +78,8 @@ assert_trees_close = chex.assert_trees_all_close
 
 
 def test_method_config_validation():
-    with pytest.raises(ValueError, match=r"base_loss='l2' is not one of \('infonce', 'mse', 'seed', 'moco'\)"):
+    with pytest.raises(ValueError, match=r"base_loss='l2' is not one of \('infonce', 'mse', "
+                                         r"'seed', 'moco', 'mocov3'\)"):
         MethodConfig(base_loss="l2")
     with pytest.raises(ValueError, match="distill_loss='kl' is not one of"):
         MethodConfig(distill_loss="kl")

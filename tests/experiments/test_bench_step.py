@@ -11,7 +11,8 @@ import pytest
 from tests.helpers import load_experiment
 from us3l_jax import profile
 
-TINY = ["--model", "cifar_resnet18", "--base-width", "8", "--stage-sizes", "1,1,1,1",
+# Base width 16: 8 channels cannot run at 0.25x (the official rounding gives 9).
+TINY = ["--model", "cifar_resnet18", "--base-width", "16", "--stage-sizes", "1,1,1,1",
         "--batch", "16", "--image-size", "8"]
 
 
@@ -72,12 +73,12 @@ def test_breakdown_covers_every_program(run):
 
 
 def test_flop_model_uses_profiler_and_heads():
-    config = bench.make_config("cifar_resnet18", 16, 8, base_width=8, stage_sizes=(1, 1, 1, 1))
+    config = bench.make_config("cifar_resnet18", 16, 8, base_width=16, stage_sizes=(1, 1, 1, 1))
     fwd = bench.forward_macs(config, 0.5, 8, head=True)
     prof = profile.profile("cifar_resnet18", 0.5, input_size=8, num_classes=None,
-                           convention="backbone", base_width=8, stage_sizes=(1, 1, 1, 1))
+                           convention="backbone", base_width=16, stage_sizes=(1, 1, 1, 1))
     assert fwd["backbone"] == prof["macs"]
-    feat, h = 32, config.heads  # 64 * 0.5 channels after the last stage
+    feat, h = 64, config.heads  # 128 * 0.5 channels after the last stage
     assert fwd["projector"] == (feat * h.proj_hidden + h.proj_hidden ** 2
                                 + h.proj_hidden * h.proj_out)
     assert fwd["head"] == 2 * h.proj_out * h.head_hidden
