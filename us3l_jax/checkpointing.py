@@ -301,7 +301,7 @@ class Checkpointer:
     def save(self, step: int, state: Any) -> None:
         """Starts saving (asynchronously); ``wait`` blocks until it is on disk. Raises
         ``CheckpointSaveError`` if this or the previous save failed."""
-        self.check_saved()
+        self.wait()  # orbax's save waits for the previous one too; this names its step
         meta = {"step": int(step), "identity": identity(self.config)}
         self._saving = int(step)
         try:
