@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from us3l_jax import build, checkpointing, pretrain, sampling
-from tests.helpers import demo_config
+from tests.helpers import demo_config, load_experiment
 
 STEPS = 6
 
@@ -44,50 +44,11 @@ def run_copy(trained, tmp_path):
     return workdir
 
 
-def data_files(step_dir):
-    """The array data files of a checkpoint (orbax's ocdbt data), largest first."""
-    found = []
-    for root, _, files in os.walk(os.path.join(step_dir, "state")):
-        if os.path.basename(root) == "d":
-            found += [os.path.join(root, f) for f in files]
-    return sorted(found, key=os.path.getsize, reverse=True)
-
-
-def _truncate(d):
-    path = data_files(d)[0]
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-
-
-def _flip_64_bytes(d):
-    path = data_files(d)[0]
-    data = bytearray(open(path, "rb").read())
-    for i in np.random.default_rng(0).choice(len(data), 64, replace=False):
-        data[i] ^= 0xFF
-    open(path, "wb").write(bytes(data))
-
-
-def _garbage_meta(d):
-    with open(os.path.join(d, "meta", "metadata"), "w") as f:
-        f.write("{not json")
-
-
-def _file_to_folder(d):
-    path = os.path.join(d, "state", "_sharding")
-    os.remove(path)
-    os.makedirs(path)
-
-
-CORRUPTIONS = {
-    "truncated data file": _truncate,
-    "64 flipped bytes": _flip_64_bytes,
-    "deleted _METADATA": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
-    "garbage metadata": _garbage_meta,
-    "state/ deleted": lambda d: shutil.rmtree(os.path.join(d, "state")),
-    "file replaced by a folder": _file_to_folder,
-    "garbage checksum file": lambda d: open(os.path.join(d, checkpointing.CHECKSUM_FILE),
-                                            "w").write("]["),
-}
+faults = load_experiment("fault_matrix")  # the CLI fault matrix's corruptions, in-process
+CORRUPTIONS = {k: v for k, v in faults.CORRUPTIONS.items()
+               if not k.startswith("unreadable")}  # (root reads files whatever their mode)
+CORRUPTIONS["garbage checksum file"] = lambda d: open(
+    os.path.join(d, checkpointing.CHECKSUM_FILE), "w").write("][")
 
 
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
@@ -128,7 +89,7 @@ def test_resume_past_corrupt_latest_saves_that_step_again(trained, run_copy):
     """The issue's stuck run: the latest checkpoint is corrupt; the rerun resumes from the
     previous one, saves step 6 again (no 'already exists'), ends with bitwise the original
     parameters, keeps the corrupt copy, and logs every step once."""
-    _flip_64_bytes(os.path.join(run_copy, "checkpoints", "6"))
+    faults.flip64(os.path.join(run_copy, "checkpoints", "6"))
     state = pretrain.train(tiny(), run_copy)
     assert int(state.step) == STEPS
     for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(trained[1].params)):
@@ -145,7 +106,7 @@ def test_all_metadata_garbage_refuses_instead_of_starting_over(run_copy):
     overwritten (config.json included); start_over moves them aside and starts at step 0."""
     ckpt_dir = os.path.join(run_copy, "checkpoints")
     for s in ("2", "4", "6"):
-        _garbage_meta(os.path.join(ckpt_dir, s))
+        faults.garbage_meta(os.path.join(ckpt_dir, s))
     config_json = open(os.path.join(run_copy, "config.json")).read()
     with pytest.raises(checkpointing.NoReadableCheckpointError,
                        match=r"no readable checkpoint .*corrupt: .*/2, .*/4, .*/6\); refusing"):
