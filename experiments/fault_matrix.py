@@ -74,11 +74,17 @@ def snapshot(workdir):
     return good, open(cfg).read() if os.path.exists(cfg) else None
 
 
+KEEP = 3  # train.keep_checkpoints: orbax removes older ones once KEEP newer are saved
+
+
 def lost(before, after, config_may_change=False, replaced_ok=()):
     """What a case lost: intact checkpoints that are gone or corrupt afterwards (a step saved
-    again after its corrupt copy was moved aside counts as kept), config.json changed."""
+    again after its corrupt copy was moved aside counts as kept, and so does one rotated out
+    by ``keep_checkpoints`` after KEEP newer verified ones were saved), config.json changed
+    by a run that should have left it alone."""
     (b_ckpt, b_cfg), (a_ckpt, a_cfg) = before, after
-    gone = [s for s in b_ckpt if s not in a_ckpt and s not in replaced_ok]
+    rotated = min(sorted(a_ckpt)[-KEEP:]) if len(a_ckpt) >= KEEP else -1
+    gone = [s for s in b_ckpt if s not in a_ckpt and s not in replaced_ok and s >= rotated]
     out = [f"checkpoint {s}" for s in sorted(gone)]
     if b_cfg is not None and a_cfg != b_cfg and not config_may_change:
         out.append("config.json")
@@ -106,9 +112,11 @@ class Matrix:
     def want(self, name):
         return not self.only or self.only in name
 
-    def add(self, group, name, expected, rc, ok, detail, lost_items=()):
+    def add(self, group, name, expected, rc, ok, detail, lost_items=(), stderr=""):
+        if not ok and stderr:
+            detail += " | stderr tail: " + " / ".join(stderr.strip().splitlines()[-4:])
         row = {"group": group, "case": name, "expected": expected, "exit": rc,
-               "ok": bool(ok), "lost": list(lost_items), "detail": detail[:300]}
+               "ok": bool(ok), "lost": list(lost_items), "detail": detail[:1000]}
         self.rows.append(row)
         print(f"{'PASS' if ok else 'FAIL'} {group} | {name} | exit {rc} | "
               f"lost {row['lost'] or 'nothing'} | {row['detail'][:160]}", flush=True)
@@ -246,7 +254,8 @@ def lock_cases(m, base):
 
 CHANGES = [("lr", "--config.optim.lr=0.1"), ("batch size", "--config.optim.batch_size=32"),
            ("seed", "--config.seed=1"), ("epochs", "--config.optim.epochs=5"),
-           ("distillation loss", "--config.method.distill_loss=mse"),
+           ("distillation weight", "--config.method.distill_weight=2.0"),
+           ("temperature", "--config.method.tau=0.2"),
            ("grid step", "--config.sampler.grid_step=0.125"),
            ("dtype", "--config.model.dtype=bfloat16")]
 
@@ -260,7 +269,7 @@ def config_cases(m, base):
         rc, out, err = run(main_cmd(w, flag))
         m.add("config change on resume", name, "exit 2 with the diff", rc,
               rc == 2 and one_line(out, err) and "differs from the run's" in err,
-              (error_lines(err) or [err[-200:]])[0], lost(before, snapshot(w)))
+              (error_lines(err) or [err[-200:]])[0], lost(before, snapshot(w)), err + out)
     if m.want("another variant"):
         w = m.copy(base, "change_variant")
         before = snapshot(w)
@@ -317,7 +326,8 @@ def io_cases(m, base):
                 m.add("I/O", "disk full during a save", "exit 4 one line with path and errno; "
                       "last good checkpoint intact", rc,
                       rc == 4 and one_line(out, err) and "errno 28" in err,
-                      (error_lines(err) or [err[-300:]])[0], lost(before, after))
+                      (error_lines(err) or [err[-300:]])[0],
+                      lost(before, after, config_may_change=True), err + out)
             finally:
                 subprocess.run(["umount", mnt])
     if m.want("disk full at start"):

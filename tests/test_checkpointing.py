@@ -197,3 +197,19 @@ def test_metric_writer_survives_io_errors_and_drops_steps_after_resume(tmp_path,
     assert len(warnings) == 1 and "cannot write metrics.jsonl (OSError" in warnings[0]
     steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
     assert steps == [1, 2, 4, 6]
+
+
+def test_an_unreadable_file_counts_as_corrupt(trained, monkeypatch):
+    """(Tests run as root, which reads files whatever their mode: the PermissionError an
+    ordinary user gets is injected.)"""
+    step_dir = os.path.join(trained[0], "checkpoints", "2")
+    crc = checkpointing._crc32
+
+    def denied(path):
+        if path.endswith("_METADATA"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return crc(path)
+    monkeypatch.setattr(checkpointing, "_crc32", denied)
+    assert checkpointing.verify_checksums(step_dir) == (
+        "state/_METADATA cannot be checked (PermissionError: [Errno 13] Permission denied: "
+        f"'{step_dir}/state/_METADATA')")

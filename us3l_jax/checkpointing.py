@@ -244,7 +244,9 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict,
         with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
         write_config(workdir, config)
-        log.warning("config changes accepted on resume (%s): %s", CONFIG_HISTORY_FILE,
+        # Allow-listed changes (max_steps, logging) are routine: logged, not warned about.
+        log.log(logging.WARNING if refused or old is None else logging.INFO,
+                "config changes accepted on resume (%s): %s", CONFIG_HISTORY_FILE,
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
                     or "config.json replaced")
 

@@ -64,6 +64,25 @@ def setup_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    if not os.environ.get("US3L_DEBUG"):
+        _quiet_save_failure_noise()
+
+
+def _quiet_save_failure_noise() -> None:
+    """A failed checkpoint save (e.g. a full disk) is reported in one line with exit code 4.
+    orbax also logs that failure, with tracebacks, from each of its threads, and tensorstore's
+    callbacks print "Event loop is closed" tracebacks once orbax's event loops are gone (over
+    300 lines for one full disk). Both are dropped here, in the command line only;
+    ``US3L_DEBUG=1`` keeps them."""
+    logging.getLogger("absl").addFilter(
+        lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        previous(kind, value, tb)
+    sys.excepthook = hook
 
 
 def init_distributed() -> None:
