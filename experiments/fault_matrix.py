@@ -217,6 +217,19 @@ def corrupt_cases(m, base):
               "exit 0, all moved to corrupt-*, trains from 0", rc,
               rc == 0 and {"corrupt-2", "corrupt-4", "corrupt-6"} <= set(moved),
               f"checkpoints/ now {moved}")
+    if m.want("orbax step metadata"):
+        # orbax's own _CHECKPOINT_METADATA (commit time; not needed to restore): garbage in
+        # every checkpoint. The data verifies, so the run must go on from step 6.
+        w = m.copy(base, "all_step_metadata_garbage")
+        for s in ("2", "4", "6"):
+            open(os.path.join(w, "checkpoints", s, "_CHECKPOINT_METADATA"), "w").write("{x")
+        before = snapshot(w)
+        rc, out, err = run(main_cmd(w, "--config.train.max_steps=8"))
+        m.add("corrupt checkpoint", "orbax step metadata garbage in every checkpoint",
+              "exit 0, resumes from 6 (array data verified)", rc,
+              rc == 0 and "resuming" in out and "from step 6" in out and
+              "Traceback" not in err, "resumed from step 6" if "from step 6" in out else "",
+              lost(before, snapshot(w), config_may_change=True), err + out)
 
 
 # ------------------------------------------------------------------------------- lock
