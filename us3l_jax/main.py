@@ -171,7 +171,8 @@ def _run(config, workdir: str) -> None:
         _fail(f"{e}; the older checkpoints are intact: free space and rerun to resume",
               IO_ERROR_EXIT_CODE)
     except OSError as e:  # e.g. a full disk when writing config.json or the lock
-        _fail(f"I/O error: {e}", IO_ERROR_EXIT_CODE)
+        where = "" if e.filename else f" in {workdir}"
+        _fail(f"I/O error{where}: {e}", IO_ERROR_EXIT_CODE)
     except pretrain.Preempted as e:
         log.info("%s; rerun the same command to resume", e)
         sys.exit(e.exit_code)
