@@ -2,6 +2,7 @@
 
     python -m us3l_jax.main --config=configs/demo.py --workdir=/tmp/us3l_demo
     python -m us3l_jax.main --config=configs/demo.py:smoke --workdir=/tmp/us3l_smoke
+    python -m us3l_jax.main --config=configs/demo.py:vit --workdir=/tmp/us3l_vit_demo
 
 Full US3L (paper Table 7 case 13: InfoNCE base loss against an EMA teacher, negative-cosine
 distillation through an auxiliary head, sandwich rule with dynamic sampling "A", group
@@ -13,8 +14,33 @@ fast linear-probe sweep over widths 1.0/0.75/0.5/0.25 whose accuracies are all f
 10% chance level (the digits are easy; see README for the figures we measured).
 ``smoke`` is the same run cut to 4 epochs (88 steps through all four sampling stages, on a
 coarser width grid): well under a minute after compilation, for tests and quick checks.
+
+The paper's baselines at the same scale (same backbone, data, batch and 264 steps), each
+ending with a fast-probe sweep of the width(s) it trained:
+
+    python -m us3l_jax.main --config=configs/demo.py:byol --workdir=/tmp/us3l_demo_byol
+    python -m us3l_jax.main --config=configs/demo.py:byol,0.25 --workdir=/tmp/us3l_demo_byol_0.25
+    python -m us3l_jax.main --config=configs/demo.py:us_byol --workdir=/tmp/us3l_demo_us_byol
+    python -m us3l_jax.main --config=configs/demo.py:mocov2,1.0 --workdir=/tmp/us3l_demo_moco
+    python -m us3l_jax.main --config=configs/demo.py:seed,0.25,/tmp/us3l_demo_byol --workdir=/tmp/us3l_demo_seed
+    python -m us3l_jax.main --config=configs/demo.py:seed_mse,0.25,/tmp/us3l_demo_byol --workdir=/tmp/us3l_demo_seed_mse
+
+Arguments: ``byol[,width]`` / ``mocov2[,width]`` (individual runs, width default 1.0),
+``us_byol`` (US-Net with BYOL, all widths at once), ``seed[,width[,teacher_workdir]]`` and
+``seed_mse[,...]`` (width default 0.25; the teacher is the frozen ``:byol`` run, default
+``/tmp/us3l_demo_byol``, so run that first). Their recipes are the official ones
+(``us3l_jax.recipes``) scaled to digits: 64/128 heads, queues of 512 keys, 12 epochs; MoCo v2's
+key encoder uses m 0.99 instead of 0.999, whose teacher would still be 77% its random
+initialisation after 264 steps.
+
+``vit`` is US3L for ViTs (the Table 3 recipe of ``configs/vit_cifar10.py`` scaled down): a
+slimmable ViT of dim 64, depth 4, 4 heads, patch 4 on the 16-px digits (16 patches), official
+slicing, MoCo v3 loss (tau 0.2) with InfoNCE distillation through a copy of the predictor,
+AdamW, per-width updates, sandwich rule with dynamic sampling "A", then the same sweep.
 """
-from us3l_jax import config as config_lib
+from us3l_jax import config as config_lib, recipes
+
+BASELINES = ("byol", "us_byol", "mocov2", "seed", "seed_mse")
 
 
 def get_config(arg: str | None = None):
@@ -39,6 +65,9 @@ def get_config(arg: str | None = None):
     c.eval.sweep_widths = (1.0, 0.75, 0.5, 0.25)
     c.eval.batch_size = 64
     c.eval.calibration_batches = 20
+    variant = (arg or "").split(",")[0]
+    if variant in BASELINES:
+        return _baseline(c, arg)
     if arg == "smoke":
         # 4 epochs = 88 steps: every stage of schedule "A" (1.0 only; then min width 0.75,
         # 0.5, 0.25) runs; a coarse grid keeps the programs to compile few.
@@ -47,6 +76,51 @@ def get_config(arg: str | None = None):
         c.train.log_every_steps = 11
         c.train.checkpoint_every_steps = 22
         c.eval.sweep_widths = (1.0, 0.25)
+    elif arg == "vit":
+        _vit_demo(c)
     elif arg:
-        raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke' or none")
+        raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke', 'vit', "
+                         f"{', '.join(repr(b) for b in BASELINES)} or none")
     return c
+
+
+def _baseline(c, arg: str):
+    """A paper baseline on the demo's backbone, data and schedule."""
+    variant = arg.split(",")[0]
+    if variant == "us_byol":
+        recipes.parse_args(arg, ("variant",), ("us_byol",))
+        recipes.byol_method(c, us=True)
+    else:
+        names = ("variant", "width") + (("teacher",) if variant.startswith("seed") else ())
+        default_width = 0.25 if variant.startswith("seed") else 1.0
+        a = recipes.parse_args(arg, names, (variant, default_width, "/tmp/us3l_demo_byol"))
+        recipes._single_width(c, float(a["width"]))
+        if variant == "byol":
+            recipes.byol_method(c, us=False)
+        elif variant == "mocov2":
+            recipes.mocov2_method(c)
+            c.method.ema_momentum = 0.99
+        else:
+            recipes.seed_method(c, variant, a["teacher"])
+            c.optim.epochs = 12
+        c.method.queue_size = 512 if c.method.queue_size else 0
+    c.heads.proj_hidden = 128
+    c.heads.proj_out = 64
+    c.heads.head_hidden = 128
+    return c
+
+
+def _vit_demo(c):
+    v = recipes.mocov3_vit("tiny", "us3l")
+    for section in ("heads", "method", "optim"):
+        c[section] = v[section]
+    c.model = v.model
+    c.model.dtype = "float32"
+    c.model.dim, c.model.depth, c.model.heads, c.model.patch_size = 64, 4, 4, 4
+    c.heads.proj_hidden, c.heads.proj_out, c.heads.head_hidden = 128, 64, 128
+    c.sampler.schedule = "A"
+    c.optim.batch_size = 64
+    c.optim.epochs = 12
+    c.optim.warmup_epochs = 2
+    c.optim.lr = 1e-3
+    c.eval.paper_row = None

@@ -20,8 +20,9 @@ widths 1.0 0.9 0.8 0.7 0.6 0.5 0.4 0.3 0.25:
 
 Official-code deviations, as overrides: R-50 used lr 0.25 (``--config.optim.lr=0.25``) and,
 like MobileNetV2, no dynamic sampling (``--config.sampler.schedule=none``) and an undocumented
-feature-distillation loss we do not implement; one optimizer update per width
-(``--config.method.update_mode=per_width``). Needs CIFAR-100 prepared for TFDS
+feature-distillation loss we do not implement. Like the official code, one optimizer update
+per width (``--config.method.update_mode=accumulate`` is paper Algorithm 1) and the official
+CIFAR BN calibration (docs/fidelity.md). Needs CIFAR-100 prepared for TFDS
 (``python -m us3l_jax.data.prepare cifar100``); about 2.5x the cost of one 400-epoch
 SimCLR run (appendix Eq. 12).
 """

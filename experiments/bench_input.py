@@ -54,7 +54,7 @@ def _images(n: int, size: int) -> np.ndarray:
 
 
 def host_view(image: np.ndarray, rng: np.random.Generator, cfg: augment.ViewConfig) -> np.ndarray:
-    """One SSL view with PIL, per image: the torchvision-on-PIL pipeline of reference §8."""
+    """One SSL view with PIL, per image: the torchvision-on-PIL pipeline of the official code."""
     pil = Image.fromarray(image)
     h, w = image.shape[:2]
     box = host_transforms.rrc_box(rng, h, w, cfg.scale, cfg.ratio)

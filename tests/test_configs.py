@@ -36,7 +36,7 @@ def test_us3l_cifar100_is_the_paper_recipe():
     assert (c.optim.reg_alpha, c.optim.reg_groups) == (0.05, 8)
     assert (c.method.tau, c.method.ema_momentum) == (0.5, 0.99)
     assert (c.heads.proj_out, c.heads.proj_hidden) == (256, 2048)
-    assert build.method(c) == recipes.table7_method(13, group_size=128)
+    assert build.method(c) == recipes.table7_method(13, group_size=128, update_mode="per_width")
     s = build.sampler(c)
     assert (s.num_samples, s.sandwich, s.schedule, s.width_range) == (3, True, "A", (0.25, 1.0))
     assert load_config_module("configs/us3l_cifar100.py").get_config(
@@ -51,6 +51,7 @@ def test_table7_cases_set_the_flags():
         assert (m.base_loss, m.distill_loss, m.aux_head, m.momentum_base,
                 m.momentum_sub) == flags
         assert c.sampler.schedule == "none" and c.optim.reg_alpha == 0.0
+        assert (m.decay_rule, m.update_mode) == ("weight_decay", "per_width")
     with pytest.raises(ValueError, match="Table 7 has cases 1-17, got 0"):
         mod.get_config("0")
 
@@ -79,9 +80,38 @@ def test_individual_baseline_trains_one_width():
     assert s.individual_width == 0.5 and s.num_samples == 1
     m = build.method(c)
     assert (m.base_loss, m.momentum_base, m.uses_predictor) == ("mse", True, True)
-    assert c.optim.lr == 0.1 and 2 * c.optim.reg_lambda == pytest.approx(5e-4)
+    assert c.optim.lr == 0.05 and 2 * c.optim.reg_lambda == pytest.approx(5e-4)  # official
+    assert m.decay_rule == "weight_decay"  # SGD weight decay reaches the predictor too
     with pytest.raises(ValueError, match="unknown baseline 'moco'"):
         mod.get_config("moco")
+
+
+PAPER_TABLE_CONFIGS = ("configs/us3l_cifar100.py", "configs/us3l_imagenet.py",
+                       "configs/table7.py", "configs/strategies.py",
+                       "configs/baselines_cifar100.py", "configs/seed_cifar100.py",
+                       "configs/mocov2_cifar100.py", "configs/byol_imagenet.py",
+                       "configs/vit_cifar10.py")
+
+
+@pytest.mark.parametrize("path", PAPER_TABLE_CONFIGS)
+def test_paper_table_configs_run_the_official_step(path):
+    """One optimizer update per width, and plain weight decay wherever group regularization is
+    off, as the official code that produced the tables (docs/fidelity.md)."""
+    module = load_config_module(path)
+    for arg in documented_args(path):
+        c = module.get_config(arg or None)
+        m = build.method(c)
+        assert m.update_mode == "per_width", (path, arg)
+        assert m.decay_rule == ("weight_decay" if c.optim.reg_alpha == 0 else "group_reg"), arg
+
+
+def test_plain_weight_decay_refuses_group_alpha():
+    c = load_config_module("configs/demo.py").get_config("smoke")
+    c.method.decay_rule = "weight_decay"
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"decay_rule='weight_decay' is plain weight decay, but "
+                             r"config.optim.reg_alpha=0.05: set reg_alpha=0"):
+        config_lib.validate(c)
 
 
 def test_config_json_round_trip():
@@ -122,3 +152,127 @@ def test_batch_size_hint_is_a_multiple_of_devices_and_group():
     with pytest.raises(ValueError, match="use a batch size such as 64$"):
         mesh_lib.check_batch_size(0, mesh, group_size=64)
     mesh_lib.check_batch_size(63, mesh, group_size=None)  # 1 device: any size splits
+
+
+def test_too_small_model_for_the_width_range_is_named():
+    """8 channels at 0.25x round up to 9 under the official rule: refused before any run."""
+    c = load_config_module("configs/demo.py").get_config("smoke")
+    c.model.base_width = 8
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"a layer of 8 channels at width 0.25 needs 9 under the official "
+                             r"rounding .* model.base_width"):
+        config_lib.validate(c)
+    c.sampler.width_range = (0.5, 1.0)
+    c.eval.sweep_widths = c.eval.online_widths = (1.0, 0.5)
+    config_lib.validate(c)
+def test_seed_configs_cover_table2_and_take_the_teacher_workdir():
+    mod = load_config_module("configs/seed_cifar100.py")
+    for loss, arch, tag in sorted(mod.ROWS):
+        c = mod.get_config(f"{loss},{arch},{tag},0.5,runs/teacher_{tag}")
+        config_lib.validate(c)
+        assert c.teacher.workdir == "runs/teacher_" + tag
+        assert c.eval.paper_row == f"table2/{arch}/{loss}_byol_{tag}"
+        m = build.method(c)
+        assert (m.teacher, c.sampler.individual_width, c.heads.proj_out) == ("frozen", 0.5, 2048)
+        assert m.uses_predictor == (loss == "seed_mse")
+    c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
+    m = build.method(c)
+    assert (m.queue_size, m.tau, m.teacher_tau, c.optim.epochs, c.optim.lr) == (
+        32768, 0.5, 1e-4, 200, 0.05)
+    assert 2 * c.optim.reg_lambda == pytest.approx(1e-4)
+    c.teacher.workdir = None
+    with pytest.raises(config_lib.ConfigError, match="config.teacher.workdir must name"):
+        config_lib.validate(c)
+    c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
+    c.method.queue_size = 1000
+    with pytest.raises(config_lib.ConfigError, match="queue_size=1000 must be a multiple"):
+        config_lib.validate(c)
+    c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
+    c.sampler.individual_width = None
+    with pytest.raises(config_lib.ConfigError, match="trains one width"):
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match="unknown teacher tag 'r34'"):
+        mod.get_config("seed,resnet18,r34,1.0,runs/t")
+
+
+def test_mocov2_is_the_official_cifar_config():
+    c = load_config_module("configs/mocov2_cifar100.py").get_config("0.5")
+    config_lib.validate(c)
+    m = build.method(c)
+    assert (m.base_loss, m.tau, m.ema_momentum, m.queue_size) == ("moco", 0.2, 0.999, 2048)
+    assert (c.heads.proj_style, c.heads.proj_hidden, c.heads.proj_out) == ("mocov2", 2048, 256)
+    assert (c.optim.lr, c.optim.batch_size, c.method.group_size) == (0.3, 256, 64)
+    assert 2 * c.optim.reg_lambda == pytest.approx(1e-4)
+
+
+def test_byol_imagenet_table4():
+    mod = load_config_module("configs/byol_imagenet.py")
+    for arch in ("resnet18", "resnet50"):
+        for w in (1.0, 0.75, 0.5, 0.25):
+            c = mod.get_config(f"byol,{arch},{w}")
+            config_lib.validate(c)
+            assert build.sampler(c).individual_width == w and c.eval.sweep_widths == (w,)
+        c = mod.get_config(f"us_byol,{arch}")
+        config_lib.validate(c)
+        assert build.method(c) == recipes.table7_method(
+            4, group_size=c.method.group_size, tau=0.5, update_mode="per_width",
+            decay_rule="weight_decay")
+        s = build.sampler(c)
+        assert (s.num_samples, s.sandwich, s.schedule) == (3, True, None)
+        assert c.eval.paper_row == f"table4/{arch}/us_byol" and c.optim.lr == 0.05
+    assert mod.get_config("byol,resnet50,1.0").optim.batch_size == 480
+
+
+def test_us_simclr_is_table7_case14():
+    c = load_config_module("configs/baselines_cifar100.py").get_config("us_simclr")
+    m = build.method(c)
+    assert (m.base_loss, m.distill_loss, m.aux_head, m.momentum_base, m.momentum_sub) == \
+        recipes.TABLE7_CASES[14]
+    assert c.sampler.num_samples == 3
+
+
+def test_demo_baseline_variants():
+    mod = load_config_module("configs/demo.py")
+    base = mod.get_config(None)
+    for arg in ("byol", "byol,0.25", "us_byol", "mocov2,0.5", "seed,0.25", "seed_mse,1.0,/x"):
+        c = mod.get_config(arg)
+        config_lib.validate(c)
+        # Same backbone, data, batch and number of steps as the US3L demo.
+        for key in ("model", "data"):
+            assert c[key].to_dict() == base[key].to_dict(), (arg, key)
+        assert (c.optim.batch_size, c.optim.epochs) == (base.optim.batch_size,
+                                                         base.optim.epochs)
+    assert mod.get_config("seed,0.5").teacher.workdir == "/tmp/us3l_demo_byol"
+
+
+def test_vit_cifar10_variants():
+    module = load_config_module("configs/vit_cifar10.py")
+    us3l = module.get_config("small")
+    config_lib.validate(us3l)
+    assert (us3l.model.name, us3l.optim.optimizer, us3l.optim.lr, us3l.optim.weight_decay,
+            us3l.optim.warmup_epochs, us3l.optim.epochs) == ("vit_small", "adamw", 3e-4, 0.1,
+                                                             40, 300)
+    m = build.method(us3l)
+    assert (m.base_loss, m.distill_loss, m.aux_head, m.aux_head_init, m.tau, m.group_size,
+            m.ema_schedule) == ("mocov3", "mocov3", "new", "copy", 0.2, None, "cosine")
+    assert build.sampler(us3l).schedule == "A"
+    assert build.backbone(us3l).image_size == 224
+    baseline = module.get_config("tiny,us_mocov3")
+    assert (baseline.method.aux_head, baseline.sampler.schedule) == ("shared", "none")
+    single = module.get_config("tiny,mocov3@0.25")
+    config_lib.validate(single)
+    assert build.teacher_width(single) == 0.25 and build.sampler(single).num_samples == 1
+    for bad in ("huge", "tiny,mocov2", "tiny,mocov3@x"):
+        with pytest.raises(ValueError, match="tiny|variant|number"):
+            module.get_config(bad)
+    with pytest.raises(config_lib.ConfigError, match="model.dim only applies to ViTs"):
+        c = config_lib.get_default()
+        c.model.dim = 64
+        config_lib.validate(c)
+    with pytest.raises(config_lib.ConfigError, match="model.slicing"):
+        us3l.model.slicing = "narrow"
+        config_lib.validate(us3l)
+    with pytest.raises(config_lib.ConfigError, match="reg_lambda=0"):
+        c = module.get_config("tiny")
+        c.optim.reg_lambda = 5e-5
+        config_lib.validate(c)

@@ -1,4 +1,4 @@
-"""Objectives against the reference's toy values (§12 items 7-9) and an independent numpy port
+"""Objectives against the official code's toy values and an independent numpy port
 of the official ``nt_xentv2`` (plain exp/log, as the PyTorch code)."""
 import math
 
@@ -35,7 +35,7 @@ def rng_draws():
 
 
 def test_identity_closed_form():
-    # §12 item 7: nt_xentv2(I_4, I_4, 0.5) = log(e² + 6) − 2.
+    # Official nt_xentv2(I_4, I_4, 0.5) = log(e² + 6) − 2.
     eye = jnp.eye(4)
     assert float(obj.nt_xent(eye, eye, 0.5)) == pytest.approx(0.5944377, abs=1e-6)
     for b in (2, 5, 16):
@@ -44,7 +44,7 @@ def test_identity_closed_form():
 
 
 def test_toy_values():
-    # §12 item 8 (D=2, B=2, τ=0.5).
+    # Official toy case (D=2, B=2, τ=0.5).
     assert float(obj.nt_xent(S1, T2, 0.5)) == pytest.approx(0.2395448, abs=1e-6)
     assert float(obj.infonce_distill(S1, S2, T1, T2, 0.5)) == pytest.approx(1.0948638, abs=1e-6)
     assert float(obj.neg_cosine(S1, S2, T1, T2)) == pytest.approx(-0.5, abs=1e-7)
@@ -58,7 +58,7 @@ def test_random_draw_values():
 
 
 def test_infonce_distill_is_cross_view_and_symmetric():
-    # §12 item 9: only (s1, t2) and (s2, t1); swapping the views leaves the value unchanged.
+    # Official: only (s1, t2) and (s2, t1); swapping the views leaves the value unchanged.
     a, b, c, d = rng_draws()
     got = float(obj.infonce_distill(a, b, c, d, 0.5))
     cross = 0.5 * (official_nt_xentv2(a, d, 0.5) + official_nt_xentv2(b, c, 0.5))

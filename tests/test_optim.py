@@ -1,5 +1,5 @@
-"""Grouped weight decay against the official GroupReg numbers (§12 item 10), the per-epoch
-cosine learning rate (§12 item 12) and SGD/LARS steps computed by hand."""
+"""Grouped weight decay against the official GroupReg numbers, the per-epoch
+cosine learning rate and SGD/LARS steps computed by hand."""
 import math
 
 import jax
@@ -12,13 +12,13 @@ from us3l_jax import optim
 
 LAM, ALPHA, G, E = 5e-5, 0.05, 8, 400
 SPE = 3  # steps per epoch in these tests
-# Final official per-group factors (reference §6), 8 channels per group for K = 64.
+# Final official per-group factors, 8 channels per group for K = 64.
 FACTORS_64 = np.repeat([1.0, 0.95, 0.90, 0.85, 0.80, 0.75, 0.70, 0.65], 8)
 
 
 def official_reg(params, factors):
     """R = Σ λ_i p² over a BN γ (grouped on axis 0), an HWIO conv (grouped on the output axis)
-    and a dense kernel (uniform), written out directly from the reference."""
+    and a dense kernel (uniform), written out directly from the official rule."""
     return (LAM * jnp.sum(factors * params["bn"]["scale"] ** 2)
             + LAM * jnp.sum(factors * params["conv"]["kernel"] ** 2)
             + LAM * jnp.sum(params["dense"]["kernel"] ** 2))
@@ -42,7 +42,7 @@ def group_tx():
 
 
 def test_official_totals():
-    # §12 item 10 at epoch >= 200: 2.64e-3 for a 64-ones BN γ, 1.52064 for the ones conv.
+    # Official values at epoch >= 200: 2.64e-3 for a 64-ones BN γ, 1.52064 for the ones conv.
     f = optim.group_decay_factors(64, G, ALPHA)
     np.testing.assert_allclose(f, FACTORS_64, atol=1e-12)
     assert LAM * f.sum() == pytest.approx(2.64e-3, rel=1e-9)
@@ -73,7 +73,7 @@ def test_conv_grouped_on_output_axis(group_tx):
 
 
 def test_alpha_ramp(group_tx):
-    # §12 item 10: epoch 0 uses exactly λ everywhere; epoch 100 of 400 (α_t = 0.025) gives a
+    # Official: epoch 0 uses exactly λ everywhere; epoch 100 of 400 (α_t = 0.025) gives a
     # last-group factor of 0.825; the factor is constant within an epoch.
     assert float(optim.alpha_schedule(ALPHA, 0, 0, E)) == 0.0
     assert float(optim.alpha_schedule(ALPHA, 100, 0, E)) == pytest.approx(0.025)
@@ -143,7 +143,7 @@ def test_count_drives_schedule_without_step():
 
 
 def test_lr_schedule():
-    # §12 item 12: US3L CIFAR, lr 0.5 over 400 epochs, stepped per epoch.
+    # Official US3L CIFAR, lr 0.5 over 400 epochs, stepped per epoch.
     lr = optim.cosine_lr(0.5, E, steps_per_epoch=98)
     assert float(lr(0)) == 0.5
     assert float(lr(200 * 98)) == pytest.approx(0.25, rel=1e-6)

@@ -1,5 +1,5 @@
-"""Params / MACs per width: the paper's Tables 6 and 12, the trained backbones (reference
-§2.5, §2.6, §12.4-5), XLA's own cost analysis, and the CLI."""
+"""Params / MACs per width: the paper's Tables 6 and 12, the trained backbones (the official
+code's counts), XLA's own cost analysis, and the CLI."""
 import functools
 import json
 
@@ -15,7 +15,7 @@ from us3l_jax.slim import SlimConv, SlimDense
 TINY = dict(base_width=16, stage_sizes=(1, 1, 1, 1))
 
 
-# Reference §2.6 / §12.5: thop-style counts at 224x224, 1000 classes.
+# Official: thop-style counts at 224x224, 1000 classes.
 @pytest.mark.parametrize("name,width,params,macs", [
     ("resnet50", 1.0, 25_557_032, 4_111_514_624),
     ("resnet50", 0.75, 14_771_992, 2_339_425_536),
@@ -40,7 +40,7 @@ def test_paper_tables_6_and_12(name, width, params, macs):
 
 
 def test_paper_convention_needs_bn_and_fc():
-    # Reference §2.6: conv + fc alone gives 4.089G for R-50; without the fc, 23.51M params.
+    # Official: conv + fc alone gives 4.089G for R-50; without the fc, 23.51M params.
     r = profile.profile("resnet50", 1.0)
     assert round((r["conv_macs"] + r["fc_macs"]) / 1e9, 3) == 4.089
     assert round((r["params"] - r["fc_params"]) / 1e6, 2) == 23.51
@@ -59,12 +59,12 @@ def test_trained_backbone_counts(name, widths, params):
     assert tuple(r["params"] for r in got) == params
     assert all(r["fc_params"] == r["fc_macs"] == r["bn_macs"] == r["pool_macs"] == 0
                for r in got)
-    if name == "cifar_resnet18":  # reference §2.5 conv MACs, to 0.1M
+    if name == "cifar_resnet18":  # conv MACs, to 0.1M
         assert [round(r["macs"] / 1e6, 1) for r in got] == [555.4, 312.8, 139.3, 60.4, 35.0]
 
 
 def test_mobilenet_v2_counts():
-    # Reference §2.6: plain MBv2 1.0x = 3,504,872 / 314.19M (same channels as the US model at
+    # Official: plain MBv2 1.0x = 3,504,872 / 314.19M (same channels as the US model at
     # 1.0); the US-MBv2 at 0.25x (make_divisible, 8-channel minimums) 1,519,112 / 41.82M.
     full, quarter = (profile.profile("mobilenet_v2", w) for w in (1.0, 0.25))
     assert full["params"] == 3_504_872 and round(full["macs"] / 1e6, 2) == 314.19
@@ -224,3 +224,26 @@ def test_cli_errors_are_one_line(argv, message, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_vit_counts_match_hand_count_and_parameter_trees():
+    from us3l_jax.models.vit import plain_vit
+    tiny = dict(dim=32, depth=2, heads=4, patch_size=4)
+    # Hand count, official slicing at 0.5 on 8x8 (4 patches + cls = 5 tokens): qkv/proj/fc1
+    # read md(16) = 16 inputs, fc2 reads md(64) = 64 hidden units, outputs full.
+    r = profile.profile("vit_tiny", 0.5, input_size=8, convention="backbone", **tiny)
+    block_params = (16 * 96 + 96) + (16 * 32 + 32) + (16 * 128 + 128) + (64 * 32 + 32)
+    params = (4 * 4 * 3 * 32 + 32) + 32 + 5 * 2 * 32 + 2 * block_params
+    block_macs = 5 * (16 * 96 + 16 * 32 + 16 * 128 + 64 * 32) + 2 * 25 * 32
+    assert r["params"] == params and r["macs"] == 4 * 48 * 32 + 2 * block_macs
+    assert r["attn_macs"] == 2 * 2 * 25 * 32  # unchanged by the width in official slicing
+    # Width 1.0 (both modes), and every embed width, count exactly the model's parameters.
+    x = jnp.zeros((1, 8, 8, 3))
+    for slicing, width in (("official", 1.0), ("embed", 1.0), ("embed", 0.5), ("embed", 0.25)):
+        model = models.create("vit_tiny", num_classes=10, slicing=slicing, **tiny)
+        net = model if width == 1.0 else plain_vit(model, width)
+        shapes = jax.eval_shape(net.init, jax.random.key(0), x)
+        n = sum(a.size for a in jax.tree.leaves(shapes))
+        got = profile.profile("vit_tiny", width, input_size=8, num_classes=10,
+                              slicing=slicing, **tiny)
+        assert got["params"] == n, (slicing, width)

@@ -1,10 +1,10 @@
-"""Width sampler: schedule "A" stages (§12 item 6), sandwich rule, determinism, grid mode and
+"""Width sampler: schedule "A" stages, sandwich rule, determinism, grid mode and
 the expected forward count (appendix Eq. 12)."""
 import pytest
 
 from us3l_jax import slim
 from us3l_jax.models import create
-from us3l_jax.sampling import (SamplerConfig, expected_forward_count, min_width, sample_widths,
+from us3l_jax.sampling import (SamplerConfig, expected_forward_count, first_sub_network_step, min_width, sample_widths,
                                stage)
 
 SPE = 98  # official CIFAR: 50000 / 512 without drop_last
@@ -65,7 +65,7 @@ def test_no_schedule_and_no_sandwich():
 
 
 def test_four_samples_without_duplicates():
-    # The official sandwich loop gives [max, max, r, r, min, min] for N = 4 (§5.1); we give 4.
+    # The official sandwich loop gives [max, max, r, r, min, min] for N = 4; we give 4.
     cfg = SamplerConfig(num_samples=4)
     for epoch in (100, 250, 350):
         for it in range(20):
@@ -117,6 +117,19 @@ def test_individual_mode():
     assert [sample_widths(cfg, s, SPE, TOTAL) for s in (0, TOTAL - 1)] == [(0.5,), (0.5,)]
     assert expected_forward_count(cfg, TOTAL, SPE) == TOTAL
     assert min_width(cfg, 0, SPE, TOTAL) == 0.5
+
+
+def test_first_sub_network_step():
+    """Where sub-networks first train (plain weight decay reaches their head from then on)."""
+    a = SamplerConfig()
+    # 400 epochs of 98 steps: stage 2 starts at epoch 100.
+    assert first_sub_network_step(a, 98, 400 * 98) == 100 * 98
+    assert len(sample_widths(a, 100 * 98 - 1, 98, 400 * 98)) == 1
+    assert len(sample_widths(a, 100 * 98, 98, 400 * 98)) == 3
+    assert first_sub_network_step(SamplerConfig(schedule=None), 98, 400 * 98) == 0
+    assert first_sub_network_step(SamplerConfig(schedule="gradual"), 98, 400 * 98) == 0
+    assert first_sub_network_step(SamplerConfig.individual(0.5), 98, 400 * 98) is None
+    assert first_sub_network_step(SamplerConfig(width_range=(1.0, 1.0)), 98, 400) is None
 
 
 def test_expected_forward_count():

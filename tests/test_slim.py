@@ -1,4 +1,4 @@
-"""Width arithmetic (reference §1.1, §2.4, §12.1) and the slimmable layers (§1.2-1.4)."""
+"""Width arithmetic and the slimmable layers."""
 import math
 
 import jax
@@ -19,7 +19,7 @@ def test_make_divisible_reference_table(v, expected):
 
 def test_make_divisible_float64_argument_order():
     # Channel counts must be computed in Python float64 with the official expression. The
-    # reference's example 160*0.275 is exactly 44.0 in float64 (it rounds to 48 either way);
+    # the official example 160*0.275 is exactly 44.0 in float64 (it rounds to 48 either way);
     # a real case is MobileNetV2's t6c160 expansion at w=0.525: (960*0.525)/6 is 84.0 in
     # float64 -> 88*6 = 528 hidden channels, but 83.99999 in float32 -> 80*6 = 480.
     assert slim.channels(160, 0.275) == 48
@@ -32,14 +32,14 @@ def test_make_divisible_float64_argument_order():
 
 
 def test_make_divisible_intervals():
-    # Exact result intervals listed in reference §1.1.
+    # Exact result intervals of the official rounding (docs/fidelity.md).
     for lo, hi, out in [(4, 8.88, 8), (8.89, 17.77, 16), (17.78, 26.66, 24),
                         (26.67, 35.55, 32), (35.56, 43.99, 40), (44, 51.99, 48)]:
         for v in np.linspace(lo, hi, 25):
             assert slim.make_divisible(float(v)) == out, v
 
 
-# Reference §2.4: md(c*w) for c in (64, 128, 256, 512, 1024, 2048).
+# Official: md(c*w) for c in (64, 128, 256, 512, 1024, 2048).
 CHANNEL_TABLE = {
     0.25: (16, 32, 64, 128, 256, 512),
     0.275: (16, 32, 72, 144, 280, 560),
@@ -64,12 +64,12 @@ def test_channel_table(w):
 
 
 def test_standard_widths_equal_int():
-    # Reference §1.1: at 0.25/0.5/0.75/1.0 make_divisible equals int() for the ResNet widths,
+    # Official: at 0.25/0.5/0.75/1.0 make_divisible equals int() for the ResNet widths,
     # which is why the paper's int-rounded profiles describe the trained networks...
     for c in (64, 128, 256, 512, 1024, 2048):
         for w in (0.25, 0.5, 0.75, 1.0):
             assert slim.channels(c, w) == int(c * w)
-    # ...but not for all MobileNetV2 widths (t6c24 at 0.5 has 16 outputs, reference §12.3).
+    # ...but not for all MobileNetV2 widths (t6c24 at 0.5 has 16 outputs).
     assert slim.channels(24, 0.5) == 16 != int(24 * 0.5)
 
 

@@ -37,7 +37,8 @@ def noisy_views(key, images):
 
 
 def make_trainer(method=MethodConfig(group_size=GROUP), lr=0.1, reg_lambda=5e-5,
-                 mesh=None, total_steps=20, dtype=jnp.float32, reduce_once=None, batch=BATCH):
+                 mesh=None, total_steps=20, dtype=jnp.float32, reduce_once=None, batch=BATCH,
+                 first_sub_step=0):
     bb = models.create("cifar_resnet18", base_width=16, stage_sizes=(1, 1, 1, 1),
                        bn_group_size=method.group_size, dtype=dtype)
     model = SSLModel(bb, proj_hidden=32, proj_out=16, head_hidden=32,
@@ -47,7 +48,8 @@ def make_trainer(method=MethodConfig(group_size=GROUP), lr=0.1, reg_lambda=5e-5,
     tx, schedule = optim.make_optimizer(lr, total_steps, reg_lambda=reg_lambda, reg_alpha=0.05)
     return Trainer(model, method, tx, noisy_views,
                    mesh or mesh_lib.make_mesh(jax.devices()[:1]), batch_size=batch,
-                   total_steps=total_steps, lr_schedule=schedule, reduce_once=reduce_once)
+                   total_steps=total_steps, lr_schedule=schedule, reduce_once=reduce_once,
+                   first_sub_step=first_sub_step)
 
 
 def make_images(seed=0, batch=BATCH):
@@ -76,7 +78,7 @@ assert_trees_close = chex.assert_trees_all_close
 
 
 def test_method_config_validation():
-    with pytest.raises(ValueError, match=r"base_loss='l2' is not one of \('infonce', 'mse'\)"):
+    with pytest.raises(ValueError, match=r"base_loss='l2' is not one of \('infonce', 'mse', 'seed', 'moco'\)"):
         MethodConfig(base_loss="l2")
     with pytest.raises(ValueError, match="distill_loss='kl' is not one of"):
         MethodConfig(distill_loss="kl")
@@ -123,7 +125,90 @@ def test_decay_groups_follow_official_groupreg():
     assert m.decay_groups(sub=False) == {"backbone", "projector"}
     assert m.decay_groups(sub=True) == {"backbone", "projector", "distill_head"}
     byol = MethodConfig(base_loss="mse", aux_head="new")
+    # GroupReg skips every predictor* at width 1.0, even the one the base loss uses.
+    assert byol.decay_groups(sub=False) == {"backbone", "projector"}
     assert byol.decay_groups(sub=True) == {"backbone", "projector", "predictor", "distill_head"}
+    assert m.late_decay_groups() == byol.late_decay_groups() == frozenset()
+
+
+def test_plain_weight_decay_groups_are_every_used_parameter():
+    """Official SGD weight decay: every parameter with a gradient so far, in every update."""
+    byol = MethodConfig(base_loss="mse", aux_head="none", distill_loss="none",
+                        decay_rule="weight_decay")
+    assert byol.decay_groups(sub=False) == {"backbone", "projector", "predictor"}
+    assert byol.late_decay_groups() == frozenset()
+    us = MethodConfig(base_loss="mse", aux_head="new", decay_rule="weight_decay")
+    assert us.late_decay_groups() == {"distill_head"}
+    flags = lambda step, first: {k: bool(v) for k, v in
+                                 train.decay_flags(us, False, jnp.int32(step), first).items()}
+    # The head's first gradient comes in iteration 3's sub-network updates: base-only updates
+    # decay it from iteration 4 on (never, when no iteration trains sub-networks).
+    assert flags(3, 3) == {"backbone": True, "projector": True, "predictor": True,
+                           "distill_head": False}
+    assert flags(4, 3)["distill_head"] and not flags(9, None)["distill_head"]
+    with pytest.raises(ValueError, match="decay_rule='l1' is not one of"):
+        MethodConfig(decay_rule="l1")
+
+
+def test_plain_weight_decay_shrinks_a_predictor_without_gradient(acc, images):
+    """Issue: baselines never decayed the predictor. With zero gradients an update is the
+    decay alone: weight_decay shrinks the predictor by lr * 2 lambda * p (first update),
+    group_reg leaves it (at the base width) exactly as it was."""
+    method = MethodConfig(base_loss="mse", aux_head="new", group_size=GROUP,
+                          decay_rule="weight_decay")
+    tx, _ = optim.make_optimizer(0.1, 20, reg_lambda=5e-5, reg_alpha=0.0)
+    bb = acc.model.backbone
+    model = SSLModel(bb, proj_hidden=32, proj_out=16, head_hidden=32, use_predictor=True,
+                     use_distill_head=True, bn_group_size=GROUP)
+    state = train.init_state(jax.random.key(0), model=model, method=method, tx=tx,
+                             view_spec=jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 3), jnp.float32))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def update(state, rule, first_sub_step):
+        m = MethodConfig(**{**method.__dict__, "decay_rule": rule})
+        return train._update(state, zeros, tx,
+                             train.decay_flags(m, False, state.step, first_sub_step))[0]
+
+    p0 = state.params["predictor"]["fc1"]["kernel"]
+    h0 = state.params["distill_head"]["fc1"]["kernel"]
+    new = update(state, "weight_decay", 0)  # step 0: the head has had no gradient yet
+    np.testing.assert_allclose(new.params["predictor"]["fc1"]["kernel"],
+                               p0 * (1 - 0.1 * 1e-4), rtol=1e-6)
+    np.testing.assert_array_equal(new.params["distill_head"]["fc1"]["kernel"], h0)
+    later = update(state.replace(step=jnp.int32(5)), "weight_decay", 0)
+    lr5 = float(optim.cosine_lr(0.1, 20)(5))
+    np.testing.assert_allclose(later.params["distill_head"]["fc1"]["kernel"],
+                               h0 * (1 - lr5 * 1e-4), rtol=1e-6)
+    gr = update(state, "group_reg", 0)
+    np.testing.assert_array_equal(gr.params["predictor"]["fc1"]["kernel"], p0)
+
+
+def test_per_width_plain_decay_reaches_the_head_in_later_base_updates(images):
+    """The programs apply the rule: with the head first trained in iteration 1, the base-only
+    update of iteration 2 decays it (group_reg would not)."""
+    method = MethodConfig(base_loss="mse", aux_head="new", group_size=GROUP,
+                          update_mode="per_width", decay_rule="weight_decay")
+    tr = make_trainer(method, first_sub_step=1)
+    state = tr.init_state(jax.random.key(6), images)
+    head0 = copy_state(state.params["distill_head"])
+    state, _ = tr.step(state, images, (1.0,))
+    assert_trees_close(state.params["distill_head"], head0, rtol=0, atol=0)
+    state, _ = tr.step(state, images, (1.0, 0.5))
+    s1 = copy_state(state)
+    state, _ = tr.step(state, images, (1.0,))
+    zeros = jax.tree.map(jnp.zeros_like, s1.params)  # the head's gradient in a base update
+
+    def head_after(decay_head):
+        mask = {k: jax.tree.map(lambda _, on=(k != "distill_head" or decay_head): on, v)
+                for k, v in s1.params.items()}
+        u, _ = tr.tx.update(zeros, s1.opt_state, s1.params, step=2, decay_mask=mask)
+        return optax.apply_updates(s1.params, u)["distill_head"]
+
+    assert_trees_close(state.params["distill_head"], head_after(True), rtol=1e-6, atol=1e-9)
+    with pytest.raises(AssertionError):
+        assert_trees_close(state.params["distill_head"], head_after(False), rtol=1e-6,
+                           atol=1e-9)
 
 
 def test_ema_momentum_schedules():
@@ -239,7 +324,7 @@ def test_unused_head_is_untouched_until_first_used(acc, images):
 
 
 def test_base_loss_is_infonce_against_the_teacher(acc, images):
-    """US3L base loss (reference §4.3): NT-Xent of online z against the other view's teacher z."""
+    """US3L base loss: NT-Xent of online z against the other view's teacher z."""
     state = acc.init_state(jax.random.key(4), images)
     v1, v2 = noisy_views(jax.random.key(5), images)
     model = acc.model

@@ -37,6 +37,11 @@ def _model_kwargs(config: Config) -> dict[str, Any]:
         kw["base_width"] = int(m.base_width)
     if m.stage_sizes is not None:
         kw["stage_sizes"] = tuple(int(s) for s in m.stage_sizes)
+    for key in ("dim", "depth", "heads", "patch_size", "slicing", "stop_grad_patch"):
+        if m[key] is not None:
+            kw[key] = m[key]
+    if m.name in models.VIT_NAMES:  # the size the torch-layout pos_embed is written for
+        kw["image_size"] = view_recipe(config)[0].size
     return kw
 
 
@@ -78,6 +83,18 @@ def optimizer(config: Config, steps_per_epoch: int
               ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
     """(optax transform, lr schedule as a function of the iteration)."""
     o = config.optim
+    if o.optimizer == "adamw":  # MoCo v3: per-iteration schedule, decoupled weight decay
+        if o.reg_lambda:
+            raise ValueError(f"optim.optimizer='adamw' uses optim.weight_decay; set "
+                             f"optim.reg_lambda=0 (got {o.reg_lambda})")
+        return optim.make_adamw(o.lr, o.epochs * steps_per_epoch,
+                                warmup_steps=o.warmup_epochs * steps_per_epoch,
+                                weight_decay=o.weight_decay)
+    if o.optimizer != "sgd":
+        raise ValueError(f"optim.optimizer={o.optimizer!r} is not one of ('sgd', 'adamw')")
+    if o.weight_decay:
+        raise ValueError("optim.weight_decay is AdamW's; SGD's decay is optim.reg_lambda "
+                         f"(got weight_decay={o.weight_decay})")
     per_epoch = o.schedule_unit == "epoch"
     unit = (lambda epochs: epochs) if per_epoch else (lambda epochs: epochs * steps_per_epoch)
     return optim.make_optimizer(
@@ -95,7 +112,8 @@ def is_streaming(config: Config) -> bool:
 
 def view_recipe(config: Config) -> tuple[augment.ViewConfig, augment.ViewConfig]:
     """The two SSL view recipes: ``cifar`` (no blur), ``imagenet`` (blur 0.5, 224), ``byol``
-    (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2), ``none`` (full crop, no colour ops,
+    (asymmetric blur 1.0/0.1 and solarize 0.2 on view 2; ``byol_cifar``: the same with CIFAR
+    mean/std, as the official ViT runs), ``none`` (full crop, no colour ops,
     no flip: for debugging), at ``config.data.image_size`` when set."""
     name = config.data.augment
     if name == "cifar":
@@ -104,6 +122,9 @@ def view_recipe(config: Config) -> tuple[augment.ViewConfig, augment.ViewConfig]
         recipe = augment.IMAGENET_SSL, augment.IMAGENET_SSL
     elif name == "byol":
         recipe = augment.BYOL_VIEW1, augment.BYOL_VIEW2
+    elif name == "byol_cifar":  # the official ViT runs: BYOL views, CIFAR mean/std
+        recipe = tuple(dataclasses.replace(v, mean=augment.CIFAR_MEAN, std=augment.CIFAR_STD)
+                       for v in (augment.BYOL_VIEW1, augment.BYOL_VIEW2))
     else:
         v = augment.ViewConfig(scale=(1.0, 1.0), ratio=(1.0, 1.0), jitter_p=0.0,
                                grayscale_p=0.0, flip_p=0.0)
@@ -172,12 +193,26 @@ def teacher_width(config: Config) -> float:
     return config.sampler.individual_width or config.sampler.width_range[1]
 
 
-def trainer(config: Config, mesh: Mesh, steps_per_epoch: int) -> Trainer:
+def trainer(config: Config, mesh: Mesh, steps_per_epoch: int,
+            frozen_teacher: Any = None) -> Trainer:
+    """The run's trainer; SEED / SEED-MSE / MoCo v2 get ``BaselineTrainer``, SEED with
+    ``frozen_teacher`` (``us3l_jax.teacher.load(config)``, which builds models through this
+    module and so is loaded by the caller)."""
     tx, lr = optimizer(config, steps_per_epoch)
-    return Trainer(model(config), method(config), tx, views_fn(config), mesh,
-                   batch_size=config.optim.batch_size,
-                   total_steps=config.optim.epochs * steps_per_epoch,
-                   teacher_width=teacher_width(config), lr_schedule=lr)
+    m = method(config)
+    total = config.optim.epochs * steps_per_epoch
+    kw = dict(batch_size=config.optim.batch_size, total_steps=total,
+              teacher_width=teacher_width(config), lr_schedule=lr,
+              first_sub_step=sampling.first_sub_network_step(sampler(config), steps_per_epoch,
+                                                             total))
+    if m.is_single_width_baseline:
+        from us3l_jax import baseline_train
+        if (m.teacher == "frozen") != (frozen_teacher is not None):
+            raise ValueError("a frozen teacher (us3l_jax.teacher.load(config)) is needed "
+                             "exactly when config.method.teacher='frozen'")
+        return baseline_train.BaselineTrainer(model(config), m, tx, views_fn(config), mesh,
+                                              teacher=frozen_teacher, **kw)
+    return Trainer(model(config), m, tx, views_fn(config), mesh, **kw)
 
 
 def abstract_state(config: Config, mesh: Mesh | None = None) -> TrainState:

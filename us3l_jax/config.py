@@ -22,8 +22,9 @@ from us3l_jax.build import DTYPES
 from us3l_jax.data import datasets
 from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper
 from us3l_jax.method import MethodConfig
+from us3l_jax.models import vit as vit_lib
 from us3l_jax.models.heads import PROJECTOR_STYLES
-AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "none")
+AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "byol_cifar", "none")
 PROTOCOLS = ("fast", "knn", "paper")
 
 
@@ -47,7 +48,7 @@ def _from_dataclass(obj, exclude: tuple[str, ...] = ()) -> ml_collections.Config
 
 
 def get_default() -> ml_collections.ConfigDict:
-    """US3L on CIFAR-100 with ResNet-18 (paper Table 2 recipe; reference §7.2, first row)."""
+    """US3L on CIFAR-100 with ResNet-18 (paper Table 2 recipe, as the official CIFAR ResNet-18 config)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -56,6 +57,14 @@ def get_default() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.base_width = config_dict.placeholder(int)  # ResNet only: stage planes base*(1,2,4,8)
     c.model.stage_sizes = config_dict.placeholder(tuple)  # ResNet only: blocks per stage
+    # ViT only (None: the named model's value): sizes, patch, "official"/"embed" slicing and
+    # the frozen patch embedding (MoCo v3's --stop-grad-conv1).
+    c.model.dim = config_dict.placeholder(int)
+    c.model.depth = config_dict.placeholder(int)
+    c.model.heads = config_dict.placeholder(int)
+    c.model.patch_size = config_dict.placeholder(int)
+    c.model.slicing = config_dict.placeholder(str)
+    c.model.stop_grad_patch = config_dict.placeholder(bool)
 
     c.heads = ml_collections.ConfigDict()
     c.heads.proj_hidden = 2048
@@ -72,6 +81,14 @@ def get_default() -> ml_collections.ConfigDict:
     # Random widths from a grid of this step (deduplicated by channel configuration), which
     # bounds the number of compiled programs; None draws continuously as the paper.
     c.sampler.grid_step = config_dict.placeholder(float)
+
+    # The frozen teacher of SEED / SEED-MSE (method.teacher='frozen'): a pretrained run's
+    # workdir, its checkpoint step (None: the latest) and the width it runs at (None: the width
+    # it was trained at, or its range's maximum).
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.workdir = config_dict.placeholder(str)
+    c.teacher.step = config_dict.placeholder(int)
+    c.teacher.width = config_dict.placeholder(float)
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar100"
@@ -100,6 +117,10 @@ def get_default() -> ml_collections.ConfigDict:
     c.optim.reg_warmup_epochs = 0
     c.optim.reg_rule = "official"
     c.optim.lars = False
+    # "sgd" (the CNN recipes above) or "adamw" (MoCo v3 ViTs: per-iteration warm-up + cosine,
+    # decoupled weight_decay; reg_lambda must then be 0).
+    c.optim.optimizer = "sgd"
+    c.optim.weight_decay = 0.0
 
     c.train = ml_collections.ConfigDict()
     c.train.log_every_steps = 20
@@ -122,16 +143,21 @@ def get_default() -> ml_collections.ConfigDict:
     c.eval.calibration_batches = 100
     c.eval.batch_size = 512
     c.eval.paper_row = config_dict.placeholder(str)  # e.g. "table2/resnet18/ours"
-    # BN calibration (us3l_jax.evaluate.calibrate): "cumulative" = exact statistics over all
-    # calibration batches (US-Net); "ema" = the official momentum-0.1 running averages.
+    # BN calibration (us3l_jax.evaluate.calibrate): a named procedure, "official_cifar" or
+    # "official_imagenet" (what the paper's numbers used), or "custom": the fields below.
+    c.eval.calibration = "custom"
+    # "cumulative" = exact statistics over all calibration batches (US-Net); "ema" = the
+    # official momentum-0.1 running averages.
     c.eval.calibration_mode = "cumulative"
+    c.eval.calibration_batch_size = config_dict.placeholder(int)  # None: eval.batch_size
     # Calibration inputs: "linear_train" (the linear-eval training crops, as the official CIFAR
-    # path) or "none" (the deterministic eval transform).
+    # path), "ssl" (the pretraining views, as the official ImageNet calibration run) or "none"
+    # (the deterministic eval transform).
     c.eval.calibration_augment = "linear_train"
     c.eval.online_calibration_batches = 10  # smaller budget for the online probe
     c.eval.knn_k = 200
     c.eval.knn_temperature = 0.1
-    # Paper-protocol recipe: "auto" (ImageNet: LARS/cosine/60 ep, reference 9.3; transfer sets:
+    # Paper-protocol recipe: "auto" (ImageNet: LARS/cosine/60 ep; transfer sets:
     # batch 256, 9.4; otherwise CIFAR: SGD lr 30, 100 ep, x0.1 at 60/80, 9.2), or "cifar",
     # "transfer", "imagenet". linear_epochs overrides the epochs (milestones scale with it).
     c.eval.linear_recipe = "auto"
@@ -189,6 +215,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             ("allow", "log", "disallow", "log_explicit", "disallow_explicit"))
     _choice("eval.online_protocol", config.eval.online_protocol, ("fast", "knn"))
     _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
+    _choice("eval.calibration", config.eval.calibration, calibrate_lib.PRESETS)
     _choice("eval.calibration_mode", config.eval.calibration_mode, calibrate_lib.MODES)
     _choice("eval.calibration_augment", config.eval.calibration_augment,
             calibrate_lib.AUGMENTS)
@@ -230,6 +257,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if needed and not config[section][key]:
             raise ConfigError(f"config.{path} is empty; give at least one width, e.g. "
                               f"(1.0, 0.5, 0.25)")
+    _choice("optim.optimizer", config.optim.optimizer, ("sgd", "adamw"))
+    if config.model.name not in models.VIT_NAMES:
+        for key in ("dim", "depth", "heads", "patch_size", "slicing", "stop_grad_patch"):
+            if config.model[key] is not None:
+                raise ConfigError(f"config.model.{key} only applies to ViTs "
+                                  f"{models.VIT_NAMES}, not {config.model.name!r}")
+    elif config.model.slicing is not None:
+        _choice("model.slicing", config.model.slicing, vit_lib.SLICINGS)
     try:
         method = build.method(config)
     except ValueError as e:
@@ -244,6 +279,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             backbone.feature_dim(w)
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
+    lo = min(config.sampler.width_range)
+    for c, ratio in backbone.slim_dims():
+        if slim.channels(c, lo, ratio) > c:
+            raise ConfigError(
+                f"config.model: a layer of {c} channels at width {lo} needs "
+                f"{slim.channels(c, lo, ratio)} under the official rounding (multiples of 8, "
+                f"never 10% below), more than it has; use a larger model.base_width (16 or more "
+                f"for width 0.25) or a larger sampler.width_range[0]")
     if sampler.individual_width is not None:
         try:
             slim.validate_width(sampler.individual_width, sampler.width_range[0])
@@ -257,11 +300,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
             except ValueError as e:
                 raise ConfigError(f"config.{path}: {e} (the trained range is "
                                   f"{tuple(config.sampler.width_range)})") from None
+    if method.decay_rule == "weight_decay" and config.optim.reg_alpha != 0:
+        raise ConfigError(
+            f"config.method.decay_rule='weight_decay' is plain weight decay, but "
+            f"config.optim.reg_alpha={config.optim.reg_alpha}: set reg_alpha=0, or use "
+            f"decay_rule='group_reg' for group regularization")
+    _validate_baseline(config, method, sampler)
     g = method.group_size
     if g is not None and config.optim.batch_size % g:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
                           f"multiple of config.method.group_size={g}; use e.g. "
                           f"{_nearest_multiple(config.optim.batch_size, g)}")
+                          f"multiple of config.method.group_size={g}")
+    cal_batch = config.eval.calibration_batch_size
+    if cal_batch is not None:
+        _positive("eval.calibration_batch_size", cal_batch)
+        if g is not None and cal_batch % g:
+            raise ConfigError(f"config.eval.calibration_batch_size={cal_batch} is not a "
+                              f"multiple of config.method.group_size={g} (calibration "
+                              f"normalises per group, as pretraining)")
     if config.optim.warmup_epochs >= config.optim.epochs:
         raise ConfigError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be "
                           f"below config.optim.epochs={config.optim.epochs}")
@@ -273,6 +330,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
         build.optimizer(config, steps_per_epoch=1)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
+
+
+def _validate_baseline(config: ml_collections.ConfigDict, method: MethodConfig,
+                       sampler) -> None:
+    """SEED / SEED-MSE / MoCo v2: one width per run, a teacher run, whole batches per queue."""
+    if not method.is_single_width_baseline:
+        return
+    if sampler.individual_width is None:
+        raise ConfigError(f"config.method.base_loss={method.base_loss!r} with teacher="
+                          f"{method.teacher!r} trains one width: set "
+                          f"config.sampler.individual_width")
+    if method.teacher == "frozen" and not config.teacher.workdir:
+        raise ConfigError("config.teacher.workdir must name the workdir of a pretrained "
+                          "teacher run (method.teacher='frozen')")
+    if method.queue_size and method.queue_size % config.optim.batch_size:
+        raise ConfigError(f"config.method.queue_size={method.queue_size} must be a multiple "
+                          f"of config.optim.batch_size={config.optim.batch_size}")
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

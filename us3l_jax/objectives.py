@@ -1,7 +1,8 @@
-"""SSL objectives of US3L: NT-Xent, InfoNCE distillation and negative cosine (reference §4).
+"""SSL objectives of US3L: NT-Xent, InfoNCE distillation and negative cosine.
 
-Pure functions on arrays. All math runs in float32 whatever the input dtype, and the
-contrastive losses use log-sum-exp (the official code uses plain exp/log, which overflows for
+Pure functions on arrays (how they relate to the official losses: docs/fidelity.md,
+"Losses"). All math runs in float32 whatever the input dtype, and the contrastive losses use
+log-sum-exp (the official code uses plain exp/log, which overflows for
 small temperatures; the values agree otherwise).
 
 Negatives can be restricted to groups of ``group_size`` consecutive examples: the batch is
@@ -10,7 +11,7 @@ over groups. The official CNN code computes its losses per GPU (128 examples, no
 so ``group_size=128`` reproduces it on any number of devices; ``None`` uses the whole batch.
 
 Nothing here stops gradients: callers pass ``jax.lax.stop_gradient(teacher)`` where the
-reference detaches (momentum-teacher outputs, SimSiam/BYOL targets).
+official code detaches (momentum-teacher outputs, SimSiam/BYOL targets).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# Names accepted by the lookups; "mse" is the paper's name for the negative cosine (§4.5).
+# Names accepted by the lookups; "mse" is the paper's name for the negative cosine.
 
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize
 _COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity
@@ -63,7 +64,7 @@ def _groups(batch: int, group_size: int | None) -> int:
 
 
 def nt_xent(a: Array, b: Array, tau: float, group_size: int | None = None) -> Array:
-    """NT-Xent with the official ``nt_xentv2`` semantics (reference §4.1).
+    """NT-Xent with the official ``nt_xentv2`` semantics.
 
     Rows of ``a`` and ``b`` (B, D) are L2-normalised and stacked to X = [n(a); n(b)] (2B rows).
     Row i's positive is its partner in the other half; its denominator sums over all 2B−1 other
@@ -90,13 +91,13 @@ def nt_xent(a: Array, b: Array, tau: float, group_size: int | None = None) -> Ar
 
 
 def simclr_infonce(z1: Array, z2: Array, tau: float, group_size: int | None = None) -> Array:
-    """SimCLR base loss (``InfoNCEv2``, reference §4.2): NT-Xent between the two online views."""
+    """SimCLR base loss (``InfoNCEv2``): NT-Xent between the two online views."""
     return nt_xent(z1, z2, tau, group_size)
 
 
 def infonce_distill(s1: Array, s2: Array, t1: Array, t2: Array, tau: float,
                     group_size: int | None = None) -> Array:
-    """``InfoNCEv2_distill`` (reference §4.3): ½[NT-Xent(s1, t2) + NT-Xent(s2, t1)].
+    """``InfoNCEv2_distill``: ½[NT-Xent(s1, t2) + NT-Xent(s2, t1)].
 
     Cross-view pairs only (student view v against teacher view u ≠ v). This is the US3L base
     loss (students = online max-width outputs, teachers = momentum-encoder outputs) and the
@@ -106,13 +107,38 @@ def infonce_distill(s1: Array, s2: Array, t1: Array, t2: Array, tau: float,
     return 0.5 * (nt_xent(s1, t2, tau, group_size) + nt_xent(s2, t1, tau, group_size))
 
 
+def moco_v3_contrast(q: Array, k: Array, tau: float, group_size: int | None = None) -> Array:
+    """MoCo v3's ``contrastive_loss``: cross-entropy of the logits n(q)·n(k)ᵀ/τ with the
+    positive on the diagonal (query i against key i; the other keys are negatives), times 2τ.
+    Keys from the **whole batch** (``group_size=None``) equal the official all-gathered keys:
+    the official per-GPU losses over local queries against all keys, averaged by DDP, are the
+    mean over all queries. A ``group_size`` splits the batch into independent problems."""
+    _check_tau(tau)
+    q, k = jnp.asarray(q), jnp.asarray(k)
+    _check_pair(q, k, "moco_v3_contrast")
+    batch, dim = q.shape
+    g = _groups(batch, group_size)
+    qn = l2_normalize(q).reshape(batch // g, g, dim)
+    kn = l2_normalize(k).reshape(batch // g, g, dim)
+    logits = jnp.einsum("nid,njd->nij", qn, kn, precision=jax.lax.Precision.HIGHEST) / tau
+    pos = jnp.sum(qn * kn, axis=-1) / tau
+    return 2.0 * tau * jnp.mean(jax.nn.logsumexp(logits, axis=-1) - pos)
+
+
+def moco_v3(q1: Array, q2: Array, k1: Array, k2: Array, tau: float,
+            group_size: int | None = None) -> Array:
+    """The symmetric MoCo v3 loss ctr(q1, k2) + ctr(q2, k1) (a sum, as the official code):
+    the base loss of MoCo v3 and, with students' queries, the ViT US3L distillation loss."""
+    return moco_v3_contrast(q1, k2, tau, group_size) + moco_v3_contrast(q2, k1, tau, group_size)
+
+
 def _cosine(x: Array, y: Array) -> Array:
     """Row-wise cosine similarity, each norm clamped at 1e-8 (``nn.CosineSimilarity(dim=1)``)."""
     return jnp.sum(l2_normalize(x, _COSINE_EPS) * l2_normalize(y, _COSINE_EPS), axis=-1)
 
 
 def neg_cosine(p1: Array, p2: Array, t1: Array, t2: Array) -> Array:
-    """The paper's "MSE" loss, really −cos (reference §4.5): −½[mean cos(p2, t1) + mean cos(p1, t2)].
+    """The paper's "MSE" loss, really −cos: −½[mean cos(p2, t1) + mean cos(p1, t2)].
 
     Cross-view pairs only; range [−1, 1]. (The true MSE of normalised vectors, 2 − 2cos, has
     twice this gradient; the official learning rates assume this convention.)
@@ -132,3 +158,39 @@ def embedding_std(z: Array) -> Array:
     if z.ndim != 2:
         raise ValueError(f"embedding_std needs a (batch, dim) array, got shape {z.shape}")
     return jnp.mean(jnp.std(l2_normalize(z), axis=0))
+
+
+def _queue_logits(x: Array, pos: Array, queue: Array, tau: float) -> Array:
+    """[x·pos, x·queue_1, ..., x·queue_K] / tau for L2-normalised rows (B, 1 + K)."""
+    l_pos = jnp.sum(x * pos, axis=-1, keepdims=True)
+    l_neg = jnp.einsum("nd,kd->nk", x, jnp.asarray(queue, jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([l_pos, l_neg], axis=1) / tau
+
+
+def seed_distill(student: Array, teacher: Array, queue: Array, tau_student: float,
+                 tau_teacher: float) -> Array:
+    """SEED's loss: soft cross-entropy between the teacher's and the student's similarity
+    distributions over [the teacher embedding, the K queued teacher embeddings].
+
+    Both embeddings are L2-normalised; the student's logits are [s·t, s·Q] / tau_student, the
+    teacher's target is softmax([t·t, t·Q] / tau_teacher) (detached by the caller). Returns
+    −Σ p_teacher · log_softmax(student logits), averaged over the batch.
+    """
+    _check_tau(tau_student)
+    _check_tau(tau_teacher)
+    _check_pair(jnp.asarray(student), jnp.asarray(teacher), "seed_distill")
+    s, t = l2_normalize(student), l2_normalize(teacher)
+    p_teacher = jax.nn.softmax(_queue_logits(t, t, queue, tau_teacher), axis=-1)
+    log_p_student = jax.nn.log_softmax(_queue_logits(s, t, queue, tau_student), axis=-1)
+    return -jnp.mean(jnp.sum(p_teacher * log_p_student, axis=-1))
+
+
+def moco_infonce(q: Array, k: Array, queue: Array, tau: float) -> Array:
+    """MoCo v2's loss: cross-entropy of logits [q·k, q·Q] / tau with the positive key at index
+    0, averaged over the batch (q, k L2-normalised here; k and the queue detached by the
+    caller)."""
+    _check_tau(tau)
+    _check_pair(jnp.asarray(q), jnp.asarray(k), "moco_infonce")
+    logits = _queue_logits(l2_normalize(q), l2_normalize(k), queue, tau)
+    return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])

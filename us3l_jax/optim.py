@@ -1,4 +1,5 @@
-"""Grouped weight decay (paper §3.2.3, reference §6) and the SGD/LARS optimizer (reference §7).
+"""Grouped weight decay (paper §3.2.3) and the SGD/LARS optimizer; where the official code
+differs from the paper: docs/fidelity.md, "Group regularization" and "Weight decay".
 
 Group regularization gives the trailing channels of a layer — used only by wide sub-networks —
 a smaller L2 coefficient: channel group i of G gets λ_i = λ·(1 − α_t·i). The official code adds
@@ -152,8 +153,8 @@ def grouped_weight_decay(
       groups: G, number of channel groups (8).
       warmup, total: α ramp (``alpha_schedule``) in epochs if ``steps_per_epoch`` is given
         (official), else in steps.
-      mask: pytree of Python bools (or a function of params giving one): True = regularized. The
-        momentum teacher is not an optimizer parameter at all, so needs no mask. ``update``
+      mask: pytree of Python bools (or a function of params giving one): True = regularized;
+        a leaf may also be a scalar bool array, decided on device. The momentum teacher is not an optimizer parameter at all, so needs no mask. ``update``
         also takes ``decay_mask=`` to override it for one call (e.g. to leave the auxiliary
         head out at width 1.0, as the official code does).
       rule: "official" or "paper" channel grouping (``group_indices``).
@@ -179,9 +180,7 @@ def grouped_weight_decay(
         masks = _resolve_mask(mask if decay_mask is None else decay_mask, params)
 
         def decay(u, p, m):
-            if isinstance(m, jax.core.Tracer):
-                raise TypeError("decay masks must hold Python bools (static), not traced arrays")
-            if not m:
+            if isinstance(m, (bool, np.bool_)) and not m:
                 return u
             axis = group_axis(p.shape) if alpha != 0 else None
             if axis is None:
@@ -191,7 +190,10 @@ def grouped_weight_decay(
                 shape = [1] * p.ndim
                 shape[axis] = p.shape[axis]
                 coef = 2.0 * lam * (1.0 - alpha_t * jnp.asarray(idx.reshape(shape)))
-            return u + (coef * p).astype(u.dtype)
+            term = coef * p
+            if not isinstance(m, (bool, np.bool_)):  # decided on device (a scalar bool array)
+                term = jnp.where(m, term, 0.0)
+            return u + term.astype(u.dtype)
 
         new = jax.tree.map(decay, updates, params, masks)
         return new, CountState(count=optax.safe_increment(state.count))
@@ -295,3 +297,38 @@ def make_optimizer(
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     parts.append(scale_by_schedule_at(schedule))
     return optax.chain(*parts), schedule
+
+
+def make_adamw(
+    base_lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    decay_mask: MaskOrFn = None,
+) -> tuple[optax.GradientTransformationExtraArgs, Schedule]:
+    """AdamW as ``torch.optim.AdamW`` (decoupled decay: p ← p − lr·(adam + wd·p)) with MoCo
+    v3's per-iteration schedule: linear warm-up from 0 over ``warmup_steps``, then cosine to 0
+    at ``total_steps``. ``tx.update`` takes ``step=`` (schedule time) and ``decay_mask=`` like
+    ``make_optimizer``. Adam's moments and bias correction count updates, as PyTorch's do
+    (several per iteration in the per-width mode)."""
+    total_steps = _check_positive_int("total_steps", total_steps)
+    if isinstance(warmup_steps, bool) or not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"warmup_steps must be an integer in [0, {total_steps}), got "
+                         f"{warmup_steps!r}")
+    if not base_lr > 0:
+        raise ValueError(f"base learning rate must be > 0, got {base_lr!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, base_lr, int(warmup_steps),
+                                                  total_steps, end_value=0.0)
+    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    if weight_decay:
+        # grouped_weight_decay with alpha 0 adds 2·lam·p = wd·p and honours decay_mask=.
+        parts.append(grouped_weight_decay(weight_decay / 2.0, 0.0, total=total_steps,
+                                          mask=decay_mask))
+    parts.append(scale_by_schedule_at(lambda t: schedule(t).astype(jnp.float32)))
+    return optax.chain(*parts), lambda t: schedule(t).astype(jnp.float32)

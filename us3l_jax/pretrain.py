@@ -73,8 +73,12 @@ def setup(config, mesh=None) -> Run:
         raise config_lib.ConfigError(
             f"config.optim.batch_size={config.optim.batch_size} is larger than the "
             f"{config.data.dataset} training split")
+    frozen = None
+    if build.method(config).teacher == "frozen":  # SEED: another run's network
+        from us3l_jax import teacher as teacher_lib
+        frozen = teacher_lib.load(config)
     return Run(config=config, mesh=mesh, data=data,
-               trainer=build.trainer(config, mesh, data.steps_per_epoch),
+               trainer=build.trainer(config, mesh, data.steps_per_epoch, frozen),
                sampler=build.sampler(config), steps_per_epoch=data.steps_per_epoch,
                total_steps=config.optim.epochs * data.steps_per_epoch)
 
@@ -303,6 +307,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     try:
         if ckpt.all_steps():
             checkpointing.check_config_change(workdir, config, allow_config_change)
+        frozen = getattr(trainer, "teacher", None)
+        if frozen is not None:  # SEED: record the teacher, or check it is the recorded one
+            from us3l_jax import teacher as teacher_lib
+            teacher_lib.record(workdir, frozen)
         try:
             found = ckpt.restore_latest(trainer.abstract_state(run.image_spec),
                                         move_corrupt=True)

@@ -4,13 +4,13 @@ The model's forward at the width is traced abstractly (``jax.eval_shape``, nothi
 while ``flax.linen.intercept_methods`` records every conv / BN / dense call with its input and
 output shapes, so the counts follow the architecture code itself. Two conventions:
 
-* ``paper`` (default) reproduces the paper's Tables 6 and 12 (reference §2.6): thop's classic
+* ``paper`` (default) reproduces the paper's Tables 6 and 12: thop's classic
   hooks on a plain network with a ``num_classes`` classifier. Params = conv + BN affine +
   classifier weight and bias. MACs = conv (+1 per output for a conv bias) + classifier
   (in x out) + BN 2 x (elements of its input) + global average pool (H*W + 1) x C.
   ReLU and max-pool count 0. At 1.0/0.75/0.5/0.25 the slimmable channels (make_divisible)
   equal the paper's int(c*w).
-* ``backbone``: the sliced backbone actually trained (reference §2.5): params = conv + BN
+* ``backbone``: the sliced backbone actually trained: params = conv + BN
   affine, MACs = conv only; no classifier.
 
 CLI: ``python -m us3l_jax.profile --model=resnet50 --widths=1.0,0.75,0.5,0.25
@@ -44,7 +44,7 @@ PAPER_FIGURES: dict[tuple[str, float], tuple[str, str]] = {
     ("resnet18", 0.5): ("3.06M", "0.49G"), ("resnet18", 0.25): ("0.83M", "0.14G"),
 }
 PAPER_NOTES: dict[tuple[str, float], str] = {
-    ("resnet50", 1.0): "paper's 22.56M is a typo for 25.56M (reference 2.6)",
+    ("resnet50", 1.0): "paper's 22.56M is a typo for 25.56M",
     ("resnet18", 1.0): "paper's MACs cell is garbled ('1'); 1.82G expected",
 }
 
@@ -121,6 +121,36 @@ def count(layers: Sequence[Layer], convention: str = "paper") -> dict[str, int]:
     return c
 
 
+def vit_count(model: Any, width: float, input_size: int,
+              num_classes: int | None = None) -> dict[str, int]:
+    """Params and MACs of a slimmable ViT at ``width`` for one image, from the sizes its
+    forward uses (``VisionTransformer.dims``). Params: patch embedding, class token, every
+    LayerNorm's affine, the block Linears as sliced at this width (official: inputs only;
+    embed: inputs and outputs), the head if ``num_classes``; the fixed position table is not
+    a parameter. MACs: the patch embedding, each Linear (tokens x in x out), and attention
+    (q kᵀ and attn·v: 2 x tokens² x heads x head_dim per block) at the heads computed; the
+    head. LayerNorm, softmax, GELU and biases count 0 MACs."""
+    d = model.dims(width)
+    p = model.patch_size
+    if input_size % p:
+        raise ValueError(f"input_size {input_size} is not divisible by the patch {p}")
+    patches = (input_size // p) ** 2
+    n = patches + 1
+    qkv_out = 3 * d.heads * (model.dim // model.heads)
+    linears = [(d.block_in, qkv_out), (d.block_in, d.embed), (d.block_in, d.hidden),
+               (d.fc2_in, d.embed)]
+    c = dict(patch_params=p * p * 3 * d.embed + d.embed, patch_macs=patches * p * p * 3 * d.embed,
+             norm_params=(2 * model.depth + 1) * 2 * d.embed, token_params=d.embed)
+    c["linear_params"] = model.depth * sum(i * o + o for i, o in linears)
+    c["linear_macs"] = model.depth * n * sum(i * o for i, o in linears)
+    c["attn_macs"] = model.depth * 2 * n * n * qkv_out // 3
+    c["fc_params"] = d.embed * num_classes + num_classes if num_classes else 0
+    c["fc_macs"] = d.embed * num_classes if num_classes else 0
+    c["params"] = sum(v for k, v in c.items() if k.endswith("_params"))
+    c["macs"] = sum(v for k, v in c.items() if k.endswith("_macs"))
+    return c
+
+
 def profile(name: str, width: float, input_size: int = 224, num_classes: int | None = 1000,
             convention: str = "paper", in_channels: int = 3, **model_kw: Any) -> dict[str, Any]:
     """Params and MACs of backbone ``name`` at ``width`` for one ``input_size`` image.
@@ -139,6 +169,10 @@ def profile(name: str, width: float, input_size: int = 224, num_classes: int | N
     classes = num_classes if convention == "paper" else None
     model = models.create(name, num_classes=classes, **model_kw)
     width = slim.validate_width(width, model.min_width)
+    if name in models.VIT_NAMES:
+        return dict(name=name, width=width, input_size=input_size, num_classes=classes,
+                    convention=convention, slicing=model.slicing,
+                    **vit_count(model, width, input_size, classes))
     layers = trace_layers(model, (1, input_size, input_size, in_channels), width=width,
                           train=True)
     return dict(name=name, width=width, input_size=input_size, num_classes=classes,
@@ -162,13 +196,16 @@ def paper_figures(r: dict[str, Any]) -> dict[str, str]:
 
 
 def _human(n: int) -> str:
-    """4111514624 -> '4.11G', 555417600 -> '555.4M' (the paper's and reference's styles)."""
+    """4111514624 -> '4.11G', 555417600 -> '555.4M' (the paper's styles)."""
     return f"{n / 1e9:.2f}G" if n >= 1e9 else f"{n / 1e6:.2f}M" if n < 1e8 else f"{n / 1e6:.1f}M"
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Plain-text table of ``profile`` rows (with the paper's figures where present)."""
     head = ["width", "params", "MACs", "~params", "~MACs"]
+    with_slicing = any("slicing" in r for r in rows)
+    if with_slicing:
+        head = ["slicing"] + head
     with_paper = any("paper_params" in r for r in rows)
     if with_paper:
         head += ["paper params", "paper MACs", "note"]
@@ -176,6 +213,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         line = [f"{r['width']}", f"{r['params']:,}", f"{r['macs']:,}",
                 _human(r["params"]), _human(r["macs"])]
+        if with_slicing:
+            line = [r.get("slicing", "")] + line
         if with_paper:
             line += [r.get("paper_params", ""), r.get("paper_macs", ""), r.get("note", "")]
         body.append(line)
@@ -200,7 +239,9 @@ absl_flags.DEFINE_integer("num_classes", 1000, "classifier outputs (paper conven
 absl_flags.DEFINE_enum("convention", "paper", CONVENTIONS, "paper (thop, Tables 6/12) or "
                        "backbone (the sliced backbone as trained)", flag_values=FLAGS)
 absl_flags.DEFINE_bool("json", False, "print JSON instead of a table", flag_values=FLAGS)
-_NAMES = ("model", "widths", "input_size", "num_classes", "convention", "json")
+absl_flags.DEFINE_enum("slicing", "both", ("official", "embed", "both"),
+                       "ViTs only: which slicing mode(s) to count", flag_values=FLAGS)
+_NAMES = ("model", "widths", "input_size", "num_classes", "convention", "json", "slicing")
 
 
 def _widths(text: str) -> list[float]:
@@ -227,9 +268,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.fail(PROG, f"--model is required; one of: {', '.join(models.NAMES)}")
     try:
         rows = []
-        for w in _widths(FLAGS.widths):
-            r = profile(FLAGS.model, w, FLAGS.input_size, FLAGS.num_classes, FLAGS.convention)
-            rows.append({**r, **paper_figures(r)})
+        vit = FLAGS.model in models.VIT_NAMES
+        slicings = ((("official", "embed") if FLAGS.slicing == "both" else (FLAGS.slicing,))
+                    if vit else (None,))
+        for slicing in slicings:
+            for w in _widths(FLAGS.widths):
+                kw = {"slicing": slicing} if vit else {}
+                r = profile(FLAGS.model, w, FLAGS.input_size, FLAGS.num_classes,
+                            FLAGS.convention, **kw)
+                rows.append({**r, **paper_figures(r)})
     except ValueError as e:
         cli.fail(PROG, e)
     if FLAGS.json:

@@ -1,7 +1,7 @@
 """Paper recipes as config builders, shared by the files in ``configs/``.
 
 Hyper-parameters follow the paper (§4.1, appendix Table 11) where it states them and the
-official configs (reference §7.2) where it does not; each function says which, and where the
+official configs where it does not; each function says which, and where the
 two disagree the official value is one override away (see the config files' docstrings).
 """
 from __future__ import annotations
@@ -67,6 +67,7 @@ def us3l_cifar(arch: str = "resnet18", dataset: str = "cifar100",
     R-50, which ran 8 x 64). Group-reg warm-up as the official configs: 0 epochs (alpha ramps to
     its value by epoch 200) for R-18, 200 for R-50 / MobileNetV2."""
     c = config_lib.get_default()
+    official_step(c)
     c.model.name = _arch(arch, CIFAR_ARCHS)
     c.data.dataset = dataset
     c.optim.epochs = epochs
@@ -76,6 +77,7 @@ def us3l_cifar(arch: str = "resnet18", dataset: str = "cifar100",
         c.optim.reg_warmup_epochs = epochs // 2
     c.eval.sweep_widths = CIFAR_SWEEP
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
     c.eval.online_every_epochs = 20
     return c
 
@@ -85,21 +87,16 @@ def individual_cifar(method: str, width: float, arch: str = "resnet18",
     """An individually trained SSL model at one fixed width (paper Table 2 baselines).
 
     SimCLR: lr 0.5, weight decay 1e-4, tau 0.5, 256/2048 heads. BYOL (m 0.99) and SimSiam:
-    lr 0.1 and weight decay 5e-4 (appendix Table 11; the official configs use lr 0.05),
+    lr 0.05 and weight decay 5e-4 (the official configs; appendix Table 11 says lr 0.1),
     2048/2048 heads (the official SimSiam predictor is 2048 wide, not SimSiam's 512).
-    Plain L2 decay (alpha 0), no sub-networks, 400 epochs, batch 512.
+    Plain weight decay on every parameter, no sub-networks, 400 epochs, batch 512.
     """
     c = config_lib.get_default()
+    official_step(c)
+    plain_weight_decay(c)
     c.model.name = _arch(arch, CIFAR_ARCHS)
     c.data.dataset = dataset
-    c.sampler.individual_width = float(width)
-    c.sampler.num_samples = 1
-    c.sampler.sandwich = False
-    c.sampler.schedule = "none"
-    c.optim.reg_alpha = 0.0
-    c.method.distill_loss = "none"
-    c.method.aux_head = "none"
-    c.method.momentum_sub = False
+    _single_width(c, width)
     if method == "simclr":
         c.method.base_loss = "infonce"
         c.method.momentum_base = False
@@ -107,16 +104,31 @@ def individual_cifar(method: str, width: float, arch: str = "resnet18",
         _mse_recipe(c, momentum=method == "byol")
     else:
         raise ValueError(f"unknown baseline {method!r}; valid: simclr, byol, simsiam")
-    c.eval.sweep_widths = (float(width),)
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
     return c
 
 
+def official_step(c: ml_collections.ConfigDict) -> None:
+    """One optimizer update per width, as the official code that produced the paper's tables
+    (paper Algorithm 1 sums the widths' gradients into one update: ``update_mode=accumulate``).
+    See docs/fidelity.md, "Update mode"."""
+    c.method.update_mode = "per_width"
+
+
+def plain_weight_decay(c: ml_collections.ConfigDict) -> None:
+    """No group regularization: plain weight decay on every parameter that has had a gradient,
+    as the official SGD ``weight_decay`` (docs/fidelity.md, "Weight decay")."""
+    c.optim.reg_alpha = 0.0
+    c.method.decay_rule = "weight_decay"
+
+
 def _mse_recipe(c: ml_collections.ConfigDict, momentum: bool) -> None:
-    """BYOL (momentum) / SimSiam (stop-gradient) hyper-parameters of appendix Table 11."""
+    """BYOL (momentum) / SimSiam (stop-gradient) hyper-parameters of the official CIFAR configs
+    (lr 0.05; appendix Table 11 says 0.1), weight decay 5e-4, 2048/2048 heads."""
     c.method.base_loss = "mse"
     c.method.momentum_base = momentum
-    c.optim.lr = 0.1
+    c.optim.lr = 0.05
     c.optim.reg_lambda = 2.5e-4  # weight decay 5e-4
     c.heads.proj_style = "byol" if momentum else "simsiam"
     c.heads.proj_out = 2048
@@ -125,25 +137,36 @@ def _mse_recipe(c: ml_collections.ConfigDict, momentum: bool) -> None:
 
 def us_baseline_cifar(method: str, arch: str = "resnet18",
                       dataset: str = "cifar100") -> ml_collections.ConfigDict:
-    """US-Net [31] adapted to SSL (paper Table 2 "US+SimCLR" / "US+SimSiam", training cost
-    4T): sandwich rule with s = 4 from the start, no dynamic sampling, no group reg, inplace
-    distillation from the base network's detached outputs (no momentum teacher).
+    """US-Net [31] adapted to SSL (paper Table 2 "US+SimCLR" / "US+SimSiam"): sandwich rule
+    with s = 3 widths per iteration from the start, no dynamic sampling, plain weight decay,
+    inplace distillation from the base network's detached outputs (no momentum teacher).
 
-    US+SimCLR: SimCLR base loss, negative-cosine distillation through a new head (official
-    ``SimCLR`` wrapper). US+SimSiam: SimSiam with the predictor shared for distillation
-    (Table 7 case 2)."""
+    s = 3, not the s = 4 that the paper's cost column (4T) states: both rows of Table 2 are
+    identical at every width to Table 7 cases (14 and 2), and Table 7 ran with s = 3 (its case
+    13 equals Table 8's baseline, which is s = 3 without dynamic sampling); the official
+    ``us_resnet18_simclr`` / ``us_resnet18_simsiam`` configs also sample 3. US-Net's s = 4:
+    ``--config.sampler.num_samples=4``.
+
+    US+SimCLR: Table 7 case 14, i.e. SimCLR base loss and InfoNCE distillation of each
+    sub-network's projection against the base network's detached projections, no auxiliary
+    head. The paper's US+SimCLR row in Table 2 equals case 14 at every width, so case 14 is the
+    design that produced it; the official ``SimCLR`` wrapper's default (negative cosine
+    through a new head g, a design Table 7 does not list) is one override away
+    (``--config.method.distill_loss=mse --config.method.aux_head=new``).
+    US+SimSiam: SimSiam with the predictor shared for distillation (Table 7 case 2)."""
     c = config_lib.get_default()
+    official_step(c)
+    plain_weight_decay(c)
     c.model.name = _arch(arch, CIFAR_ARCHS)
     c.data.dataset = dataset
-    c.sampler.num_samples = 4
+    c.sampler.num_samples = 3
     c.sampler.schedule = "none"
-    c.optim.reg_alpha = 0.0
     c.method.momentum_base = False
     c.method.momentum_sub = False
     if method == "us_simclr":
         c.method.base_loss = "infonce"
-        c.method.distill_loss = "mse"
-        c.method.aux_head = "new"
+        c.method.distill_loss = "infonce"
+        c.method.aux_head = "none"
     elif method == "us_simsiam":
         _mse_recipe(c, momentum=False)
         c.method.distill_loss = "mse"
@@ -152,15 +175,17 @@ def us_baseline_cifar(method: str, arch: str = "resnet18",
         raise ValueError(f"unknown US baseline {method!r}; valid: us_simclr, us_simsiam")
     c.eval.sweep_widths = CIFAR_SWEEP
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
     return c
 
 
 def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
     """US3L on ImageNet (paper Table 4 "Ours"): the CIFAR recipe with 100 epochs, 224 px views
-    with blur (reference §8), group-reg warm-up 50 epochs (official ImageNet configs), BN and
+    with blur, group-reg warm-up 50 epochs (official ImageNet configs), BN and
     negatives per 128 (R-18) / 64 (R-50) examples, bfloat16 compute. Data streams from TFDS
     ``imagenet2012`` prepared as ArrayRecord (``config.data.data_dir``)."""
     c = config_lib.get_default()
+    official_step(c)
     c.model.name = _arch(arch, IMAGENET_ARCHS)
     c.model.dtype = "bfloat16"
     c.data.dataset = "imagenet2012"
@@ -171,6 +196,7 @@ def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
     c.train.log_every_steps = 100
     c.eval.sweep_widths = IMAGENET_SWEEP
     c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_imagenet"
     c.eval.online_every_epochs = 10
     c.eval.batch_size = 1024
     return c
@@ -185,3 +211,214 @@ def parse_args(arg: str | None, names: tuple[str, ...], defaults: tuple) -> dict
                          f"{len(names)}: {','.join(names)}")
     values = parts + [str(d) for d in defaults[len(parts):]]
     return dict(zip(names, values))
+
+
+# ------------------------------------------------------------------ SEED, MoCo v2, BYOL baselines
+
+
+def _single_width(c: ml_collections.ConfigDict, width: float) -> None:
+    """One fixed width, no sub-networks, plain weight decay (no group reg)."""
+    c.sampler.individual_width = float(width)
+    c.sampler.num_samples = 1
+    c.sampler.sandwich = False
+    c.sampler.schedule = "none"
+    plain_weight_decay(c)
+    c.method.distill_loss = "none"
+    c.method.aux_head = "none"
+    c.method.momentum_sub = False
+    c.eval.sweep_widths = (float(width),)
+
+
+SEED_LOSSES = ("seed", "seed_mse")
+
+
+def seed_method(c: ml_collections.ConfigDict, loss: str, teacher_workdir: str | None) -> None:
+    """SEED / SEED-MSE hyper-parameters of the official CIFAR configs: lr 0.05 (cosine per
+    epoch), 2048/2048 BYOL-style student projector (the teacher's embedding size). SEED: queue
+    K 32768, student/teacher temperatures 0.5 / 1e-4, weight decay 1e-4, 200 epochs.
+    SEED-MSE: the student's predictor (hidden 2048) against the teacher's other view (negative
+    cosine), weight decay 5e-4, 400 epochs."""
+    if loss not in SEED_LOSSES:
+        raise ValueError(f"unknown SEED variant {loss!r}; valid: {', '.join(SEED_LOSSES)}")
+    c.method.teacher = "frozen"
+    c.method.momentum_base = True
+    c.heads.proj_style = "byol"
+    c.heads.proj_out = 2048
+    c.heads.head_hidden = 2048
+    c.optim.lr = 0.05
+    if loss == "seed":
+        c.method.base_loss = "seed"
+        c.method.queue_size = 32768
+        c.method.tau = 0.5
+        c.method.teacher_tau = 1e-4
+        c.optim.reg_lambda = 5e-5  # weight decay 1e-4
+        c.optim.epochs = 200
+    else:
+        c.method.base_loss = "mse"
+        c.optim.reg_lambda = 2.5e-4  # weight decay 5e-4
+        c.optim.epochs = 400
+    c.teacher.workdir = teacher_workdir
+
+
+def seed_cifar(loss: str, arch: str, width: float, teacher_workdir: str | None,
+               dataset: str = "cifar100") -> ml_collections.ConfigDict:
+    """A SEED / SEED-MSE student at one width (paper Table 2), distilled from the frozen
+    teacher run in ``teacher_workdir`` (an individually trained BYOL run at width 1.0,
+    ``configs/baselines_cifar100.py:byol,1.0,<arch>``). Batch 512 (4 x 128), BN per 128."""
+    c = config_lib.get_default()
+    c.model.name = _arch(arch, CIFAR_ARCHS)
+    c.data.dataset = dataset
+    official_step(c)
+    _single_width(c, width)
+    seed_method(c, loss, teacher_workdir)
+    c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
+    return c
+
+
+def mocov2_method(c: ml_collections.ConfigDict) -> None:
+    """MoCo v2 as the official CIFAR config: T 0.2, key encoder m 0.999 (constant), queue K
+    2048, MLP head Linear(feat, 2048) -> ReLU -> Linear(2048, 256), SGD lr 0.3, weight decay
+    1e-4. Shuffle-BN is replaced by batch-statistic BN per group of ``method.group_size``."""
+    c.method.base_loss = "moco"
+    c.method.teacher = "ema"
+    c.method.momentum_base = True
+    c.method.tau = 0.2
+    c.method.ema_momentum = 0.999
+    c.method.queue_size = 2048
+    c.heads.proj_style = "mocov2"
+    c.heads.proj_hidden = 2048
+    c.heads.proj_out = 256
+    c.optim.lr = 0.3
+    c.optim.reg_lambda = 5e-5  # weight decay 1e-4
+
+
+def mocov2_cifar(width: float, arch: str = "resnet18",
+                 dataset: str = "cifar100") -> ml_collections.ConfigDict:
+    """MoCo v2 at one width on CIFAR (official ``resnet18_moco_cifar``): 400 epochs, batch 256
+    (4 GPUs x 64, BN per 64)."""
+    c = config_lib.get_default()
+    c.model.name = _arch(arch, CIFAR_ARCHS)
+    c.data.dataset = dataset
+    _single_width(c, width)
+    mocov2_method(c)
+    c.optim.batch_size = 256
+    c.method.group_size = 64
+    official_step(c)
+    c.eval.sweep_protocol = "paper"
+    c.eval.calibration = "official_cifar"
+    return c
+
+
+def byol_method(c: ml_collections.ConfigDict, us: bool) -> None:
+    """BYOL with the official ImageNet hyper-parameters: lr 0.05, weight decay 1e-4, m 0.99,
+    2048/2048 heads. ``us`` (US+BYOL, official ``*_byol_imagenet_baseline``): US-Net's sandwich
+    rule with s = 3 from the start, no dynamic sampling, no group reg; sub-networks distill the
+    momentum teacher's projection through a new head (negative cosine; Table 7 case 4's
+    flags)."""
+    _mse_recipe(c, momentum=True)
+    c.optim.lr = 0.05
+    c.optim.reg_lambda = 5e-5  # weight decay 1e-4
+    plain_weight_decay(c)
+    if us:
+        for field, value in zip(TABLE7_FIELDS, TABLE7_CASES[4]):
+            c.method[field] = value
+        c.sampler.num_samples = 3
+        c.sampler.sandwich = True
+        c.sampler.schedule = "none"
+
+
+def byol_imagenet(arch: str, width: float | None) -> ml_collections.ConfigDict:
+    """Paper Table 4 baselines on ImageNet, 100 epochs: BYOL trained individually at ``width``,
+    or US+BYOL (``width`` None) trained once for all widths. Batch 1024 (8 x 128, R-18) /
+    480 (8 x 60, R-50) with BN per GPU batch, bfloat16, ImageNet views (blur 0.5)."""
+    c = us3l_imagenet(arch)
+    c.optim.reg_warmup_epochs = 0
+    c.method.group_size = 128 if arch == "resnet18" else 60
+    c.optim.batch_size = 1024 if arch == "resnet18" else 480
+    byol_method(c, us=width is None)
+    if width is not None:
+        _single_width(c, width)
+    return c
+
+
+VIT_ARCHS = {"tiny": "vit_tiny", "small": "vit_small"}
+VIT_VARIANTS = ("us3l", "us_mocov3", "mocov3@<width>")
+
+
+def mocov3_vit(arch: str = "tiny", variant: str = "us3l") -> ml_collections.ConfigDict:
+    """Slimmable ViTs with MoCo v3 on CIFAR-10 (paper Table 3), as the official ViT code ran:
+
+    * MoCo v3: ViT with the fixed sin-cos position embedding, official slicing (block Linears
+      slimmed on their input side); 3-layer projector (hidden 2048, out 256, last BN without
+      affine), 2-layer predictor; momentum encoder at width 1.0 with the cosine ramp from
+      0.99; contrastive loss with tau 0.2 (x 2 tau) against keys from the whole batch
+      (all-gathered in the official code; BN statistics over the whole batch too, SyncBN).
+    * AdamW, lr 1.5e-4 x 512/256 = 3e-4, weight decay 0.1, 40 warm-up epochs then cosine to
+      300 epochs, per iteration; batch 512; one update per width (``per_width``); 224-px views
+      of CIFAR-10 with the asymmetric BYOL augmentations and CIFAR mean/std; bfloat16 compute
+      (the official runs use AMP).
+    * ``us3l``: sandwich rule [1.0, min, U(min, 1)] with dynamic sampling "A" (by epoch);
+      sub-networks through a new predictor that starts as a copy of the predictor, with the
+      same MoCo v3 loss against the teacher's keys (InfoNCE distillation).
+    * ``us_mocov3``: the same sandwich rule without dynamic sampling; sub-networks through the
+      shared predictor against the momentum keys.
+    * ``mocov3@<w>``: one model trained at the fixed width w (teacher at w too).
+    """
+    if variant not in ("us3l", "us_mocov3") and not variant.startswith("mocov3@"):
+        raise ValueError(f"unknown ViT variant {variant!r}; valid: {', '.join(VIT_VARIANTS)}")
+    c = config_lib.get_default()
+    c.model.name = _arch(arch, VIT_ARCHS)
+    c.model.dtype = "bfloat16"
+    c.model.slicing = "official"
+    c.heads.proj_style = "mocov3"
+    c.heads.proj_hidden = 2048
+    c.heads.proj_out = 256
+    c.heads.head_hidden = 2048
+    c.method.base_loss = "mocov3"
+    c.method.tau = 0.2
+    c.method.ema_momentum = 0.99
+    c.method.ema_schedule = "cosine"
+    c.method.group_size = None  # SyncBN and all-gathered keys: the whole batch
+    c.method.update_mode = "per_width"
+    c.data.dataset = "cifar10"
+    c.data.augment = "byol_cifar"
+    c.data.image_size = 224
+    c.optim.optimizer = "adamw"
+    c.optim.batch_size = 512
+    c.optim.lr = 1.5e-4 * c.optim.batch_size / 256
+    c.optim.weight_decay = 0.1
+    c.optim.reg_lambda = 0.0
+    plain_weight_decay(c)  # AdamW decays every parameter that has had a gradient
+    c.optim.epochs = 300
+    c.optim.warmup_epochs = 40
+    c.optim.schedule_unit = "step"
+    c.sampler.num_samples = 3
+    c.sampler.sandwich = True
+    c.eval.sweep_widths = IMAGENET_SWEEP
+    if variant == "us3l":
+        c.method.distill_loss = "mocov3"
+        c.method.aux_head = "new"
+        c.method.aux_head_init = "copy"
+        c.sampler.schedule = "A"
+        c.eval.paper_row = f"table3/{c.model.name}/ours"
+    elif variant == "us_mocov3":
+        c.method.distill_loss = "mocov3"
+        c.method.aux_head = "shared"
+        c.sampler.schedule = "none"
+        c.eval.paper_row = f"table3/{c.model.name}/us_mocov3"
+    else:
+        try:
+            width = float(variant.split("@", 1)[1])
+        except ValueError:
+            raise ValueError(f"mocov3@<width> needs a number, got {variant!r}") from None
+        c.method.distill_loss = "none"
+        c.method.aux_head = "none"
+        c.method.momentum_sub = False
+        c.sampler.individual_width = width
+        c.sampler.num_samples = 1
+        c.sampler.sandwich = False
+        c.sampler.schedule = "none"
+        c.eval.sweep_widths = (width,)
+        c.eval.paper_row = f"table3/{c.model.name}/mocov3"
+    return c

@@ -1,4 +1,5 @@
-"""Width sampling: the sandwich rule and US3L's dynamic schedule "A" (paper §3.2.2, reference §5.1).
+"""Width sampling: the sandwich rule and US3L's dynamic schedule "A" (paper §3.2.2; official
+details in docs/fidelity.md, "Width sampling").
 
 ``sample_widths(cfg, step, steps_per_epoch, total_steps)`` is a pure function of its
 arguments: its random draws come from a numpy Generator seeded with ``(cfg.seed, step)``, so
@@ -35,7 +36,7 @@ class SamplerConfig:
       num_samples: widths per iteration once sub-networks train (s; 3 in US3L, 4 in US-Net).
       sandwich: always include ``hi`` and the current minimum; the other s − 2 are random.
         Without it all s widths are random and the base step runs at the largest sampled
-        width, which is below ``hi`` in stages 2-4 (the official behaviour, reference §5.1).
+        width, which is below ``hi`` in stages 2-4 (the official behaviour).
       schedule: "A" (dynamic sampling) or None (the minimum width is ``lo`` from step 0), or
         one half of "A" (appendix Table 13): "max_first" (stage 1 trains only ``hi``, then the
         full range) or "gradual" (the minimum width steps 0.75 -> 0.5 -> 0.25 as in "A", with
@@ -212,6 +213,18 @@ def sample_widths(cfg: SamplerConfig, step: int, steps_per_epoch: int,
         random = [pool[i] for i in rng.integers(0, len(pool), size=n_random)]
     fixed = [hi, lo] if cfg.sandwich else []
     return tuple(sorted(fixed + random, reverse=True))
+
+
+def first_sub_network_step(cfg: SamplerConfig, steps_per_epoch: int,
+                           total_steps: int) -> int | None:
+    """The first iteration that trains more than the base width (the start of stage 2 with
+    schedule "A", 0 without a schedule), or None if none does (individual baselines)."""
+    _check_run(0, steps_per_epoch, total_steps)
+    if cfg.individual_width is not None:
+        return None
+    stages = _stage_of(cfg, np.arange(total_steps), steps_per_epoch, total_steps)
+    multi = np.flatnonzero(_num_widths(cfg, stages) > 1)
+    return int(multi[0]) if multi.size else None
 
 
 def expected_forward_count(cfg: SamplerConfig, total_steps: int, steps_per_epoch: int) -> int:

@@ -1,7 +1,7 @@
 """Width arithmetic and universally slimmable layers.
 
 A slimmable layer holds full-size parameters and, at width ``w``, uses only the **leading**
-channels (reference §1.2-1.4). Width is always a static Python float: channel counts are Python
+channels. Width is always a static Python float: channel counts are Python
 ints computed on the host with the official rounding, so every width is an ordinary,
 fully-sliced XLA program whose cost follows its FLOPs (no masking).
 """
@@ -122,7 +122,7 @@ def distinct_widths(config_fn: Callable[[float], tuple[int, ...]], lo: float, hi
 
 
 # ------------------------------------------------------------------------------------------
-# Initialisers (reference §1.6)
+# Initialisers
 # ------------------------------------------------------------------------------------------
 
 # PyTorch's default conv/linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
@@ -156,7 +156,7 @@ def _check_in(name: str, got: int, expected: int, c_max: int, width: float) -> N
 class SlimConv(nn.Module):
     """2-D convolution (NHWC/HWIO) slimmed on input and/or output channels.
 
-    ``ratio_in``/``ratio_out`` implement MobileNetV2's expansion ratio (reference §1.2). With
+    ``ratio_in``/``ratio_out`` implement MobileNetV2's expansion ratio. With
     ``depthwise`` the kernel is (kh, kw, 1, C) and ``feature_group_count`` equals the used
     channels. Padding is symmetric ``kernel // 2`` as in PyTorch (not XLA's 'SAME').
     """
@@ -256,7 +256,7 @@ def grouped_moments(x: Array, group_size: int | None) -> tuple[Array, Array]:
 
 
 class SlimBatchNorm(nn.Module):
-    """BatchNorm over the leading channels at the current width (reference §1.4).
+    """BatchNorm over the leading channels at the current width.
 
     Training normalises with the batch statistics of the used channels (optionally per group
     of ``group_size`` examples, so that e.g. a 512 batch reproduces the official per-GPU
@@ -319,3 +319,59 @@ class SlimBatchNorm(nn.Module):
 def slice_leading(a: np.ndarray | Array, sizes: Sequence[int | None]) -> Any:
     """``a[:s0, :s1, ...]`` with ``None`` meaning the whole axis."""
     return a[tuple(slice(None) if s is None else slice(0, s) for s in sizes)]
+
+
+class SlimLayerNorm(nn.Module):
+    """LayerNorm over the last axis with full-size ``scale``/``bias`` of which the leading
+    ``x.shape[-1]`` entries are used: a Vision Transformer whose embedding dimension shrinks
+    normalises each token over its used features only (the caller decides that size)."""
+    num_features: int
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = x.shape[-1]
+        if c > self.num_features:
+            raise ValueError(f"{self.name}: input has {c} features, more than the "
+                             f"{self.num_features} this LayerNorm holds")
+        scale = self.param("scale", nn.initializers.ones, (self.num_features,),
+                           self.param_dtype)[:c]
+        bias = self.param("bias", nn.initializers.zeros, (self.num_features,),
+                          self.param_dtype)[:c]
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class LeadingDense(nn.Module):
+    """Dense layer of full size (``in_features``, ``features``) that reads the leading
+    ``x.shape[-1]`` input features and produces the leading ``out_features`` outputs (all by
+    default): the caller decides both sizes, e.g. a ViT whose slicing rule is not
+    ``channels(c_max, width)`` of this layer's own size. Defaults: Xavier-uniform kernel and a
+    zero bias (the MoCo v3 ViT initialisation)."""
+    in_features: int
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = nn.initializers.xavier_uniform()
+    bias_init: Initializer = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array, out_features: int | None = None) -> Array:
+        cin = x.shape[-1]
+        cout = self.features if out_features is None else int(out_features)
+        if cin > self.in_features or not 0 < cout <= self.features:
+            raise ValueError(f"{self.name}: cannot read {cin} inputs / produce {cout} outputs "
+                             f"from a ({self.in_features}, {self.features}) layer")
+        kernel = self.param("kernel", self.kernel_init, (self.in_features, self.features),
+                            self.param_dtype)[:cin, :cout]
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias[:cout].astype(self.dtype)
+        return y

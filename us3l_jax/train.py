@@ -45,7 +45,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from us3l_jax import mesh as mesh_lib
-from us3l_jax import objectives
+from us3l_jax import keyqueue, objectives
 from us3l_jax.method import MethodConfig, ema_momentum, ema_update, teacher_subset
 from us3l_jax.models.heads import SSLModel
 
@@ -60,12 +60,14 @@ class TrainState:
     ({backbone, projector[, predictor][, distill_head]}), ``ema_params`` (teacher copy of
     {backbone, projector}, or None), ``opt_state`` and the base PRNG key ``rng`` (per-step keys
     are ``fold_in(rng, step)``, so resuming at step k reproduces the same randomness). ``rng``
-    is raw key data (uint32), which checkpoints store as a plain array."""
+    is raw key data (uint32), which checkpoints store as a plain array. ``queue``: the key
+    queue of MoCo v2 / SEED (``us3l_jax.keyqueue``), None for every other method."""
     step: jax.Array
     params: Any
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    queue: Any = None
 
 
 # ------------------------------------------------------------------------------ state
@@ -78,9 +80,15 @@ def init_state(rng: jax.Array, *, model: SSLModel, method: MethodConfig,
     init_rng, data_rng = jax.random.split(rng)
     params = flax.core.unfreeze(
         model.init(init_rng, jnp.zeros(view_spec.shape, jnp.float32), 1.0)["params"])
-    ema = jax.tree.map(jnp.copy, teacher_subset(params)) if method.uses_teacher else None
+    if method.aux_head_init == "copy":  # the official ViT code's deepcopy of the predictor
+        params["distill_head"] = jax.tree.map(jnp.copy, params["predictor"])
+    ema = jax.tree.map(jnp.copy, teacher_subset(params)) if method.uses_ema_teacher else None
+    # The queue's key is derived from, not split off, ``rng``: runs without a queue keep
+    # exactly the initialisation they always had.
+    queue = keyqueue.init(jax.random.fold_in(rng, 1), method.queue_size, model.proj_out) \
+        if method.queue_size else None
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=ema,
-                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng))
+                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng), queue=queue)
 
 
 def abstract_state(model: SSLModel, method: MethodConfig, tx: optax.GradientTransformation,
@@ -126,6 +134,8 @@ def _pair_loss(method: MethodConfig, name: str, o1, o2, t1, t2):
     if name == "infonce":
         return objectives.infonce_distill(o1, o2, t1, t2, method.tau,
                                           group_size=method.group_size)
+    if name == "mocov3":
+        return objectives.moco_v3(o1, o2, t1, t2, method.tau, group_size=method.group_size)
     return objectives.neg_cosine(o1, o2, t1, t2)
 
 
@@ -231,12 +241,30 @@ def _sum_partials(partial):
     return jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
 
 
-def _update(state: TrainState, grads, tx, groups: frozenset[str]) -> tuple[TrainState, Any]:
-    """One optimizer update at iteration ``state.step``. Parameter groups the update's losses
-    did not reach (e.g. the auxiliary head while only the base width trains) are left out of
-    weight decay: their gradient is exactly zero, so they stay untouched until first used,
-    like PyTorch's SGD skipping parameters whose grad is None."""
-    decay_mask = {k: jax.tree.map(lambda _, on=(k in groups): on, v)
+def decay_flags(method: MethodConfig, sub: bool, step: jax.Array,
+                first_sub_step: int | None) -> dict[str, bool | jax.Array]:
+    """Whether each top-level parameter group is decayed by an update at iteration ``step``
+    that trains sub-networks (``sub``) or only the base network (``MethodConfig.decay_groups``).
+
+    Groups in ``method.late_decay_groups()`` (plain weight decay: the auxiliary head) are
+    decayed by base-only updates only after iteration ``first_sub_step``, the first that trained
+    sub-networks (None: never), as PyTorch's SGD skips a parameter until its first gradient.
+    That test reads the step on device, so it costs no extra program.
+    """
+    flags: dict[str, bool | jax.Array] = {k: True for k in method.decay_groups(sub)}
+    late = frozenset() if sub else method.late_decay_groups()
+    if late:
+        used = jnp.asarray(False) if first_sub_step is None else step > first_sub_step
+        flags.update({k: used for k in late})
+    return flags
+
+
+def _update(state: TrainState, grads, tx, flags: dict[str, bool | jax.Array]
+            ) -> tuple[TrainState, Any]:
+    """One optimizer update at iteration ``state.step``, decaying the groups ``flags`` marks.
+    Groups left out (e.g. the auxiliary head while only the base width trains) get only
+    their zero gradient, so an unused head stays untouched until first used."""
+    decay_mask = {k: jax.tree.map(lambda _, on=flags.get(k, False): on, v)
                   for k, v in state.params.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step,
                                    decay_mask=decay_mask)
@@ -288,22 +316,26 @@ def sub_grads(params, partial, total, targets, v1, v2, *, method, **kw):
     return (jax.tree.map(jnp.add, partial, g), total + method.distill_weight * raw, raw)
 
 
-def apply_update(state: TrainState, partial, *, tx, groups: frozenset[str], lr_schedule):
-    """accumulate mode: reduces the partial gradients once, updates and counts the iteration."""
+def apply_update(state: TrainState, partial, *, tx, method: MethodConfig, sub: bool,
+                 first_sub_step: int | None, lr_schedule):
+    """accumulate mode: reduces the partial gradients once, updates and counts the iteration
+    (``sub``: the iteration trained sub-networks)."""
     step = state.step
-    state, gn = _update(state, _sum_partials(partial), tx, groups)
+    state, gn = _update(state, _sum_partials(partial), tx,
+                        decay_flags(method, sub, step, first_sub_step))
     metrics = {"grad_norm": gn}
     if lr_schedule is not None:
         metrics["lr"] = lr_schedule(step)
     return state.replace(step=step + 1), metrics
 
 
-def base_update(state: TrainState, v1, v2, *, tx, lr_schedule, **kw):
+def base_update(state: TrainState, v1, v2, *, tx, lr_schedule, first_sub_step: int | None,
+                **kw):
     """per_width mode: teacher, base network and its own update."""
     ema, partial, targets, metrics = base_grads(
         state.params, state.ema_params, state.step, v1, v2, **kw)
     state, gn = _update(state.replace(ema_params=ema), _sum_partials(partial), tx,
-                        kw["method"].decay_groups(sub=False))
+                        decay_flags(kw["method"], False, state.step, first_sub_step))
     metrics["grad_norm"] = gn
     if lr_schedule is not None:
         metrics["lr"] = lr_schedule(state.step)
@@ -313,7 +345,7 @@ def base_update(state: TrainState, v1, v2, *, tx, lr_schedule, **kw):
 def sub_update(state: TrainState, total, targets, v1, v2, *, tx, method, **kw):
     """per_width mode: one sub-network and its own update (one reduction per update)."""
     g, raw = _sub_partial(state.params, targets, v1, v2, method=method, **kw)
-    state, gn = _update(state, _sum_partials(g), tx, method.decay_groups(sub=True))
+    state, gn = _update(state, _sum_partials(g), tx, decay_flags(method, True, state.step, None))
     return state, total + method.distill_weight * raw, raw, gn
 
 
@@ -405,13 +437,15 @@ class Trainer:
       reduce_once: keep per-device partial gradients between programs (one reduction per
         iteration in ``accumulate`` mode); default: whenever ``device_local_groups`` allows.
         False reduces in every program (for comparison; same results to float32 rounding).
+      first_sub_step: the first iteration that trains sub-networks (``sampling.
+        first_sub_network_step``; None: none does), for ``decay_flags``.
     """
 
     def __init__(self, model: SSLModel, method: MethodConfig, tx: optax.GradientTransformation,
                  views_fn: ViewsFn, mesh: Mesh, *, batch_size: int, total_steps: int,
                  teacher_width: float = 1.0, lr_schedule: Callable[[Any], Any] | None = None,
                  config_key: Callable[[float], Any] | None = None, compile_threads: int = 2,
-                 reduce_once: bool | None = None):
+                 reduce_once: bool | None = None, first_sub_step: int | None = 0):
         if model.use_predictor != method.uses_predictor:
             raise ValueError("model.use_predictor must equal method.uses_predictor")
         if model.use_distill_head != method.uses_distill_head:
@@ -429,6 +463,7 @@ class Trainer:
         self.sharded = local if reduce_once is None else bool(reduce_once)
         self._static = dict(model=model, method=method, mesh=mesh, sharded=self.sharded)
         self._teacher = dict(teacher_width=float(teacher_width), total_steps=int(total_steps))
+        self._first_sub = None if first_sub_step is None else int(first_sub_step)
         self.programs = Programs(compile_threads)
         self._repl = mesh_lib.replicated(mesh)
         self._batch = mesh_lib.batch_sharding(mesh)
@@ -456,7 +491,7 @@ class Trainer:
         return jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                        donate_argnums=donate)
 
-    def _make(self, kind: str, width: float | None = None, groups: frozenset | None = None):
+    def _make(self, kind: str, width: float | None = None, sub: bool | None = None):
         r, b = self._repl, self._batch
         g = b if self.sharded else r  # partial gradients
         s, tx, lr = self._static, self.tx, self.lr_schedule
@@ -470,11 +505,12 @@ class Trainer:
             fn = functools.partial(sub_grads, width=width, **s)
             return self._jit(fn, (r, g, r, b, b, b), (g, r, r), donate=(1,))
         if kind == "apply":
-            fn = functools.partial(apply_update, tx=tx, groups=groups, lr_schedule=lr)
+            fn = functools.partial(apply_update, tx=tx, method=self.method, sub=sub,
+                                   first_sub_step=self._first_sub, lr_schedule=lr)
             return self._jit(fn, (r, g), (r, r), donate=(0,))
         if kind == "base_update":
-            fn = functools.partial(base_update, tx=tx, lr_schedule=lr, width=width, **s,
-                                   **self._teacher)
+            fn = functools.partial(base_update, tx=tx, lr_schedule=lr, width=width,
+                                   first_sub_step=self._first_sub, **s, **self._teacher)
             return self._jit(fn, (r, b, b), (r, b, r), donate=(0,))
         if kind == "sub_update":
             fn = functools.partial(sub_update, tx=tx, width=width, **s)
@@ -484,9 +520,9 @@ class Trainer:
         raise ValueError(f"unknown program kind {kind!r}")
 
     def _program(self, run, kind: str, *args, width: float | None = None,
-                 groups: frozenset | None = None):
-        key = (kind, self.config_key(width) if width is not None else groups)
-        return run(key, lambda: self._make(kind, width, groups), *args)
+                 sub: bool | None = None):
+        key = (kind, self.config_key(width) if width is not None else sub)
+        return run(key, lambda: self._make(kind, width, sub), *args)
 
     @property
     def num_programs(self) -> int:
@@ -511,8 +547,7 @@ class Trainer:
                 partial, total, metrics[f"loss/sub{i}"] = prog(
                     "sub", state.params, partial, total, targets, v1, v2, width=w)
             # The base program consumed (donated) the old teacher; hand over the new one.
-            state, out = prog("apply", state.replace(ema_params=ema), partial,
-                              groups=m.decay_groups(sub=bool(subs)))
+            state, out = prog("apply", state.replace(ema_params=ema), partial, sub=bool(subs))
             metrics.update(out)
         else:
             state, targets, out = prog("base_update", state, v1, v2, width=base_w)
@@ -544,8 +579,8 @@ class Trainer:
     def iteration_keys(self, state: TrainState, images: jax.Array,
                        widths: Sequence[float]) -> list[Any]:
         """Keys of the programs an iteration with ``widths`` runs, in order (``(kind,
-        channel configuration)``, ``(kind, decay groups)`` or ``(kind, None)``), from a dry
-        run that also submits their compilation."""
+        channel configuration)``, ``("apply", whether sub-networks trained)`` or ``(kind,
+        None)``), from a dry run that also submits their compilation."""
         spec = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
         keys = []
 

@@ -135,3 +135,22 @@ def test_bad_settings_are_named():
         calib.CalibrationSettings(augment="crop")
     with pytest.raises(ValueError, match="num_batches must be a positive integer, got 0"):
         calib.CalibrationSettings(num_batches=0)
+
+
+def test_official_procedures():
+    """The official CIFAR path: EMA over 3 epochs of 128-image batches (3 x 98 forwards for
+    50,000 images at batch 512); ImageNet: 501 batches of the per-device batch, SSL views."""
+    cifar = calib.official_settings("official_cifar", train_size=50000, pretrain_batch=512,
+                                    group_size=128)
+    assert (cifar.num_batches, cifar.batch_size, cifar.mode, cifar.augment, cifar.momentum) == \
+        (294, 128, "ema", "linear_train", 0.1)
+    imagenet = calib.official_settings("official_imagenet", train_size=0, pretrain_batch=512,
+                                       group_size=64)
+    assert (imagenet.num_batches, imagenet.batch_size, imagenet.mode, imagenet.augment) == \
+        (501, 64, "ema", "ssl")
+    assert calib.official_settings("official_imagenet", train_size=0, pretrain_batch=256,
+                                   group_size=None).batch_size == 128
+    with pytest.raises(ValueError, match="unknown calibration preset 'custom'"):
+        calib.official_settings("custom", train_size=1, pretrain_batch=1, group_size=None)
+    with pytest.raises(ValueError, match="calibration augment 'ssl' needs the pretraining view"):
+        next(calib.input_batches(None, calib.CalibrationSettings(augment="ssl"), None, None))

@@ -112,6 +112,23 @@ def test_statistics_are_stored_per_width_and_reused(run, sweep, tmp_path):
     assert calib.load_stats(calib.stats_path(run, STEP, 1.0))[1] == other[1]
 
 
+def test_official_calibration_procedures(run, tmp_path):
+    """Named official procedures reach the calibration: EMA, 128-image batches and the
+    linear-eval crops (CIFAR); the SSL views and the per-device batch (ImageNet)."""
+    cifar = run_sweep(run, [0.5], "fast", out=str(tmp_path / "c"), calibration="official_cifar",
+                      calibration_batches=2, echo=None)
+    meta = calib.load_stats(calib.stats_path(run, STEP, 0.5))[1]
+    assert (meta["mode"], meta["batch_size"], meta["augment"], meta["num_batches"]) == \
+        ("ema", 128, "linear_train", 2)
+    assert cifar[0]["calibration"] == "official_cifar" and not cifar[0]["calibration_reused"]
+    run_sweep(run, [0.5], "fast", out=str(tmp_path / "i"), calibration="official_imagenet",
+              calibration_batches=2, echo=None)
+    meta = calib.load_stats(calib.stats_path(run, STEP, 0.5))[1]
+    assert (meta["mode"], meta["batch_size"], meta["augment"]) == ("ema", 32, "ssl")
+    with pytest.raises(ValueError, match="unknown calibration 'exact'; valid: custom, "):
+        run_sweep(run, [0.5], "fast", out=str(tmp_path / "x"), calibration="exact", echo=None)
+
+
 def test_online_evaluator_matches_the_sweep_knn(run, sweep):
     _, records = sweep
     params = checkpointing.load_pretrained(run).params

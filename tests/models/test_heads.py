@@ -1,4 +1,4 @@
-"""SSL heads (reference §3.1-3.3): the projector reads the slimmed feature; heads are full width."""
+"""SSL heads: the projector reads the slimmed feature; heads are full width."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +14,7 @@ def _shapes(model, size=16):
 
 
 def test_simclr_projector_and_aux_head_layout():
-    # SimCLR_Momentum (§3.1): USLinear(md(512w) -> 2048, bias) -> BN -> ReLU -> Linear(2048,
+    # SimCLR_Momentum: USLinear(md(512w) -> 2048, bias) -> BN -> ReLU -> Linear(2048,
     # 2048, bias) -> BN -> ReLU -> Linear(2048 -> 256); head g: Linear(256->2048, no bias)
     # -> BN -> ReLU -> Linear(2048 -> 256).
     m = SSLModel(models.create("cifar_resnet18"), use_distill_head=True)
@@ -30,7 +30,7 @@ def test_simclr_projector_and_aux_head_layout():
 
 
 def test_byol_and_simsiam_styles():
-    # BYOL (§3.2): middle Linear without bias, DIM 2048; SimSiam (§3.3): last Linear's bias
+    # BYOL: middle Linear without bias, DIM 2048; SimSiam: last Linear's bias
     # is frozen and followed by a non-affine BN, which cancels it: no bias, no BN affine.
     byol = _shapes(SSLModel(models.create("cifar_resnet18"), proj_out=2048, proj_style="byol",
                             use_predictor=True))

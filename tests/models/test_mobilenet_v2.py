@@ -1,4 +1,4 @@
-"""Slimmable MobileNetV2: ratio rule, unslimmed 1280 head (reference §2.3, §2.4, §12.3)."""
+"""Slimmable MobileNetV2: ratio rule, unslimmed 1280 head."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +8,7 @@ from us3l_jax import models
 from us3l_jax.models import mobilenet_v2
 from tests.models.helpers import output_channels
 
-# Reference §2.4: (in, hidden, out) per block at w=0.25.
+# Official: (in, hidden, out) per block at w=0.25.
 BLOCKS_AT_0_25 = ([(8, 8, 8)] + [(8, 48, 8)] * 2 + [(8, 48, 8)] * 3 + [(8, 48, 16)]
                   + [(16, 96, 16)] * 3 + [(16, 96, 24)] + [(24, 144, 24)] * 2
                   + [(24, 144, 40)] + [(40, 240, 40)] * 2 + [(40, 240, 80)])
@@ -33,7 +33,7 @@ def test_blocks_at_0_25():
 
 
 def test_block_t6c24_at_0_5():
-    # Reference §12.3: (in 8, hidden 48, out 16).
+    # Official: (in 8, hidden 48, out 16).
     _, ch = output_channels(models.create("cifar_mobilenet_v2"), 0.5)
     assert _blocks(ch, 2)[1] == (8, 48, 16)
 
@@ -72,7 +72,7 @@ def test_init_and_forward_at_several_widths():
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
     v = m.init(jax.random.key(0), x)
     p = v["params"]
-    # Reference §1.6: conv N(0, sqrt(2/(k*k*out))), classifier N(0, 0.01) with zero bias.
+    # Official: conv N(0, sqrt(2/(k*k*out))), classifier N(0, 0.01) with zero bias.
     k = p["block16"]["project_conv"]["kernel"]  # (1, 1, 1920, 320)
     np.testing.assert_allclose(float(k.std()), np.sqrt(2 / 320), rtol=0.03)
     np.testing.assert_allclose(float(p["classifier"]["kernel"].std()), 0.01, rtol=0.05)

@@ -1,4 +1,4 @@
-"""Slimmable ResNets: channel counts (reference §2.1-2.4, §12.2), init (§1.6), BN modes."""
+"""Slimmable ResNets: channel counts, init, BN modes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +9,7 @@ from tests.models.helpers import output_channels
 
 
 def test_resnet18_channels_at_0_3():
-    # Reference §12.2: stem/layer1 24, layer2 40, layer3 80, layer4 152; feature dim 152.
+    # Official: stem/layer1 24, layer2 40, layer3 80, layer4 152; feature dim 152.
     m = models.create("cifar_resnet18")
     out, ch = output_channels(m, 0.3)
     assert ch["conv1"] == 24
@@ -19,7 +19,7 @@ def test_resnet18_channels_at_0_3():
 
 
 def test_resnet50_channels_at_0_3():
-    # Reference §12.2: mids 24/40/80/152, block outputs 80/152/304/616.
+    # Official: mids 24/40/80/152, block outputs 80/152/304/616.
     m = models.create("cifar_resnet50")
     out, ch = output_channels(m, 0.3)
     last = {1: 2, 2: 3, 3: 5, 4: 2}
@@ -54,7 +54,7 @@ def test_channel_config_matches_traced_shapes():
 
 
 def test_param_counts_full_width():
-    # Reference §2.5: CIFAR US-R18 backbone (conv + BN affine) 11,168,832; US-R50 23,500,352.
+    # Official: CIFAR US-R18 backbone (conv + BN affine) 11,168,832; US-R50 23,500,352.
     for name, n in [("cifar_resnet18", 11_168_832), ("cifar_resnet50", 23_500_352)]:
         m = models.create(name)
         shapes = jax.eval_shape(m.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -69,7 +69,7 @@ def tiny():
 
 
 def test_init_schemes():
-    # CIFAR ResNet: PyTorch defaults, U(+-1/sqrt(fan_in)); ImageNet: N(0, 2/fan_out) (§1.6).
+    # CIFAR ResNet: PyTorch defaults, U(+-1/sqrt(fan_in)); ImageNet: N(0, 2/fan_out).
     x = jnp.zeros((1, 32, 32, 3))
     p = models.create("cifar_resnet18").init(jax.random.key(0), x)["params"]
     k = p["layer3_0"]["conv2"]["kernel"]  # (3, 3, 256, 256)

@@ -4,7 +4,7 @@ Input: a uint8 NHWC batch. Output: float32 NHWC, normalised with the config's me
 Example ``i`` of a batch uses ``jax.random.split(key, N)[i]``, so views do not depend on how
 the batch is sharded.
 
-Semantics. The official pipeline (reference §8, §9) applies torchvision transforms to PIL
+Semantics. The official pipeline applies torchvision transforms to PIL
 images, so every op here follows torchvision-on-PIL, computed in float32 on [0, 1] without
 PIL's uint8 rounding between ops:
 
@@ -28,7 +28,7 @@ PIL's uint8 rounding between ops:
 * Horizontal flip: ``dm_pix.flip_left_right``.
 * Normalize: ``(x - mean) / std``.
 
-Order: crop → jitter → grayscale → blur → solarize → flip → normalise (reference §8; BYOL's
+Order: crop → jitter → grayscale → blur → solarize → flip → normalise (BYOL's
 flip-first order gives the same distribution, flip commutes with the others).
 """
 from __future__ import annotations
@@ -128,14 +128,14 @@ def _check_mean_std(mean, std) -> None:
         raise ValueError(f"mean and std need 3 values with std > 0, got {mean}, {std}")
 
 
-# Reference §8: the US3L SSL pipelines (both views from the same config).
+# Official: the US3L SSL pipelines (both views from the same config).
 CIFAR_SSL = ViewConfig()
 IMAGENET_SSL = ViewConfig(size=224, blur_p=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 # Asymmetric BYOL (Grill et al. 2020, Table 6) / MoCo v3 views: scale 0.08-1, saturation 0.2,
 # blur 1.0 on view 1, blur 0.1 + solarize 0.2 on view 2.
 BYOL_VIEW1 = dataclasses.replace(IMAGENET_SSL, scale=(0.08, 1.0), saturation=0.2, blur_p=1.0)
 BYOL_VIEW2 = dataclasses.replace(BYOL_VIEW1, blur_p=0.1, solarize_p=0.2)
-# Reference §9.2 / §9.3: linear-evaluation training crops (no colour ops).
+# Official: linear-evaluation training crops (no colour ops).
 CIFAR_LINEAR_TRAIN = ViewConfig(scale=(0.8, 1.0), interpolation="bicubic", jitter_p=0.0,
                                 grayscale_p=0.0)
 IMAGENET_LINEAR_TRAIN = ViewConfig(size=224, scale=(0.08, 1.0), jitter_p=0.0, grayscale_p=0.0,

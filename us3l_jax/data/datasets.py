@@ -26,7 +26,7 @@ TFDS_NAMES = ("cifar10", "cifar100", "imagenet2012", "oxford_flowers102", "oxfor
 NAMES = TFDS_NAMES + ("digits",)
 
 # Datasets whose images vary in size: ``load`` stores them at ``image_size`` (shorter side
-# resized, then center-cropped to a square), the eval resize of reference §9.3/9.4.
+# resized, then center-cropped to a square), the official eval resize.
 _VARIABLE_SIZE = ("imagenet2012", "oxford_flowers102", "oxford_iiit_pet", "dtd")
 DEFAULT_VARIABLE_SIZE = 256
 DIGITS_TEST_FRACTION = 0.2

@@ -1,6 +1,6 @@
 """Host-side (numpy + PIL) image geometry with torchvision's semantics on PIL images.
 
-The official pipeline runs torchvision transforms on PIL images (reference §8, §9). These
+The official pipeline runs torchvision transforms on PIL images. These
 functions reproduce that path on the host for what cannot run on device with static shapes:
 decoded images of arbitrary size (ImageNet, the transfer sets) are resized / cropped here to
 a fixed size, and the on-device ops in ``augment.py`` are checked against them in tests.

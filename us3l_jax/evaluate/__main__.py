@@ -1,6 +1,6 @@
 """``python -m us3l_jax.evaluate --workdir=RUN [--widths=1.0,0.5,0.25] [--protocol=fast|knn|paper]
-[--dataset=NAME] [--out=DIR] [--step=N] [--epochs=N] [--calibration_batches=N] [--recalibrate]
-[--paper_row=KEY]``: the width sweep of a pretraining run (see ``sweep.run_sweep``).
+[--dataset=NAME] [--out=DIR] [--step=N] [--epochs=N] [--calibration=NAME] [--calibration_batches=N]
+[--recalibrate] [--paper_row=KEY]``: the width sweep of a pretraining run (see ``sweep.run_sweep``).
 
 Each evaluation writes ``sweep.json/.md/.png`` (and TensorBoard events) into a new folder
 ``<workdir>/eval/<protocols>-<widths>[-<n>]/``, or into ``--out``, which must not already
@@ -40,6 +40,9 @@ flags.DEFINE_string("out", None, "report directory; must not already hold a swee
 flags.DEFINE_integer("step", None, "checkpoint step (default latest)", flag_values=FLAGS)
 flags.DEFINE_integer("epochs", None, "paper protocol epochs (default the recipe's)",
                      flag_values=FLAGS)
+flags.DEFINE_string("calibration", None, "BN calibration procedure: custom (the config's "
+                    "calibration_* fields), official_cifar, official_imagenet (default "
+                    "config.eval.calibration)", flag_values=FLAGS)
 flags.DEFINE_integer("calibration_batches", None, "BN calibration batches (default "
                      "config.eval.calibration_batches)", flag_values=FLAGS)
 flags.DEFINE_bool("recalibrate", False, "recalibrate even if stored statistics match",
@@ -47,7 +50,7 @@ flags.DEFINE_bool("recalibrate", False, "recalibrate even if stored statistics m
 flags.DEFINE_string("paper_row", None, "paper row to draw beside ours, e.g. "
                     "table2/resnet18/ours (default config.eval.paper_row)", flag_values=FLAGS)
 _NAMES = ("workdir", "widths", "protocol", "dataset", "out", "step", "epochs",
-          "calibration_batches", "recalibrate", "paper_row")
+          "calibration", "calibration_batches", "recalibrate", "paper_row")
 
 
 def usage() -> str:
@@ -95,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_sweep(FLAGS.workdir, FLAGS.widths, FLAGS.protocol, FLAGS.dataset, FLAGS.out,
                   FLAGS.step, epochs=FLAGS.epochs, calibration_batches=FLAGS.calibration_batches,
-                  recalibrate=FLAGS.recalibrate, paper_row=FLAGS.paper_row, new_report=True)
+                  recalibrate=FLAGS.recalibrate, paper_row=FLAGS.paper_row,
+                  calibration=FLAGS.calibration, new_report=True)
     except (CheckpointError, ValueError) as e:
         cli.fail(PROG, e)
     return 0

@@ -1,8 +1,9 @@
 """BN calibration: the BatchNorm statistics of one width of a pretrained slimmable backbone.
 
-Pretraining stores no BN statistics: every width normalises with batch statistics (reference
-§1.4). Before a width can run in eval mode its statistics are estimated: the backbone runs in
-train mode at that width (so each BN sees the inputs it saw in training, normalised per group
+Pretraining stores no BN statistics: every width normalises with batch statistics, as in the
+official code. Before a width can run in eval mode its statistics are estimated (how the
+official code does it, and how the options compare: docs/fidelity.md, "BN calibration"): the
+backbone runs in train mode at that width (so each BN sees the inputs it saw in training, normalised per group
 as in training) over N training batches, and the moments of every BN's input over the used
 channels are accumulated. Two modes:
 
@@ -10,9 +11,17 @@ channels are accumulated. Two modes:
   calibration data, merged batch by batch from each batch's mean/variance and element count
   (law of total variance, Chan et al.'s pairwise update). This is what US-Net's cumulative
   averaging intends; the result does not depend on the batch order.
-* ``ema``: the official code's PyTorch running averages (reference §1.5): starting from mean 0
+* ``ema``: the official code's PyTorch running averages: starting from mean 0
   / var 1, ``run = (1 - m)·run + m·batch`` with momentum m = 0.1 and the running variance
   updated with the **unbiased** batch variance n/(n-1)·var.
+
+Named procedures (``PRESETS``, ``config.eval.calibration``): ``custom`` uses the fields
+``config.eval.calibration_{mode,augment,batches,batch_size}`` (default: exact cumulative
+statistics of 100 batches with the linear-eval training crops); ``official_cifar`` is the
+official CIFAR linear evaluation's (EMA over 3 epochs of 128-image batches, linear-eval
+training crops); ``official_imagenet`` the official ImageNet calibration run's (EMA over 501
+batches of the per-device pretraining batch, 64 for ResNet-50 and 128 for ResNet-18, with the
+SSL pretraining augmentation). docs/fidelity.md, "BN calibration", compares them.
 
 The result is a full-size ``batch_stats`` tree (the layout ``SlimBatchNorm`` reads in eval
 mode): calibrated values in the leading used channels, mean 0 / var 1 beyond. Each width gets
@@ -39,7 +48,8 @@ from us3l_jax import fileio
 from us3l_jax.data import augment, feeding
 
 MODES = ("cumulative", "ema")
-AUGMENTS = ("linear_train", "none")
+AUGMENTS = ("linear_train", "none", "ssl")
+PRESETS = ("custom", "official_cifar", "official_imagenet")
 EMA_MOMENTUM = 0.1  # PyTorch's BatchNorm default, used by the official calibration
 STATS_DIR = "bn_stats"
 
@@ -69,6 +79,27 @@ class CalibrationSettings:
                 raise ValueError(f"calibration {name} must be a positive integer, got {v!r}")
         if not 0 < self.momentum <= 1:
             raise ValueError(f"calibration momentum must be in (0, 1], got {self.momentum!r}")
+
+
+def official_settings(preset: str, *, train_size: int, pretrain_batch: int,
+                      group_size: int | None, seed: int = 0) -> CalibrationSettings:
+    """The official code's calibration procedures as settings (see the module docstring).
+
+    ``official_cifar``: PyTorch running averages (momentum 0.1) over 3 epochs of the training
+    set, each epoch as many 128-image batches as pretraining had iterations (the official
+    chain is one device's: 128 images per forward, ``ceil(train_size / pretrain_batch)``
+    forwards per epoch). ``official_imagenet``: 501 batches of the per-device pretraining
+    batch (``group_size``, else 128) with the SSL augmentation.
+    """
+    if preset == "official_cifar":
+        return CalibrationSettings(num_batches=3 * -(-int(train_size) // int(pretrain_batch)),
+                                   batch_size=128, mode="ema", augment="linear_train",
+                                   seed=seed)
+    if preset == "official_imagenet":
+        return CalibrationSettings(num_batches=501, batch_size=int(group_size or 128),
+                                   mode="ema", augment="ssl", seed=seed)
+    raise ValueError(f"unknown calibration preset {preset!r}; the official ones are "
+                     f"official_cifar, official_imagenet")
 
 
 # ------------------------------------------------------------------------------------------
@@ -172,6 +203,8 @@ def calibrate(backbone: nn.Module, params: PyTree, width: float, batches: Iterab
     """
     if mode not in MODES:
         raise ValueError(f"unknown calibration mode {mode!r}; valid: {', '.join(MODES)}")
+    if not getattr(backbone, "has_batch_norm", True):
+        return {}  # e.g. a ViT: LayerNorm only, nothing to calibrate
     step = _step_fn(backbone, float(width), mode, float(momentum))
     acc = None
     image_shape = None
@@ -201,17 +234,21 @@ def calibrate(backbone: nn.Module, params: PyTree, width: float, batches: Iterab
 
 
 def input_batches(data: feeding.DeviceDataset, settings: CalibrationSettings,
-                  train_view: augment.ViewConfig,
-                  eval_view: augment.EvalConfig) -> Iterator[Array]:
+                  train_view: augment.ViewConfig, eval_view: augment.EvalConfig,
+                  ssl_view: augment.ViewConfig | None = None) -> Iterator[Array]:
     """The calibration inputs: ``settings.num_batches`` training batches (the pretraining
-    feeder's order for ``settings.seed``), with the linear-eval training augmentation
-    (``augment='linear_train'``) or the eval transform (``'none'``)."""
+    feeder's order for ``settings.seed``, cycling over epochs), with the linear-eval training
+    augmentation (``augment='linear_train'``), the SSL pretraining view (``'ssl'``) or the
+    eval transform (``'none'``)."""
+    if settings.augment == "ssl" and ssl_view is None:
+        raise ValueError("calibration augment 'ssl' needs the pretraining view recipe")
     feeder = feeding.TrainFeeder(data, settings.batch_size, settings.seed)
     key = jax.random.key(settings.seed)
     for k in range(settings.num_batches):
         images = feeder.batch(k).images
-        if settings.augment == "linear_train":
-            yield augment.view(jax.random.fold_in(key, k), images, train_view)
+        if settings.augment in ("linear_train", "ssl"):
+            view = train_view if settings.augment == "linear_train" else ssl_view
+            yield augment.view(jax.random.fold_in(key, k), images, view)
         else:
             yield augment.eval_view(images, eval_view)
 

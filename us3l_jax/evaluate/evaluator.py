@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from us3l_jax import build, mesh as mesh_lib, slim
-from us3l_jax.data import feeding
+from us3l_jax.data import datasets, feeding
 from us3l_jax.evaluate import calibrate as calib, features, knn, linear, probe, transforms
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,29 @@ def check_width(config: ml_collections.ConfigDict, width: Any) -> float:
                          f"(config.sampler.width_range)") from None
 
 
-def calibration_settings(config: ml_collections.ConfigDict,
-                         num_batches: int | None = None) -> calib.CalibrationSettings:
+def calibration_settings(config: ml_collections.ConfigDict, num_batches: int | None = None,
+                         dataset: str | None = None) -> calib.CalibrationSettings:
+    """How BN statistics are calibrated for ``config`` on ``dataset`` (default: the
+    pretraining set): ``config.eval.calibration``'s named procedure, or the ``custom``
+    fields; ``num_batches`` overrides the number of batches."""
     e = config.eval
-    return calib.CalibrationSettings(
-        num_batches=int(num_batches or e.calibration_batches), batch_size=int(e.batch_size),
-        mode=e.calibration_mode, augment=e.calibration_augment, seed=int(config.seed))
+    if e.calibration == "custom":
+        settings = calib.CalibrationSettings(
+            num_batches=int(e.calibration_batches),
+            batch_size=int(e.calibration_batch_size or e.batch_size),
+            mode=e.calibration_mode, augment=e.calibration_augment, seed=int(config.seed))
+    else:
+        dataset = dataset or config.data.dataset
+        size = 0
+        if e.calibration == "official_cifar":  # only this one depends on the data's size
+            size = datasets.num_examples(dataset, transforms.SPLITS[dataset][0],
+                                         data_dir=config.data.data_dir)
+        settings = calib.official_settings(
+            e.calibration, train_size=size, pretrain_batch=int(config.optim.batch_size),
+            group_size=config.method.group_size, seed=int(config.seed))
+    if num_batches:
+        settings = dataclasses.replace(settings, num_batches=int(num_batches))
+    return settings
 
 
 class Evaluator:
@@ -97,7 +114,7 @@ class Evaluator:
                   settings: calib.CalibrationSettings) -> PyTree:
         """Calibrated full-size ``batch_stats`` of the backbone ``params`` at ``width``."""
         batches = calib.input_batches(self.train, settings, self.data.train_view,
-                                      self.data.eval_view)
+                                      self.data.eval_view, self.data.ssl_view)
         return calib.calibrate(self.backbone, params, width, batches, settings.mode,
                                settings.momentum)
 

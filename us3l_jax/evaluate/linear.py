@@ -1,4 +1,4 @@
-"""The paper's linear evaluation: a linear classifier on the frozen backbone (reference §9).
+"""The paper's linear evaluation: a linear classifier on the frozen backbone.
 
 The backbone runs at the evaluated width in **eval mode** with that width's calibrated BN
 statistics, also while the classifier trains (the official code puts the whole model in
@@ -6,11 +6,13 @@ statistics, also while the classifier trains (the official code puts the whole m
 reported number is the top-1 accuracy after the last epoch (no model selection).
 
 Recipes:
-* ``CIFAR`` (§9.2, paper Appendix A): SGD momentum 0.9, lr 30, wd 0, 100 epochs, lr ×0.1 at
+* ``CIFAR`` (paper Appendix A): SGD momentum 0.9, lr 30, wd 0, 100 epochs, lr ×0.1 at
   epochs 60 and 80, batch 512.
-* ``TRANSFER`` (§9.4): the same with batch 256 (64/GPU × 4).
-* ``IMAGENET`` (§9.3): SGD + LARS (trust 0.001, apex LARC without clipping), lr 0.8, cosine
-  per epoch over 60 epochs, batch 1024.
+* ``TRANSFER``: the same with batch 256 (64/GPU × 4).
+* ``IMAGENET``: SGD + LARS (trust 0.001, apex LARC without clipping), lr 0.8, cosine
+  per epoch over 60 epochs, batch 1024: the official configs. The paper says it follows
+  SimSiam's protocol (LARS, batch 4096, 90 epochs); ``eval.linear_epochs=90`` gets its length
+  (docs/fidelity.md, "Linear evaluation").
 
 The classifier is the official ``fc``: a linear layer on the slimmed feature whose weight and
 bias are drawn from U(±1/sqrt(d)) with d the full-width feature size (PyTorch's default init

@@ -1,6 +1,6 @@
 """The paper's published linear-evaluation accuracies (%), to draw beside ours.
 
-Keys are ``table<N>/<backbone>/<method>`` (Tables 2, 4, 6, 8, 16) or ``table<N>/case<k>``
+Keys are ``table<N>/<backbone>/<method>`` (Tables 2, 3, 4, 6, 8, 16) or ``table<N>/case<k>``
 (Tables 7, 13, 14, 9 rows as ``table9/<sandwich>_<dynamic>``); ``None`` marks a collapsed
 model ('-' in the paper). All are ResNet-18 on CIFAR-100 unless the key or ``dataset`` says
 otherwise. Transcribed from the paper (main text and appendix); Table 6 rows carry the
@@ -190,6 +190,21 @@ _add("table16/resnet18", "Table 16 R-18 Ours (800ep)", "cifar_resnet18", W17,
      "70.1 69.6 69.3 69.2 69.0 68.4 68.7 68.0 67.3 66.7 66.4 65.4 64.2 63.6 63.1 63.1 62.3")
 _add("table16/resnet50", "Table 16 R-50 Ours (800ep)", "cifar_resnet50", W17,
      "73.0 72.9 72.5 72.1 71.9 71.6 71.6 71.2 71.1 71.0 70.8 69.9 69.1 68.3 68.0 67.8 67.6")
+
+
+# Table 3: ViTs on CIFAR-10 (MoCo v3 recipe), linear evaluation.
+_TABLE3 = {
+    "vit_tiny": (("mocov3", "MoCo v3", "82.6 79.5 75.8 68.0"),
+                 ("us_mocov3", "US+MoCo v3", "79.8 79.4 77.6 76.4"),
+                 ("ours", "Ours", "86.0 84.7 83.3 80.2")),
+    "vit_small": (("mocov3", "MoCo v3", "88.0 86.8 83.0 75.5"),
+                  ("us_mocov3", "US+MoCo v3", "88.2 87.5 86.3 84.9"),
+                  ("ours", "Ours", "90.3 89.7 88.7 85.5")),
+}
+for _bb, _rows in _TABLE3.items():
+    for _m, _label, _vals in _rows:
+        _add(f"table3/{_bb}/{_m}", f"Table 3 {_bb.replace('vit_', 'ViT-').title()} {_label}",
+             _bb, W4, _vals, dataset="cifar10")
 
 
 def get(key: str) -> PaperRow:

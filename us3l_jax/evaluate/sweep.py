@@ -25,7 +25,7 @@ from typing import Any
 
 from us3l_jax import checkpointing, config as config_lib, profile as profile_lib
 from us3l_jax.data import datasets
-from us3l_jax.evaluate import paper as paper_lib, report
+from us3l_jax.evaluate import calibrate as calib, paper as paper_lib, report
 from us3l_jax.evaluate.evaluator import (Evaluator, calibration_settings, check_protocol,
                                          check_width, timed)
 
@@ -56,7 +56,7 @@ def _widths(widths: str | Sequence[float]) -> list[Any]:
 
 def _model_kwargs(config) -> dict[str, Any]:
     kw: dict[str, Any] = {"min_width": config.sampler.width_range[0]}
-    for key in ("base_width", "stage_sizes"):
+    for key in ("base_width", "stage_sizes", "dim", "depth", "heads", "patch_size", "slicing"):
         if config.model[key] is not None:
             kw[key] = config.model[key]
     return kw
@@ -66,7 +66,8 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
               protocol: str | Sequence[str] | None = None, dataset: str | None = None,
               out: str | None = None, step: int | None = None, *,
               epochs: int | None = None, calibration_batches: int | None = None,
-              recalibrate: bool = False, paper_row: str | None = None, mesh=None,
+              recalibrate: bool = False, paper_row: str | None = None,
+              calibration: str | None = None, mesh=None,
               echo: Callable[[str], None] | None = print,
               new_report: bool = False) -> list[Record]:
     """Evaluates run ``workdir`` at ``widths`` and writes ``sweep.json/.md/.png`` into ``out``.
@@ -84,6 +85,8 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
       epochs: paper protocol epochs instead of the recipe's (milestones scale with it).
       calibration_batches: instead of ``config.eval.calibration_batches``.
       recalibrate: ignore stored statistics.
+      calibration: a BN calibration procedure (``calibrate.PRESETS``) instead of
+        ``config.eval.calibration``.
       paper_row: a ``paper.ROWS`` key drawn beside ours (default ``config.eval.paper_row``).
       echo: where the table and timings are printed (None: silent).
       new_report: never replace a report: ``out`` must hold no sweep yet, and without
@@ -92,6 +95,11 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
       The records (also in ``sweep.json``), widest width first, protocols in the given order.
     """
     config = checkpointing.read_config(workdir)
+    if calibration is not None:
+        if calibration not in calib.PRESETS:
+            raise ValueError(f"unknown calibration {calibration!r}; valid: "
+                             f"{', '.join(calib.PRESETS)}")
+        config.eval.calibration = calibration
     protocols = _as_list(protocol or config.eval.sweep_protocol)
     widths = list(dict.fromkeys(check_width(config, w)
                                 for w in _widths(widths or config.eval.sweep_widths)))
@@ -107,7 +115,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
             raise ValueError(f"{out} already holds a sweep ({', '.join(held)}); choose another "
                              "--out, or leave it out for a new folder under <workdir>/eval/")
     pre = checkpointing.load_pretrained(workdir, step)
-    settings = calibration_settings(config, calibration_batches)
+    settings = calibration_settings(config, calibration_batches, dataset)
     t_load = time.perf_counter()
     ev = Evaluator(config, dataset, mesh=mesh)
     log.info("loaded %s (%d train / %d test) in %.1fs", dataset, ev.train.num_examples,
@@ -135,7 +143,8 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
                 "feature_dim": ev.backbone.feature_dim(w), "num_train": ev.train.num_examples,
                 "num_test": ev.test.num_examples, "time_s": round(t_probe, 3),
                 "calibration_s": round(t_cal, 3), "features_s": round(t_feat, 3),
-                "calibration_reused": reused, "calibration_mode": settings.mode,
+                "calibration_reused": reused, "calibration": config.eval.calibration,
+                "calibration_mode": settings.mode,
                 "calibration_batches": settings.num_batches}
             if p == "paper":
                 rec["linear_epochs"] = ev.recipe.epochs

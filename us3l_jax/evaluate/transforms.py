@@ -5,10 +5,10 @@ normalisation the backbone was trained on:
 
 * CIFAR-sized views (side S < 128): linear-eval training crops RandomResizedCrop(S, scale
   (0.8, 1), bicubic) + flip; test transform Resize(round(S·36/32), bicubic) + CenterCrop(S)
-  (reference §9.2; S = 32 gives exactly the official CIFAR pipeline, the 16 px digits demo
+  (S = 32 gives exactly the official CIFAR pipeline, the 16 px digits demo
   Resize(18) + CenterCrop(16)).
 * ImageNet-sized views: RandomResizedCrop(S, scale (0.08, 1)) + flip; Resize(round(S·256/224))
-  + CenterCrop(S), bilinear (reference §9.3/9.4).
+  + CenterCrop(S), bilinear.
 
 Mean/std are the pretraining views' (CIFAR's for the ``cifar``/``none`` presets).
 Variable-size datasets (Flowers, Pets, DTD, ImageNet) are stored at the resize size, so the
@@ -45,6 +45,7 @@ class EvalData:
     load_size: int | None  # side ``datasets.load`` stores images at (None: native)
     train_view: augment.ViewConfig  # linear-eval training augmentation
     eval_view: augment.EvalConfig  # deterministic test transform
+    ssl_view: augment.ViewConfig  # the pretraining view (official ImageNet BN calibration)
 
     @property
     def size(self) -> int:
@@ -76,7 +77,8 @@ def for_run(config, dataset: str | None = None) -> EvalData:
     else:
         load_size = resize
     train_split, test_split = SPLITS[dataset]
-    return EvalData(dataset, train_split, test_split, load_size, train, test)
+    return EvalData(dataset, train_split, test_split, load_size, train, test,
+                    dataclasses.replace(build.view_recipe(config)[0], size=s))
 
 
 def load(data: EvalData, data_dir: str | None = None

@@ -14,6 +14,7 @@ then ``from_torch_state_dict("resnet50", load_safetensors(f))``.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 
@@ -30,20 +31,25 @@ from flax import traverse_util
 from us3l_jax import fileio, models
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.plain import PlainMobileNetV2, plain_network
+from us3l_jax.models.vit import VisionTransformer
 from us3l_jax.slim import slice_leading
 
 COLLECTIONS = ("params", "batch_stats")
 # Stem / classifier weights per family: our layer names and torchvision keys.
-_STEM = {"resnet": "conv1", "mobilenet_v2": "stem_conv"}
-_HEAD = {"resnet": "fc", "mobilenet_v2": "classifier"}
-_TORCH_STEM = {"resnet": "conv1.weight", "mobilenet_v2": "features.0.0.weight"}
-_TORCH_HEAD = {"resnet": "fc.weight", "mobilenet_v2": "classifier.1.weight"}
+_STEM = {"resnet": "conv1", "mobilenet_v2": "stem_conv", "vit": "patch_embed"}
+_HEAD = {"resnet": "fc", "mobilenet_v2": "classifier", "vit": "head"}
+_TORCH_STEM = {"resnet": "conv1.weight", "mobilenet_v2": "features.0.0.weight",
+               "vit": "patch_embed.proj.weight"}
+_TORCH_HEAD = {"resnet": "fc.weight", "mobilenet_v2": "classifier.1.weight",
+               "vit": "head.weight"}
 # Shape-only probe input: large enough for every stride pattern (ImageNet ResNet: 32 -> 1).
 _PROBE_SIZE = 32
 
 Variables = dict[str, Any]
 
 def _family(model: nn.Module) -> str:
+    if isinstance(model, VisionTransformer):
+        return "vit"
     return "mobilenet_v2" if isinstance(model, (MobileNetV2, PlainMobileNetV2)) else "resnet"
 
 def _build(name: str, model_kw: Mapping[str, Any],
@@ -220,6 +226,8 @@ def plain_to_torch_state_dict(plain: nn.Module, sliced: Mapping[str, Any]
     """``to_torch_state_dict`` of a plain network and its (sliced) variables, e.g. from
     ``slice_module``."""
     family = _family(plain)
+    if family == "vit":
+        return _vit_to_torch(plain, sliced)
     flat = {col: _flat(tree) for col, tree in sliced.items()}
     sd = {tkey: np.ascontiguousarray(_to_torch_leaf(np.asarray(jax.device_get(flat[col][k]))))
           for col, k, tkey in _torch_entries(family, sliced)}
@@ -259,6 +267,8 @@ def plain_from_torch_state_dict(plain: nn.Module, state_dict: Mapping[str, Any])
 
 def _plain_from_torch(what: str, plain: nn.Module, sd: dict[str, Any], at: str) -> Variables:
     family = _family(plain)
+    if family == "vit":
+        return _vit_from_torch(what + at, plain, sd)
     stem = sd.get(_TORCH_STEM[family])
     in_ch = 3 if stem is None else int(np.shape(stem)[1])
     abstract = _abstract(plain, in_ch)
@@ -276,6 +286,86 @@ def _plain_from_torch(what: str, plain: nn.Module, sd: dict[str, Any], at: str) 
                              "width or with other model_kw?)")
         flat[col][k] = np.ascontiguousarray(_from_torch_leaf(a).astype(np.float32))
     return {col: traverse_util.unflatten_dict(v) for col, v in flat.items()}
+
+# ------------------------------------------------------------------------------------------
+# ViTs: timm ``VisionTransformer`` / MoCo v3 names
+# ------------------------------------------------------------------------------------------
+# cls_token (1,1,d); pos_embed (1,1+N,d) (the fixed sin-cos table, written for
+# ``image_size``); patch_embed.proj.{weight (d,3,p,p), bias}; blocks.{i}.norm1/norm2.{weight,
+# bias}; blocks.{i}.attn.qkv.{weight (3d,d), bias (3d)}; blocks.{i}.attn.proj/mlp.fc1/mlp.fc2
+# .{weight (out,in), bias}; norm.{weight,bias}; head.{weight,bias} with a classifier.
+
+
+def _vit_torch_key(k: tuple[str, ...]) -> str:
+    parts = [p.replace("blocks_", "blocks.") for p in k[:-1]]
+    if parts == ["patch_embed"]:
+        parts.append("proj")
+    leaf = k[-1]
+    return ".".join(parts + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+
+
+def _vit_leaf_to_torch(k: tuple[str, ...], a: np.ndarray) -> np.ndarray:
+    if k[-2:] == ("qkv", "kernel"):  # (d, 3, h, hd) -> torch (3*h*hd, d)
+        return a.reshape(a.shape[0], -1).T
+    if k[-2:] == ("qkv", "bias"):
+        return a.reshape(-1)
+    return a if k == ("cls_token",) else _to_torch_leaf(a)
+
+
+def _vit_pos_embed(plain: nn.Module) -> np.ndarray:
+    from us3l_jax.models.vit import sincos_pos_embed
+    g = plain.image_size // plain.patch_size
+    return sincos_pos_embed(g, g, plain.dim)[None]
+
+
+def _vit_to_torch(plain: nn.Module, sliced: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    sd = {_vit_torch_key(k): np.ascontiguousarray(
+        _vit_leaf_to_torch(k, np.asarray(jax.device_get(v))))
+        for k, v in _flat(sliced["params"]).items()}
+    sd["pos_embed"] = _vit_pos_embed(plain)
+    return sd
+
+
+def _vit_from_torch(what: str, plain: nn.Module, sd: dict[str, Any]) -> Variables:
+    abstract = _flat(_abstract(plain, int(np.shape(sd.get(_TORCH_STEM["vit"], [0, 3]))[1]))
+                     ["params"])
+    keys = {_vit_torch_key(k): k for k in abstract}
+    _check_keys(what, set(sd), list(keys) + ["pos_embed"])
+    pos = _vit_pos_embed(plain)
+    if np.shape(sd["pos_embed"]) != pos.shape or not np.allclose(sd["pos_embed"], pos,
+                                                                 atol=1e-5):
+        raise ValueError(f"{what} key 'pos_embed': not the fixed sin-cos table of a "
+                         f"{plain.image_size}-px input (shape {pos.shape}); this ViT has no "
+                         "learned position embedding")
+    flat = {}
+    for tkey, k in keys.items():
+        shape = abstract[k].shape
+        a = np.asarray(sd[tkey], np.float32)
+        if k[-2:] == ("qkv", "kernel"):
+            a = a.T.reshape(shape) if a.shape == (shape[1] * shape[2] * shape[3], shape[0]) \
+                else a
+        elif k[-2:] == ("qkv", "bias"):
+            a = a.reshape(shape) if a.size == math.prod(shape) else a
+        elif k != ("cls_token",):
+            a = _from_torch_leaf(a)
+        if a.shape != shape:
+            raise ValueError(f"{what} key {tkey!r}: shape {np.shape(sd[tkey])} does not fit "
+                             f"{shape} (was it exported at another width or size?)")
+        flat[k] = np.ascontiguousarray(a)
+    return {"params": traverse_util.unflatten_dict(flat)}
+
+
+def moco_v3_backbone(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The ViT backbone of a MoCo v3 pretraining checkpoint's ``state_dict``, as the official
+    linear evaluation reads it: ``module.base_encoder.*`` keys without the prefix, the
+    projector (``head.*``) dropped."""
+    prefix = "module.base_encoder."
+    out = {k[len(prefix):]: v for k, v in state_dict.items()
+           if k.startswith(prefix) and not k.startswith(prefix + "head")}
+    if not out:
+        raise ValueError(f"no '{prefix}*' keys in the state dict; is it a MoCo v3 checkpoint?")
+    return out
+
 
 # ------------------------------------------------------------------------------------------
 # safetensors files

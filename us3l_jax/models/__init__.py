@@ -11,8 +11,9 @@ from flax import linen as nn
 
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.resnet import ResNet
+from us3l_jax.models.vit import VisionTransformer
 
-# name -> (constructor, default keyword arguments). Init schemes follow reference §1.6:
+# name -> (constructor, default keyword arguments). Init schemes follow the official models:
 # the CIFAR ResNets use PyTorch defaults, the ImageNet ResNets kaiming-normal fan-out.
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "cifar_resnet18": (ResNet, dict(stage_sizes=(2, 2, 2, 2), block="basic", stem="cifar")),
@@ -23,7 +24,11 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
                               init_scheme="kaiming_fan_out")),
     "cifar_mobilenet_v2": (MobileNetV2, dict(input_size=32)),
     "mobilenet_v2": (MobileNetV2, dict(input_size=224)),
+    # MoCo v3 ViTs (patch 16, 224 px by default; ``slicing="official"`` or ``"embed"``).
+    "vit_tiny": (VisionTransformer, dict(dim=192, depth=12, heads=6)),
+    "vit_small": (VisionTransformer, dict(dim=384, depth=12, heads=12)),
 }
+VIT_NAMES: tuple[str, ...] = ("vit_tiny", "vit_small")
 
 NAMES: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -32,7 +37,9 @@ def create(name: str, num_classes: int | None = None, **kw: Any) -> nn.Module:
     """Builds backbone ``name``; ``num_classes=None`` returns features, else logits.
 
     Extra keywords override the defaults (e.g. ``dtype=jnp.bfloat16``, ``bn_group_size=128``,
-    ``min_width=0.25``, and for tests ``stage_sizes=(1, 1, 1, 1)``).
+    ``min_width=0.25``, and for tests ``stage_sizes=(1, 1, 1, 1)``; ViTs take ``image_size``,
+    ``patch_size``, ``slicing``, ``stop_grad_patch`` and, for small variants,
+    ``dim``/``depth``/``heads``).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NAMES)}")

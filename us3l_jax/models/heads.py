@@ -1,4 +1,4 @@
-"""SSL heads and the model bundle (reference §3.1-3.3).
+"""SSL heads and the model bundle.
 
 The projector's first layer reads the slimmed backbone feature (input slimmed, output not);
 everything after it, and the predictor / auxiliary distillation head, is full width. Head BNs
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from us3l_jax.slim import SlimBatchNorm, SlimDense
+from us3l_jax.slim import LeadingDense, SlimBatchNorm, SlimDense, torch_default_kernel_init
 
-PROJECTOR_STYLES = ("simclr", "byol", "simsiam")
+PROJECTOR_STYLES = ("simclr", "byol", "simsiam", "mocov2", "mocov3")
 
 
 class Projector(nn.Module):
@@ -22,7 +22,8 @@ class Projector(nn.Module):
 
     ``style`` selects the official variants: ``simclr`` (SimCLR_Momentum: middle Linear with
     bias), ``byol`` (middle Linear without bias), ``simsiam`` (as byol, and the last Linear is
-    followed by a non-affine BN; its frozen bias cancels inside that BN, so it is omitted).
+    followed by a non-affine BN; its frozen bias cancels inside that BN, so it is omitted),
+    ``mocov2`` (MoCo v2's MLP: Linear(feat->hidden) -> ReLU -> Linear(hidden->out), no BN).
     """
     in_features: int
     slim_in: bool
@@ -39,6 +40,9 @@ class Projector(nn.Module):
         bn = dict(slim=False, group_size=self.bn_group_size, dtype=self.dtype)
         x = SlimDense(self.in_features, self.hidden, use_bias=True, slim_in=self.slim_in,
                       dtype=self.dtype, name="fc1")(h, width)
+        if self.style == "mocov2":
+            return SlimDense(self.hidden, self.out, use_bias=True, slim_in=False,
+                             dtype=self.dtype, name="fc2")(nn.relu(x))
         x = nn.relu(SlimBatchNorm(self.hidden, name="bn1", **bn)(x, 1.0, True))
         x = SlimDense(self.hidden, self.hidden, use_bias=self.style == "simclr", slim_in=False,
                       dtype=self.dtype, name="fc2")(x)
@@ -52,7 +56,7 @@ class Projector(nn.Module):
 
 class Predictor(nn.Module):
     """Linear(d->hidden, no bias) -> BN -> ReLU -> Linear(hidden->d): the BYOL/SimSiam predictor
-    and the US3L auxiliary distillation head g (reference §3.1-3.2)."""
+    and the US3L auxiliary distillation head g."""
     features: int
     hidden: int = 2048
     bn_group_size: int | None = None
@@ -66,6 +70,34 @@ class Predictor(nn.Module):
                           dtype=self.dtype, name="bn1")(x, 1.0, True)
         return SlimDense(self.hidden, self.features, use_bias=True, slim_in=False,
                          dtype=self.dtype, name="fc2")(nn.relu(x))
+
+
+class MoCoMLP(nn.Module):
+    """MoCo v3's ``_build_mlp``: ``num_layers`` bias-free Linears with BN -> ReLU between them
+    and a non-affine BN after the last (projector: 3 layers, predictor: 2). The first Linear
+    reads the leading ``x.shape[-1]`` of its ``in_features`` inputs (a ViT feature that shrinks
+    with the width in ``slicing='embed'``; always full with the official slicing). PyTorch's
+    default Linear init, as the official code (it does not re-initialise the heads)."""
+    num_layers: int
+    in_features: int
+    hidden: int
+    out: int
+    bn_group_size: int | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            fin = self.in_features if i == 0 else self.hidden
+            fout = self.out if last else self.hidden
+            x = LeadingDense(fin, fout, use_bias=False, dtype=self.dtype,
+                             kernel_init=torch_default_kernel_init, name=f"fc{i + 1}")(x)
+            x = SlimBatchNorm(fout, slim=False, affine=not last, group_size=self.bn_group_size,
+                              dtype=self.dtype, name=f"bn{i + 1}")(x, 1.0, True)
+            if not last:
+                x = nn.relu(x)
+        return x
 
 
 class SSLModel(nn.Module):
@@ -88,6 +120,14 @@ class SSLModel(nn.Module):
         bb = self.backbone
         full, smallest = bb.feature_dim(1.0), bb.feature_dim(bb.min_width)
         kw = dict(bn_group_size=self.bn_group_size, dtype=self.dtype)
+        if self.proj_style == "mocov3":
+            self.projector = MoCoMLP(3, full, self.proj_hidden, self.proj_out, **kw)
+            head = lambda: MoCoMLP(2, self.proj_out, self.head_hidden, self.proj_out, **kw)
+            if self.use_predictor:
+                self.predictor = head()
+            if self.use_distill_head:
+                self.distill_head = head()
+            return
         self.projector = Projector(full, slim_in=smallest < full, hidden=self.proj_hidden,
                                    out=self.proj_out, style=self.proj_style, **kw)
         if self.use_predictor:
@@ -97,7 +137,10 @@ class SSLModel(nn.Module):
 
     def encode(self, x: jax.Array, width: float) -> jax.Array:
         """Projector output z at ``width`` (BN in train mode: batch statistics)."""
-        return self.projector(self.backbone(x, width=width, train=True), width)
+        h = self.backbone(x, width=width, train=True)
+        if self.proj_style == "mocov3":
+            return self.projector(h)
+        return self.projector(h, width)
 
     def predict(self, z: jax.Array) -> jax.Array:
         return self.predictor(z)

@@ -1,4 +1,4 @@
-"""Universally slimmable MobileNetV2 (reference §2.3).
+"""Universally slimmable MobileNetV2.
 
 Expanded channels are (expansion t) x (slimmed input) via the ``ratio`` rule; the final 1x1 conv
 to 1280 and its BN are not slimmed, so the feature size is 1280 at every width.
@@ -20,7 +20,7 @@ SETTINGS = ((1, 16, 1, 1), (6, 24, 2, None), (6, 32, 3, 2), (6, 64, 4, 2), (6, 9
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 
-# N(0, sqrt(2 / (k*k*out_channels))) for convs, N(0, 0.01) for the classifier (reference §1.6).
+# N(0, sqrt(2 / (k*k*out_channels))) for convs, N(0, 0.01) for the classifier.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 linear_init = nn.initializers.normal(0.01)
 

@@ -22,6 +22,7 @@ from us3l_jax import slim
 from us3l_jax.models import mobilenet_v2 as mbv2
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.resnet import STAGE_STRIDES, ResNet
+from us3l_jax.models.vit import VisionTransformer, plain_vit
 from us3l_jax.slim import SlimBatchNorm, SlimConv, SlimDense
 
 # A conv in a plan: (kernel size, stride, in channels, out channels).
@@ -203,11 +204,13 @@ def plain_network(model: nn.Module, width: float) -> nn.Module:
 
     Apply it as ``plain.apply(variables, x, train=...)`` (no width argument). Raises
     ``ValueError`` for a width outside ``[model.min_width, 1]`` and ``TypeError`` for a model
-    that is not a slimmable ResNet or MobileNetV2.
+    that is not a slimmable ResNet, MobileNetV2 or ViT (``slicing='embed'``).
     """
     if isinstance(model, ResNet):
         return _plain_resnet(model, slim.validate_width(width, model.min_width))
     if isinstance(model, MobileNetV2):
         return _plain_mobilenet_v2(model, slim.validate_width(width, model.min_width))
+    if isinstance(model, VisionTransformer):
+        return plain_vit(model, width)
     raise TypeError(f"no plain counterpart for {type(model).__name__}; expected a slimmable "
                     "ResNet or MobileNetV2 from us3l_jax.models.create")

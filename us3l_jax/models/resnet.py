@@ -1,4 +1,4 @@
-"""Universally slimmable ResNets: CIFAR variant (reference §2.1) and torchvision v1.5 (§2.2).
+"""Universally slimmable ResNets: CIFAR variant and torchvision v1.5.
 
 Submodule names mirror the PyTorch ones (``conv1``, ``bn1``, ``layer1_0``, ``fc``) so that
 ``us3l_jax.export`` can map weights to and from torchvision/official state dicts.
@@ -81,7 +81,7 @@ class ResNet(nn.Module):
     block: str = "basic"
     stem: str = "cifar"
     num_classes: int | None = None
-    init_scheme: str = "torch_default"  # or "kaiming_fan_out" (ImageNet US ResNet, §1.6)
+    init_scheme: str = "torch_default"  # or "kaiming_fan_out" (ImageNet US ResNet)
     bn_group_size: int | None = None
     min_width: float = 0.25
     base_width: int = 64  # stage planes are base_width * (1, 2, 4, 8); small values for tests

@@ -1,0 +1,118 @@
+"""MoCo v3 and US3L for ViTs: the loss against a hand-written reference, the momentum ramp,
+the method flags, and a few AdamW steps of a tiny slimmable ViT in the per-width step."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from us3l_jax import mesh as mesh_lib
+from us3l_jax import models, objectives, optim
+from us3l_jax.method import MethodConfig, ema_momentum
+from us3l_jax.models.heads import SSLModel
+from us3l_jax.train import Trainer
+
+BATCH = 16
+
+
+def _reference_ctr(q, k, tau):
+    """MoCo v3 contrastive_loss written out: CE(n(q) n(k)^T / T, labels = arange) * 2T."""
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    kn = k / np.linalg.norm(k, axis=1, keepdims=True)
+    logits = qn @ kn.T / tau
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return -np.mean(np.diag(logp)) * 2 * tau
+
+
+def test_moco_v3_loss_matches_reference():
+    rng = np.random.default_rng(0)
+    q1, q2, k1, k2 = (rng.standard_normal((8, 16)) for _ in range(4))
+    got = objectives.moco_v3(q1, q2, k1, k2, 0.2)
+    want = _reference_ctr(q1, k2, 0.2) + _reference_ctr(q2, k1, 0.2)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    # Closed form: q = k = I_4 -> each side 2T[log(e^{1/T} + 3) - 1/T].
+    eye = np.eye(4)
+    closed = 2 * 2 * 0.2 * (math.log(math.exp(5.0) + 3) - 5.0)
+    np.testing.assert_allclose(float(objectives.moco_v3(eye, eye, eye, eye, 0.2)), closed,
+                               atol=1e-6)  # float32: the value (0.016) comes from a difference
+    # Groups of 4 are two independent problems (per-device keys, no all-gather).
+    g = objectives.moco_v3_contrast(q1, k2, 0.2, group_size=4)
+    np.testing.assert_allclose(float(g), 0.5 * (_reference_ctr(q1[:4], k2[:4], 0.2) +
+                                                _reference_ctr(q1[4:], k2[4:], 0.2)), rtol=1e-5)
+
+
+def test_cosine_momentum_ramp_end_points():
+    m = MethodConfig(base_loss="mocov3", ema_schedule="cosine", ema_momentum=0.99)
+    values = [float(ema_momentum(m, t, 100)) for t in (0, 50, 100)]
+    np.testing.assert_allclose(values, [0.99, 0.995, 1.0], atol=1e-7)
+
+
+def test_method_flags():
+    us3l = MethodConfig(base_loss="mocov3", distill_loss="mocov3", aux_head="new",
+                        aux_head_init="copy", tau=0.2, decay_rule="weight_decay")
+    assert us3l.uses_predictor and us3l.uses_distill_head
+    # AdamW's decay reaches every parameter with a gradient: the predictor at width 1.0, the
+    # new head once sub-networks have trained.
+    assert us3l.decay_groups(sub=False) == {"backbone", "projector", "predictor"}
+    assert us3l.late_decay_groups() == {"distill_head"}
+    baseline = MethodConfig(base_loss="mocov3", distill_loss="mocov3", aux_head="shared")
+    assert baseline.param_groups() == {"backbone", "projector", "predictor"}
+    # Existing defaults keep their behaviour.
+    assert not MethodConfig().uses_predictor
+    assert MethodConfig().decay_groups(sub=False) == {"backbone", "projector"}
+    with pytest.raises(ValueError, match="momentum_base"):
+        MethodConfig(base_loss="mocov3", momentum_base=False)
+    with pytest.raises(ValueError, match="aux_head_init"):
+        MethodConfig(aux_head_init="clone")
+    with pytest.raises(ValueError, match="copies the predictor"):
+        MethodConfig(aux_head_init="copy")
+
+
+def _views(key, images):
+    x = images.astype(jnp.float32) / 255.0
+    k1, k2 = jax.random.split(key)
+    return x + 0.1 * jax.random.normal(k1, x.shape), x + 0.1 * jax.random.normal(k2, x.shape)
+
+
+@pytest.fixture(scope="module")
+def us3l_vit():
+    method = MethodConfig(base_loss="mocov3", distill_loss="mocov3", aux_head="new",
+                          aux_head_init="copy", tau=0.2, update_mode="per_width",
+                          ema_schedule="cosine", group_size=None)
+    bb = models.create("vit_tiny", dim=32, depth=1, heads=4, patch_size=4, image_size=8,
+                       slicing="embed")
+    model = SSLModel(bb, proj_hidden=32, proj_out=16, proj_style="mocov3", head_hidden=32,
+                     use_predictor=True, use_distill_head=True)
+    tx, lr = optim.make_adamw(1e-3, 40, warmup_steps=2, weight_decay=0.1)
+    trainer = Trainer(model, method, tx, _views, mesh_lib.make_mesh(jax.devices()[:1]),
+                      batch_size=BATCH, total_steps=40, lr_schedule=lr)
+    images = jax.device_put(np.random.default_rng(0).integers(
+        0, 256, (BATCH, 8, 8, 3)).astype(np.uint8))
+    state = trainer.init_state(jax.random.key(0), jax.ShapeDtypeStruct(images.shape,
+                                                                       images.dtype))
+    return trainer, state, images
+
+
+def test_us3l_vit_steps_decrease_the_losses(us3l_vit):
+    trainer, state, images = us3l_vit
+    p = state.params
+    assert set(p) == {"backbone", "projector", "predictor", "distill_head"}
+    chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), p["predictor"],
+                              p["distill_head"])
+    assert all(jax.tree.leaves(chex_equal))  # the new head starts as a copy of the predictor
+    # 3-layer projector, bias-free Linears, BN after each (the last one without affine)
+    assert set(p["projector"]) == {"fc1", "fc2", "fc3", "bn1", "bn2"}
+    assert set(p["projector"]["fc1"]) == {"kernel"} and set(p["predictor"]) == {"fc1", "fc2",
+                                                                                "bn1"}
+    history = []
+    for _ in range(10):
+        state, metrics = trainer.step(state, images, (1.0, 0.5))
+        history.append((float(metrics["loss/base"]), float(metrics["loss/sub0"])))
+    assert int(state.step) == 10
+    (b0, s0), (b1, s1) = history[0], history[-1]
+    assert b1 < b0 - 0.05 and s1 < s0 - 0.05, history
+    # ema momentum follows the cosine ramp from 0.99
+    np.testing.assert_allclose(float(metrics["ema_momentum"]),
+                               1 - 0.01 * 0.5 * (1 + math.cos(math.pi * 9 / 40)), rtol=1e-6)
+    assert trainer.num_programs == 4  # views, base_update, sub_update at 0.5, finish
