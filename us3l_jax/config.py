@@ -311,7 +311,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
                           f"multiple of config.method.group_size={g}; use e.g. "
                           f"{_nearest_multiple(config.optim.batch_size, g)}")
-                          f"multiple of config.method.group_size={g}")
     cal_batch = config.eval.calibration_batch_size
     if cal_batch is not None:
         _positive("eval.calibration_batch_size", cal_batch)
