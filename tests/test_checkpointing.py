@@ -213,3 +213,16 @@ def test_an_unreadable_file_counts_as_corrupt(trained, monkeypatch):
     assert checkpointing.verify_checksums(step_dir) == (
         "state/_METADATA cannot be checked (PermissionError: [Errno 13] Permission denied: "
         f"'{step_dir}/state/_METADATA')")
+
+
+def test_intact_checkpoint_of_another_state_structure_is_refused_not_moved(trained):
+    """Files that pass their checksums but do not restore into this train state (another
+    version's checkpoint) are not corrupt: refused with a message, never moved."""
+    ckpt = checkpointing.Checkpointer(trained[0], tiny())
+    other = {"params": build.abstract_state(tiny()).params, "extra": jax.ShapeDtypeStruct(
+        (3,), np.float32)}
+    with pytest.raises(checkpointing.CheckpointError,
+                       match="checkpoint 6 in .* passes its checksums but does not restore"):
+        ckpt.restore_latest(other, move_corrupt=True)
+    ckpt.close()
+    assert sorted(os.listdir(os.path.join(trained[0], "checkpoints"))) == ["2", "4", "6"]

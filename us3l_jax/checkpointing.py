@@ -365,7 +365,8 @@ class Checkpointer:
         ``checkpoints/corrupt-<step>/`` once a good one is found, so their steps can be saved
         again; if none is readable, ``NoReadableCheckpointError`` names them (nothing moved).
         Raises ``CheckpointError`` if a checkpoint was written by a different model or width
-        range.
+        range, or passes its checksums but does not fit this version's train state (another
+        version's checkpoint is not corrupt: it is neither skipped nor moved).
         """
         corrupt: list[int] = []
         for step in reversed(steps or self.all_steps()):
@@ -389,6 +390,14 @@ class Checkpointer:
                     restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
                 except Exception as e:  # noqa: BLE001
                     problem = f"{type(e).__name__}: {_first_line(e)}"
+                    if os.path.exists(os.path.join(self.step_dir(step), CHECKSUM_FILE)):
+                        # Its files are as they were written: not corrupt but another
+                        # version's state (e.g. a TrainState with other fields). Not moved.
+                        raise CheckpointError(
+                            f"checkpoint {step} in {self.directory} passes its checksums but "
+                            f"does not restore into this version's train state ({problem}); "
+                            f"it was written by another version of us3l_jax: use that "
+                            f"version, or a new --workdir") from None
             if problem is not None:
                 log.warning("checkpoint %d in %s is corrupt (%s); trying an older one",
                             step, self.workdir, problem)
