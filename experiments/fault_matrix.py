@@ -340,7 +340,16 @@ def io_cases(m, base):
                       "last good checkpoint intact", rc,
                       rc == 4 and one_line(out, err) and "errno 28" in err,
                       (error_lines(err) or [err[-300:]])[0],
-                      lost(before, after, config_may_change=True), err + out)
+                      lost(before, after, config_may_change=True), err)
+                # Space freed (the run moved to a roomy disk): the rerun resumes and finishes.
+                roomy = os.path.join(m.root, "full_save_rerun")
+                shutil.copytree(w, roomy)
+                rc, out, err = run(main_cmd(roomy, "--config.train.max_steps=12"))
+                m.add("I/O", "disk full during a save, rerun with space", "exit 0, resumes from "
+                      "the last good checkpoint", rc, rc == 0 and "from step 6" in out and
+                      12 in snapshot(roomy)[0], "resumed from step 6, saved 12"
+                      if rc == 0 else "", lost(after, snapshot(roomy), config_may_change=True),
+                      err)
             finally:
                 subprocess.run(["umount", mnt])
     if m.want("disk full at start"):

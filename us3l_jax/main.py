@@ -76,13 +76,17 @@ def _quiet_save_failure_noise() -> None:
     ``US3L_DEBUG=1`` keeps them."""
     logging.getLogger("absl").addFilter(
         lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
-    previous = sys.excepthook
+    closed_loop = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
 
     def hook(kind, value, tb):
-        if kind is RuntimeError and str(value) == "Event loop is closed":
-            return
-        previous(kind, value, tb)
-    sys.excepthook = hook
+        if not closed_loop(value):
+            previous(kind, value, tb)
+
+    def unraisable(info):  # tensorstore's callbacks report through here (no object named)
+        if not closed_loop(info.exc_value):
+            previous_unraisable(info)
+    sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
 def init_distributed() -> None:
