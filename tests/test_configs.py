@@ -122,6 +122,38 @@ def test_config_json_round_trip():
         config_lib.from_json('{"optim": {"lrr": 1}}')
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({"optim__lr": float("inf")}, "config.optim.lr=inf is not a finite number"),
+    ({"method__distill_weight": float("nan")},
+     "config.method.distill_weight=nan is not a finite number"),
+    ({"train__checkpoint_every_steps": -5},
+     "config.train.checkpoint_every_steps must be > 0, got -5"),
+    ({"model__stage_sizes": (1, 1)}, "config.model.stage_sizes=(1, 1) must be 4 positive "
+                                     "integers"),
+    ({"data__data_dir": "/data"}, "config.data.data_dir='/data' does not apply to dataset "
+                                  "'digits'"),
+    ({"eval__sweep_widths": ()}, "config.eval.sweep_widths is empty"),
+    ({"eval__online_every_epochs": 1, "eval__online_widths": ()},
+     "config.eval.online_widths is empty"),
+    ({"optim__batch_size": 63}, "config.optim.batch_size=63 is not a multiple of "
+                                "config.method.group_size=32; use e.g. 64"),
+])
+def test_validation_names_the_bad_field(overrides, message):
+    from tests.helpers import demo_config
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(demo_config("smoke", **overrides))
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_batch_size_hint_is_a_multiple_of_devices_and_group():
+    import jax
+    from us3l_jax import mesh as mesh_lib
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match="use a batch size such as 64$"):
+        mesh_lib.check_batch_size(0, mesh, group_size=64)
+    mesh_lib.check_batch_size(63, mesh, group_size=None)  # 1 device: any size splits
+
+
 def test_too_small_model_for_the_width_range_is_named():
     """8 channels at 0.25x round up to 9 under the official rule: refused before any run."""
     c = load_config_module("configs/demo.py").get_config("smoke")

@@ -36,3 +36,14 @@ def test_replacing_a_file_keeps_it_complete_and_leaves_no_temporary(tmp_path, um
     fileio.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["x.bin"]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_unusable_dir_names_the_problem(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert fileio.unusable_dir(tmp_path / "new" / "run") is None
+    assert fileio.unusable_dir(tmp_path) is None
+    assert fileio.unusable_dir(tmp_path / "f") == "it exists and is a file, not a directory"
+    assert fileio.unusable_dir(tmp_path / "f" / "run") == (
+        f"{tmp_path / 'f'} is a file, so no directory can be created below it")
+    assert fileio.unusable_dir("/proc/1/run").startswith("/proc/1/run is on a virtual file "
+                                                         "system (proc)")

@@ -7,14 +7,27 @@ Layout of ``<workdir>``::
                            model identity and width range, used to refuse a mismatched restore)
 
 orbax writes each checkpoint into a temporary directory and renames it when complete, so a
-checkpoint is either complete or absent, also after ``kill -9``. A checkpoint that exists but
-cannot be read (corrupted files) is skipped with a warning in favour of the previous one.
+checkpoint is either complete or absent, also after ``kill -9``.
+
+Integrity: before that rename, process 0 writes ``us3l_checksums.json`` into the checkpoint
+(size and CRC-32 of every file; orbax's own formats checksum only the shard index, so a flipped
+bit in array data would load silently). Restoring verifies it first. A checkpoint that fails
+the check or cannot be read is corrupt: training falls back to the newest good one and moves
+each newer corrupt one to ``checkpoints/corrupt-<step>/`` (saying so), so the run can save that
+step again. Nothing is deleted. If checkpoints exist but none is readable, training refuses to
+start a new run over them (``NoReadableCheckpointError``) unless told to start over.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno as errno_lib
+import glob
+import json
 import logging
 import os
+import re
+import time
+import zlib
 from typing import Any
 
 import jax
@@ -28,6 +41,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+CHECKSUM_FILE = "us3l_checksums.json"
+CORRUPT_PREFIX = "corrupt-"
+# orbax rewrites its step metadata (commit time) after the checksums are taken; it holds no
+# array data and a damaged copy makes the restore fail by itself.
+_UNCHECKED = ("_CHECKPOINT_METADATA",)
 # Fields that must match between a checkpoint and the config restoring it.
 IDENTITY_FIELDS = ("model.name", "model.base_width", "model.stage_sizes", "sampler.width_range",
                    "heads.proj_hidden", "heads.proj_out", "heads.proj_style",
@@ -37,6 +55,109 @@ IDENTITY_FIELDS = ("model.name", "model.base_width", "model.stage_sizes", "sampl
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used for this run."""
+
+
+class NoReadableCheckpointError(CheckpointError):
+    """Checkpoints exist, but none of them can be restored."""
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (e.g. the disk is full); older checkpoints are intact."""
+
+    def __init__(self, step: int, path: str, cause: BaseException):
+        self.step, self.path = step, path
+        self.errno_value = _find_errno(cause)
+        name = errno_lib.errorcode.get(self.errno_value, "") if self.errno_value else ""
+        detail = (f"errno {self.errno_value} {name}: {os.strerror(self.errno_value)}"
+                  if self.errno_value else f"{type(cause).__name__}: {_first_line(cause)}")
+        super().__init__(self.errno_value, f"saving checkpoint {step} to {path} failed "
+                         f"({detail})")
+
+    def __str__(self) -> str:
+        return self.args[1]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _find_errno(e: BaseException | None) -> int | None:
+    """The OS error number behind ``e``: an ``OSError`` in its cause/context chain, or the
+    ``[Errno N]`` / strerror text that tensorstore puts into its messages."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        text = str(e)
+        m = re.search(r"\[Errno (\d+)\]|errno[ =:]+(\d+)", text)
+        if m:
+            return int(m.group(1) or m.group(2))
+        for code in (errno_lib.ENOSPC, errno_lib.EDQUOT, errno_lib.EROFS, errno_lib.EACCES,
+                     errno_lib.EIO):
+            if os.strerror(code) in text:
+                return code
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def file_checksums(root: str) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of every file under ``root`` (the checksum file and
+    orbax's step metadata excepted)."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            if rel != CHECKSUM_FILE and rel not in _UNCHECKED:
+                out[rel] = [os.path.getsize(path), _crc32(path)]
+    return dict(sorted(out.items()))
+
+
+def write_checksums(root: str) -> None:
+    atomic_write_text(os.path.join(root, CHECKSUM_FILE),
+                      json.dumps({"crc32": file_checksums(root)}))
+
+
+def verify_checksums(root: str) -> str | None:
+    """None if every file listed in ``root``'s checksum file is there with its size and CRC;
+    else what is wrong. A checkpoint without a checksum file (written before checksums were
+    kept) passes with a warning: only orbax's own checks apply to it."""
+    path = os.path.join(root, CHECKSUM_FILE)
+    if not os.path.lexists(path):
+        log.warning("checkpoint %s has no %s (written by an older version): not verified",
+                    root, CHECKSUM_FILE)
+        return None
+    try:
+        with open(path) as f:
+            want = json.load(f)["crc32"]
+        if not isinstance(want, dict) or not want:
+            raise ValueError("no entries")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its {CHECKSUM_FILE} is unreadable ({type(e).__name__}: {_first_line(e)})"
+    for rel, entry in want.items():
+        full = os.path.join(root, rel)
+        try:
+            size, crc = entry
+            if not os.path.isfile(full):
+                return f"{rel} is missing" if not os.path.lexists(full) else \
+                    f"{rel} is not a regular file"
+            if os.path.getsize(full) != size:
+                return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+            if _crc32(full) != crc:
+                return f"{rel} fails its CRC-32 check (its data changed after the save)"
+        except (OSError, ValueError, TypeError) as e:
+            return f"{rel} cannot be checked ({type(e).__name__}: {_first_line(e)})"
+    return None
 
 
 def _get(config, dotted: str):
@@ -55,6 +176,81 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         atomic_write_text(os.path.join(workdir, CONFIG_FILE), config_lib.to_json(config))
 
 
+CONFIG_HISTORY_FILE = "config_history.jsonl"
+# What may change when a run resumes: how often it logs and saves, where it stops, how it
+# compiles and feeds. Everything else changes what is trained and needs --allow_config_change.
+RESUMABLE_CHANGES = ("train.log_every_steps", "train.checkpoint_every_steps",
+                     "train.keep_checkpoints", "train.max_steps", "train.compile_ahead",
+                     "train.compilation_cache_dir", "train.transfer_guard", "data.num_threads")
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(json.loads(config_lib.to_json(config)), "")
+    return out
+
+
+def config_changes(old: ml_collections.ConfigDict,
+                   new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """``{dotted field: (old, new)}`` for every field that differs."""
+    a, b = _flat(old), _flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_config_change(workdir: str, config: ml_collections.ConfigDict,
+                        allow: bool = False) -> None:
+    """Compares ``config`` with the run's ``config.json`` before resuming.
+
+    Fields of ``RESUMABLE_CHANGES`` may change; any other change raises ``CheckpointError``
+    with the difference unless ``allow``. Every accepted change is appended to
+    ``config_history.jsonl`` (step, time, the changes) and ``config.json`` is rewritten, so it
+    describes the run as it continues. The model's identity (``IDENTITY_FIELDS``) is checked
+    against the checkpoint itself, which refuses it even with ``allow``."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    try:
+        old = read_config(workdir)
+    except CheckpointError:
+        return  # no config.json (killed before writing it): nothing to compare with
+    except (OSError, ValueError) as e:
+        if not allow:
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: "
+                                  f"{_first_line(e)}); rerun with --allow_config_change to "
+                                  f"replace it with this config") from None
+        old = None
+    changes = {} if old is None else config_changes(old, config)
+    if any(k in IDENTITY_FIELDS for k in changes):
+        return  # another model: the checkpoint's identity check refuses it, config.json stays
+    if old is not None and not changes:
+        return
+    refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
+    if refused and not allow:
+        diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise CheckpointError(
+            f"the config differs from the run's {path} ({diff}); resuming with it would "
+            f"train something else. Use a new --workdir, the same config, or "
+            f"--allow_config_change to accept (logged in {CONFIG_HISTORY_FILE}). Fields that "
+            f"may change freely: {', '.join(RESUMABLE_CHANGES)}")
+    if jax.process_index() == 0:
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "accepted": bool(refused),
+                  "changes": {k: list(v) for k, v in changes.items()} if old is not None
+                  else "config.json was unreadable; replaced"}
+        with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        write_config(workdir, config)
+        # Allow-listed changes (max_steps, logging) are routine: logged, not warned about.
+        log.log(logging.WARNING if refused or old is None else logging.INFO,
+                "config changes accepted on resume (%s): %s", CONFIG_HISTORY_FILE,
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                    or "config.json replaced")
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
@@ -70,22 +266,62 @@ class Checkpointer:
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, keep: int = 3,
                  async_save: bool = True):
         self.workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self.config = config
-        self.manager = ocp.CheckpointManager(
-            os.path.join(self.workdir, CHECKPOINT_DIR),
+        self._keep, self._async = keep, async_save
+        self._saving: int | None = None  # the step of the save in flight
+        self._failed = False  # a save error has been raised already
+        self.manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        async_options = ocp.AsyncOptions(post_finalization_callback=self._seal) \
+            if self._async else None
+        return ocp.CheckpointManager(
+            self.directory,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True),
+                max_to_keep=self._keep, enable_async_checkpointing=self._async,
+                async_options=async_options, cleanup_tmp_directories=True),
             item_names=("state", "meta"))
+
+    def _seal(self) -> None:
+        """orbax's post-finalization callback (background thread, after every file of the
+        save is written, before the temporary folder is renamed to its step): writes the
+        checksums into it, so a checkpoint never exists without them. Process 0 only (on
+        several hosts the folder is shared)."""
+        if jax.process_index() != 0 or self._saving is None:
+            return
+        tmp = sorted(glob.glob(os.path.join(self.directory,
+                                            f"{self._saving}.orbax-checkpoint-tmp*")))
+        write_checksums(tmp[-1] if tmp else self.step_dir(self._saving))
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
-        """Starts saving (asynchronously); ``wait`` blocks until it is on disk."""
+        """Starts saving (asynchronously); ``wait`` blocks until it is on disk. Raises
+        ``CheckpointSaveError`` if this or the previous save failed."""
+        self.wait()  # orbax's save waits for the previous one too; this names its step
         meta = {"step": int(step), "identity": identity(self.config)}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = int(step)
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise several types
+            self._failed = True
+            raise CheckpointSaveError(step, self.step_dir(step), e) from e
+
+    def check_saved(self) -> None:
+        """Raises ``CheckpointSaveError`` if the last background save failed (cheap: it
+        looks at the save thread's stored exception; called at every step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            self._failed = True
+            step = self._saving if self._saving is not None else -1
+            raise CheckpointSaveError(step, self.step_dir(step), e) from e
 
     def reached_preemption(self, step: int) -> bool:
         """Whether every process has agreed to stop and save at ``step``: on several hosts,
@@ -94,42 +330,110 @@ class Checkpointer:
         return bool(self.manager.reached_preemption(step))
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._failed = True
+            step = self._saving if self._saving is not None else -1
+            raise CheckpointSaveError(step, self.step_dir(step), e) from e
+        self.check_saved()
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001
+            if not self._failed:  # not yet reported by check_saved / wait
+                raise CheckpointSaveError(self._saving if self._saving is not None else -1,
+                                          self.directory, e) from e
+
+    def _problem(self, step: int) -> str | None:
+        """Why checkpoint ``step`` cannot be used as it is on disk (None: it looks intact)."""
+        path = self.step_dir(step)
+        if not os.path.isdir(path):
+            return "its folder is missing"
+        return verify_checksums(path)
 
     def restore_latest(self, abstract_state: Any, steps: list[int] | None = None,
-                       partial: bool = False) -> tuple[int, Any] | None:
+                       partial: bool = False,
+                       move_corrupt: bool = False) -> tuple[int, Any] | None:
         """The newest readable checkpoint (of ``steps``, default all) as ``(step, state)``, or
         None if there is none. ``partial``: ``abstract_state`` is a subtree of the saved state
         (e.g. ``{"params": ...}``) and only that is read.
 
+        Corrupt checkpoints (failed checksums, unreadable files) are skipped with a warning.
+        ``move_corrupt`` (training): the newer corrupt ones are moved to
+        ``checkpoints/corrupt-<step>/`` once a good one is found, so their steps can be saved
+        again; if none is readable, ``NoReadableCheckpointError`` names them (nothing moved).
         Raises ``CheckpointError`` if a checkpoint was written by a different model or width
-        range; skips (with a warning) checkpoints whose files cannot be read.
+        range, or passes its checksums but does not fit this version's train state (another
+        version's checkpoint is not corrupt: it is neither skipped nor moved).
         """
+        corrupt: list[int] = []
         for step in reversed(steps or self.all_steps()):
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))
-                meta = restored["meta"]
-            except Exception as e:  # noqa: BLE001 - any unreadable file means "corrupt"
-                log.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
-                            step, self.workdir, type(e).__name__, e)
+            problem = self._problem(step)
+            if problem is None:
+                try:
+                    restored = self.manager.restore(step, args=ocp.args.Composite(
+                        meta=ocp.args.JsonRestore()))
+                    meta = restored["meta"]
+                    if not isinstance(meta, dict):
+                        raise ValueError(f"meta is {type(meta).__name__}, not a dict")
+                except Exception as e:  # noqa: BLE001 - any unreadable file means "corrupt"
+                    problem = f"{type(e).__name__}: {_first_line(e)}"
+            if problem is None:
+                self._check_identity(meta, step)
+                try:
+                    restore = (ocp.args.PyTreeRestore(
+                        abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
+                            abstract_state), partial_restore=True)
+                        if partial else ocp.args.StandardRestore(abstract_state))
+                    restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
+                except Exception as e:  # noqa: BLE001
+                    problem = f"{type(e).__name__}: {_first_line(e)}"
+                    if os.path.exists(os.path.join(self.step_dir(step), CHECKSUM_FILE)):
+                        # Its files are as they were written: not corrupt but another
+                        # version's state (e.g. a TrainState with other fields). Not moved.
+                        raise CheckpointError(
+                            f"checkpoint {step} in {self.directory} passes its checksums but "
+                            f"does not restore into this version's train state ({problem}); "
+                            f"it was written by another version of us3l_jax: use that "
+                            f"version, or a new --workdir") from None
+            if problem is not None:
+                log.warning("checkpoint %d in %s is corrupt (%s); trying an older one",
+                            step, self.workdir, problem)
+                corrupt.append(step)
                 continue
-            self._check_identity(meta, step)
-            try:
-                restore = (ocp.args.PyTreeRestore(
-                    abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
-                        abstract_state), partial_restore=True)
-                    if partial else ocp.args.StandardRestore(abstract_state))
-                restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
-            except Exception as e:  # noqa: BLE001
-                log.warning("checkpoint %d in %s is unreadable (%s: %s); trying an older one",
-                            step, self.workdir, type(e).__name__, str(e)[:300])
-                continue
+            if move_corrupt and corrupt:
+                self.move_aside(corrupt)
             return step, restored["state"]
+        if corrupt and move_corrupt:
+            raise NoReadableCheckpointError(
+                f"no readable checkpoint in {self.directory} (corrupt: "
+                f"{', '.join(self.step_dir(s) for s in sorted(corrupt))}); refusing to start a "
+                f"new run over them: move them away, or pass --start_over to move them to "
+                f"{CHECKPOINT_DIR}/{CORRUPT_PREFIX}<step>/ and train from step 0")
         return None
+
+    def move_aside(self, steps: list[int]) -> None:
+        """Renames each checkpoint of ``steps`` to ``corrupt-<step>[-<n>]`` (never deletes),
+        one line each, and reopens the manager so it forgets them. Process 0 moves; every
+        process then reopens (after a barrier on several hosts)."""
+        self.manager.wait_until_finished()
+        if jax.process_index() == 0:
+            for step in sorted(steps):
+                dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
+                n = 1
+                while os.path.lexists(dst):
+                    n += 1
+                    dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}-{n}")
+                os.rename(self.step_dir(step), dst)
+                log.warning("moved corrupt checkpoint %d to %s (kept for inspection; the run "
+                            "can save step %d again)", step, dst, step)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("us3l_move_corrupt_checkpoints")
+        self.manager.close()
+        self.manager = self._open()
 
     def _check_identity(self, meta: dict[str, Any], step: int) -> None:
         want = identity(self.config)

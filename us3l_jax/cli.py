@@ -23,7 +23,20 @@ def one_line(e: BaseException | str) -> str:
     text = str(e).replace("\\n", "\n")
     if "Traceback (most recent call last)" in text:
         text = [line for line in text.splitlines() if line.strip()][-1]
-    return " ".join(text.split())
+    return " ".join(": ".join(_unquote(t) for t in text.split(": ")).split())
+
+
+def _unquote(part: str) -> str:
+    """A KeyError's message arrives as its repr (``'\\'lrr\\' Did you mean ...'``): unwrap it."""
+    part = " ".join(part.split())
+    if len(part) > 1 and part[0] == part[-1] == "'" and "\\'" in part:
+        try:
+            value = ast.literal_eval(part)
+            if isinstance(value, str):
+                return value
+        except (ValueError, SyntaxError):
+            pass
+    return part
 
 
 def fail(prog: str | None, message: BaseException | str, code: int = EXIT_USAGE):

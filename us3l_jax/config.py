@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -191,8 +192,31 @@ def _positive(path: str, value: Any) -> None:
         raise ConfigError(f"config.{path} must be > 0, got {value!r}")
 
 
+def _non_finite(node, prefix: str = "") -> str | None:
+    """The dotted path of the first NaN or infinite number in the config, if any."""
+    for k, v in node.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, ml_collections.ConfigDict):
+            found = _non_finite(v, path + ".")
+            if found:
+                return found
+        for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(x, float) and not math.isfinite(x):
+                return path
+    return None
+
+
+def _nearest_multiple(value: int, of: int) -> int:
+    return max(of, round(value / of) * of)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks every field; raises ``ConfigError`` naming the first bad one."""
+    bad = _non_finite(config)
+    if bad:
+        section, _, key = bad.rpartition(".")
+        value = config[section][key] if section else config[key]
+        raise ConfigError(f"config.{bad}={value!r} is not a finite number")
     _choice("model.name", config.model.name, models.NAMES)
     _choice("model.dtype", config.model.dtype, DTYPES)
     _choice("heads.proj_style", config.heads.proj_style, PROJECTOR_STYLES)
@@ -227,6 +251,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
             if config.model[key] is not None:
                 raise ConfigError(f"config.model.{key} only applies to ResNets, not "
                                   f"{config.model.name!r}")
+    sizes = config.model.stage_sizes
+    if sizes is not None and not (len(sizes) == 4 and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes)):
+        raise ConfigError(f"config.model.stage_sizes={tuple(sizes)!r} must be 4 positive "
+                          f"integers (blocks in each of the ResNet's 4 stages), e.g. "
+                          f"(2, 2, 2, 2)")
+    if config.model.base_width is not None:
+        _positive("model.base_width", config.model.base_width)
+    if config.data.dataset == "digits" and config.data.data_dir is not None:
+        raise ConfigError(f"config.data.data_dir={config.data.data_dir!r} does not apply to "
+                          f"dataset 'digits' (it ships with scikit-learn); leave it unset")
+    if config.train.checkpoint_every_steps is not None:
+        _positive("train.checkpoint_every_steps", config.train.checkpoint_every_steps)
+    for path, needed in (("eval.sweep_widths", True),
+                         ("eval.online_widths", bool(config.eval.online_every_epochs))):
+        section, key = path.split(".")
+        if needed and not config[section][key]:
+            raise ConfigError(f"config.{path} is empty; give at least one width, e.g. "
+                              f"(1.0, 0.5, 0.25)")
     _choice("optim.optimizer", config.optim.optimizer, ("sgd", "adamw"))
     if config.model.name not in models.VIT_NAMES:
         for key in ("dim", "depth", "heads", "patch_size", "slicing", "stop_grad_patch"):
@@ -289,7 +332,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     g = method.group_size
     if g is not None and config.optim.batch_size % g:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
-                          f"multiple of config.method.group_size={g}")
+                          f"multiple of config.method.group_size={g}; use e.g. "
+                          f"{_nearest_multiple(config.optim.batch_size, g)}")
     cal_batch = config.eval.calibration_batch_size
     if cal_batch is not None:
         _positive("eval.calibration_batch_size", cal_batch)

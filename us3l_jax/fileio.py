@@ -27,6 +27,29 @@ def default_file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+_VIRTUAL_FS = ("/proc", "/sys", "/dev")
+
+
+def unusable_dir(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be (or become) a directory we write into, or None if it can: it is
+    a file, lies under /proc, /sys or /dev, or its nearest existing ancestor is not a
+    writable directory. Checked before any work so a bad path fails at once."""
+    path = os.path.abspath(os.fspath(path))
+    real = os.path.realpath(path)
+    if any(real == v or real.startswith(v + "/") for v in _VIRTUAL_FS):
+        return f"{real} is on a virtual file system ({real.split('/')[1]}), not a place to write"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return "it exists and is a file, not a directory"
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, so no directory can be created below it"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temporary file in the same directory, fsync and a
     rename; on any failure the previous file (if any) is untouched and no temporary remains."""

@@ -9,8 +9,18 @@ coordinator on TPU pods and under SLURM by itself; elsewhere pass ``--coordinato
 ``--num_processes`` and ``--process_id`` (or set ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
 
-Exit codes: 0 finished; 2 bad config / data / checkpoint (one-line message); 3 non-finite loss
-(the last good checkpoint is kept); 143 preempted by SIGTERM after saving (rerun to resume).
+One run per workdir: a second run on the same ``--workdir`` stops with exit 2 naming the
+holder's pid and host. Resuming with a changed config is refused with the difference (except
+logging/checkpoint frequency, ``max_steps`` and compile options) unless
+``--allow_config_change``, which logs the change in ``config_history.jsonl``. Corrupt
+checkpoints are moved to ``checkpoints/corrupt-<step>/`` and the run resumes from the newest
+good one; if none is readable the run refuses unless ``--start_over``.
+
+Exit codes: 0 finished; 2 bad config / data / checkpoint / workdir, or the workdir is in use
+(one-line message); 3 non-finite loss (the last good checkpoint is kept); 4 I/O error, e.g. a
+full disk during a save (one line with the path and errno; older checkpoints are intact);
+130 interrupted by Ctrl-C (SIGINT) after saving; 143 preempted by SIGTERM after saving (rerun
+to resume).
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from us3l_jax import cli
+from us3l_jax import cli, fileio
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.",
@@ -32,6 +42,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume although the config differs from the run's "
+    "config.json (logged in config_history.jsonl).")
+_START_OVER = flags.DEFINE_bool(
+    "start_over", False, "If no checkpoint of the workdir is readable, move them to "
+    "checkpoints/corrupt-<step>/ and train from step 0 (default: refuse).")
+
+IO_ERROR_EXIT_CODE = 4
 
 log = logging.getLogger("us3l")
 
@@ -46,6 +64,29 @@ def setup_logging() -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    if not os.environ.get("US3L_DEBUG"):
+        _quiet_save_failure_noise()
+
+
+def _quiet_save_failure_noise() -> None:
+    """A failed checkpoint save (e.g. a full disk) is reported in one line with exit code 4.
+    orbax also logs that failure, with tracebacks, from each of its threads, and tensorstore's
+    callbacks print "Event loop is closed" tracebacks once orbax's event loops are gone (over
+    300 lines for one full disk). Both are dropped here, in the command line only;
+    ``US3L_DEBUG=1`` keeps them."""
+    logging.getLogger("absl").addFilter(
+        lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
+    closed_loop = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def hook(kind, value, tb):
+        if not closed_loop(value):
+            previous(kind, value, tb)
+
+    def unraisable(info):  # tensorstore's callbacks report through here (no object named)
+        if not closed_loop(info.exc_value):
+            previous_unraisable(info)
+    sys.excepthook, sys.unraisablehook = hook, unraisable
 
 
 def init_distributed() -> None:
@@ -90,12 +131,22 @@ def main(argv) -> None:
         _fail("--config is required, e.g. --config=configs/demo.py", 2)
     if not _WORKDIR.value:
         _fail("--workdir is required, e.g. --workdir=/tmp/us3l_demo", 2)
+    problem = fileio.unusable_dir(_WORKDIR.value)
+    if problem:
+        _fail(f"--workdir={_WORKDIR.value}: {problem}", 2)
+    try:
+        _run(config, os.path.abspath(_WORKDIR.value))
+    except KeyboardInterrupt:
+        # Ctrl-C before training started or a second Ctrl-C: no traceback, nothing more saved.
+        _fail("interrupted (Ctrl-C); the checkpoints saved so far are intact", 130)
+
+
+def _run(config, workdir: str) -> None:
     import jax
 
-    from us3l_jax import checkpointing, config as config_lib, pretrain
+    from us3l_jax import checkpointing, config as config_lib, pretrain, workdir_lock
     from us3l_jax.data.datasets import DatasetNotFoundError
 
-    workdir = os.path.abspath(_WORKDIR.value)
     try:
         init_distributed()  # before anything touches a JAX backend (validation does)
         config_lib.validate(config)
@@ -107,23 +158,32 @@ def main(argv) -> None:
         if config.eval.online_every_epochs:
             from us3l_jax.evaluate.online import OnlineEvaluator
             online = OnlineEvaluator(config)
-        pretrain.train(config, workdir, online_eval=online)
-        if config.eval.final_sweep:
-            from us3l_jax import evaluate
-            evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
-                               protocol=config.eval.sweep_protocol)
+        with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+            pretrain.train(config, workdir, online_eval=online,
+                           allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                           start_over=_START_OVER.value)
+            if config.eval.final_sweep:
+                from us3l_jax import evaluate
+                evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
+                                   protocol=config.eval.sweep_protocol)
     except (config_lib.ConfigError, DatasetNotFoundError, checkpointing.CheckpointError,
-            ValueError) as e:
+            workdir_lock.WorkdirLockedError, ValueError) as e:
         _fail(str(e), 2)
     except pretrain.NonFiniteLossError as e:
         _fail(str(e), 3)
+    except checkpointing.CheckpointSaveError as e:
+        _fail(f"{e}; the older checkpoints are intact: free space and rerun to resume",
+              IO_ERROR_EXIT_CODE)
+    except OSError as e:  # e.g. a full disk when writing config.json or the lock
+        where = "" if e.filename else f" in {workdir}"
+        _fail(f"I/O error{where}: {e}", IO_ERROR_EXIT_CODE)
     except pretrain.Preempted as e:
         log.info("%s; rerun the same command to resume", e)
-        sys.exit(pretrain.PREEMPTED_EXIT_CODE)
+        sys.exit(e.exit_code)
 
 
-_FLAG_NAMES = ("config", "workdir", "distributed", "coordinator_address", "num_processes",
-               "process_id")
+_FLAG_NAMES = ("config", "workdir", "allow_config_change", "start_over", "distributed",
+               "coordinator_address", "num_processes", "process_id")
 
 
 def usage() -> str:
@@ -137,8 +197,9 @@ def usage() -> str:
         + "\n  --config.<key>=<value>: override any config field, e.g. --config.optim.epochs=20",
         f"Final sweep protocols (--config.eval.sweep_protocol): {', '.join(PROTOCOLS)}; "
         "evaluate other widths later with python -m us3l_jax.evaluate --help.",
-        "Exit codes: 0 finished; 2 bad config / data / checkpoint; 3 non-finite loss; 143 "
-        "preempted (rerun to resume)."]) + "\n"
+        "Exit codes: 0 finished; 2 bad config / data / checkpoint / workdir in use; 3 "
+        "non-finite loss; 4 I/O error (e.g. disk full during a save); 130 Ctrl-C and 143 "
+        "preempted, both after saving (rerun to resume)."]) + "\n"
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """The device mesh: one ``data`` axis; batches sharded over it, parameters replicated."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -27,10 +28,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices."""
+def check_batch_size(batch_size: int, mesh: Mesh, group_size: int | None = None) -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices; the
+    suggested size is also a multiple of ``group_size`` (the loss's sample groups)."""
     n = mesh.devices.size
     if batch_size <= 0 or batch_size % n:
+        step = math.lcm(n, group_size or 1)
         raise ValueError(
             f"batch size {batch_size} must be a positive multiple of the number of devices "
-            f"({n}); use a batch size such as {max(n, (max(batch_size, 1) // n) * n)}")
+            f"({n}); use a batch size such as {max(step, round(batch_size / step) * step)}")

@@ -7,6 +7,7 @@ uninterrupted one (bitwise on CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,12 +22,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from us3l_jax import build, checkpointing, config as config_lib, mesh as mesh_lib, sampling, slim
+from us3l_jax import (build, checkpointing, config as config_lib, mesh as mesh_lib, sampling, slim,
+                      workdir_lock)
+from us3l_jax.fileio import atomic_write_text
 from us3l_jax.train import Trainer, TrainState
 
 log = logging.getLogger("us3l")
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: "stopped, resume me", not "finished"
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT (Ctrl-C): saved like SIGTERM
 
 
 class NonFiniteLossError(RuntimeError):
@@ -34,11 +38,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """SIGTERM arrived; the state was saved at ``step``."""
+    """SIGTERM (or SIGINT, Ctrl-C) arrived; the state was saved at ``step``."""
 
-    def __init__(self, step: int):
-        super().__init__(f"preempted at step {step}; checkpoint saved")
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted"
+        super().__init__(f"{what} at step {step}; checkpoint saved")
         self.step = step
+        self.exit_code = 128 + int(signum)
 
 
 @dataclasses.dataclass
@@ -61,7 +67,7 @@ def setup(config, mesh=None) -> Run:
     """Validates the config and builds data, model and trainer for ``train``."""
     config_lib.validate(config)
     mesh = mesh or mesh_lib.make_mesh()
-    mesh_lib.check_batch_size(config.optim.batch_size, mesh)
+    mesh_lib.check_batch_size(config.optim.batch_size, mesh, config.method.group_size)
     data = build.data(config, mesh)
     if data.steps_per_epoch < 1:
         raise config_lib.ConfigError(
@@ -141,33 +147,83 @@ class ScheduleCost:
 
 
 class MetricWriter:
-    """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``), process 0 only."""
+    """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``), process 0 only.
+
+    Logs are not worth a run: an I/O error (e.g. a full disk) in either writer is reported in
+    one warning line and that writer is switched off; training and checkpoints go on (a full
+    disk then stops the run at its next checkpoint, with its own exit code)."""
 
     def __init__(self, workdir: str):
         self.enabled = jax.process_index() == 0
+        self._jsonl = self._tb = None
         if not self.enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._guard("metrics.jsonl", lambda: setattr(self, "_jsonl", open(self.path, "a")))
+
+        def tb():
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._guard("tb/", tb)
+
+    def _guard(self, what: str, fn) -> bool:
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - any writer failure: warn once, stop writing
+            log.warning("cannot write %s (%s: %s); no more %s for this run", what,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "", what)
+            if what == "metrics.jsonl":
+                self._jsonl = None
+            else:
+                self._tb = None
+            return False
+
+    def truncate_after(self, step: int) -> None:
+        """Drops the records of steps after ``step`` (written before an interruption and
+        about to be written again by the resumed run), so every step appears once."""
+        if self._jsonl is None or not os.path.exists(self.path):
+            return
+
+        def rewrite():
+            kept, dropped = [], 0
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        ok = json.loads(line)["step"] <= step
+                    except (ValueError, KeyError, TypeError):
+                        ok = False  # a line cut short by a kill
+                    if ok:
+                        kept.append(line)
+                    dropped += not ok
+            if dropped:
+                self._jsonl.close()
+                atomic_write_text(self.path, "".join(kept))
+                self._jsonl = open(self.path, "a")
+        self._guard("metrics.jsonl", rewrite)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": step, **{k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
                                    for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        for k, v in record.items():
-            if k != "step" and isinstance(v, float):
-                self._tb.add_scalar(k, v, step)
-        self._tb.flush()
+        if self._jsonl is not None:
+            def jsonl():
+                self._jsonl.write(json.dumps(record) + "\n")
+                self._jsonl.flush()
+            self._guard("metrics.jsonl", jsonl)
+        if self._tb is not None:
+            def tb():
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, float):
+                        self._tb.add_scalar(k, v, step)
+                self._tb.flush()
+            self._guard("tb/", tb)
 
     def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            self._tb.close()
+        for what, w in (("metrics.jsonl", self._jsonl), ("tb/", self._tb)):
+            if w is not None:
+                self._guard(what, w.close)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -199,12 +255,21 @@ def _all_finite(tree) -> bool:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
-          online_eval=None) -> TrainState:
+          online_eval=None, allow_config_change: bool = False,
+          start_over: bool = False) -> TrainState:
     """Pretrains (or resumes) the run in ``workdir`` and returns the final TrainState.
 
     ``online_eval``: optional ``callable(params, step) -> dict`` run every
     ``config.eval.online_every_epochs`` epochs; its metrics are logged.
-    Raises ``Preempted`` after saving on SIGTERM, ``NonFiniteLossError`` on NaN/Inf.
+    Raises ``Preempted`` after saving on SIGTERM or SIGINT, ``NonFiniteLossError`` on
+    NaN/Inf, ``checkpointing.CheckpointSaveError`` when a save fails (checked at every step;
+    older checkpoints stay intact), ``workdir_lock.WorkdirLockedError`` when another process
+    runs in ``workdir``.
+
+    Resuming with a config that differs from the run's ``config.json`` outside
+    ``checkpointing.RESUMABLE_CHANGES`` is refused with the difference unless
+    ``allow_config_change``. ``start_over``: if no checkpoint is readable, move them all aside
+    and start from step 0 (otherwise refused).
 
     Preemption: one process stops at the first step after its SIGTERM. With several
     processes, every process asks the JAX coordination service at every step whether the
@@ -219,19 +284,45 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     end = run.total_steps if config.train.max_steps is None else min(run.total_steps,
                                                                       config.train.max_steps)
     every = config.train.checkpoint_every_steps or run.steps_per_epoch
-    ckpt = checkpointing.Checkpointer(workdir, config, keep=config.train.keep_checkpoints)
-    writer = MetricWriter(workdir)
-    preempted = {"flag": False}
-    agreed = jax.process_count() > 1
-    # Several processes: the coordination service's own SIGTERM handler must stay in place.
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True)) \
-        if _main_thread() and not agreed else None
+    stack = contextlib.ExitStack()
+    # Before anything is written: one run per workdir.
+    stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     try:
+        ckpt = checkpointing.Checkpointer(workdir, config, keep=config.train.keep_checkpoints)
+    except BaseException:
+        stack.close()
+        raise
+    stack.callback(ckpt.close)
+    preempted = {"flag": False, "signum": signal.SIGTERM}
+    agreed = jax.process_count() > 1
+
+    def on_signal(signum, _):
+        preempted.update(flag=True, signum=signum)
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Several processes: the coordination service's own SIGTERM handler must stay in place.
+    if _main_thread() and not agreed:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            stack.callback(signal.signal, sig, signal.signal(sig, on_signal))
+    try:
+        if ckpt.all_steps():
+            checkpointing.check_config_change(workdir, config, allow_config_change)
         frozen = getattr(trainer, "teacher", None)
         if frozen is not None:  # SEED: record the teacher, or check it is the recorded one
             from us3l_jax import teacher as teacher_lib
             teacher_lib.record(workdir, frozen)
-        found = ckpt.restore_latest(trainer.abstract_state(run.image_spec))
+        try:
+            found = ckpt.restore_latest(trainer.abstract_state(run.image_spec),
+                                        move_corrupt=True)
+        except checkpointing.NoReadableCheckpointError:
+            if not start_over:
+                raise
+            log.warning("--start_over: no checkpoint is readable; starting from step 0")
+            ckpt.move_aside(ckpt.all_steps())
+            found = None
+        writer = MetricWriter(workdir)
+        stack.callback(writer.close)
+        writer.truncate_after(0 if found is None else found[0])
         if found is None:
             checkpointing.write_config(workdir, config)
             state = trainer.init_state(jax.random.key(config.seed), run.image_spec)
@@ -310,6 +401,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                     f"{k} {v:.4f}" for k, v in sorted(out.items())))
             # Every process must ask at every step (the agreement protocol counts on it).
             stop_now = ckpt.reached_preemption(done) if agreed else preempted["flag"]
+            ckpt.check_saved()  # a failed background save stops the run here
             if done % every == 0 or stop_now or done == end:
                 if not _all_finite(state.params):
                     raise NonFiniteLossError(
@@ -318,15 +410,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                 ckpt.save(done, state)
             if stop_now:
                 ckpt.wait()
-                raise Preempted(done)
+                raise Preempted(done, preempted["signum"])
         ckpt.wait()
         log.info("finished %d steps in %s", end - start, _fmt_time(time.perf_counter() - t0))
         return state
     finally:
-        writer.close()
-        ckpt.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
+        stack.close()
 
 
 def _main_thread() -> bool:

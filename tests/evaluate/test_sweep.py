@@ -266,3 +266,32 @@ def test_transfer_dataset_through_the_loaders(run, sweep, tmp_path):
     _, meta = calib.load_stats(calib.stats_path(run, STEP, 0.25, "oxford_flowers102"))
     assert meta["dataset"] == "oxford_flowers102"
     assert calib.load_stats(calib.stats_path(run, STEP, 0.25))[1]["dataset"] == "digits"
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--widths=", "--widths is empty; give a value or leave the flag out for the default"),
+    ("--protocol=", "--protocol is empty"),
+    ("--calibration-batches=0", "--calibration_batches=0 must be > 0"),
+    ("--epochs=-1", "--epochs=-1 must be > 0"),
+    ("--out=/proc/us3l_eval", "--out=/proc/us3l_eval: /proc/us3l_eval is on a virtual file "
+                              "system (proc)"),
+])
+def test_cli_refuses_empty_or_bad_flags_before_any_work(tmp_path, capsys, flag, message):
+    """Checked before the run is even opened (the workdir here does not exist): an empty
+    flag would otherwise silently mean its default."""
+    from us3l_jax.evaluate import __main__ as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main.main([f"--workdir={tmp_path}/none", flag])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m us3l_jax.evaluate: error: {message}")
+
+
+def test_cli_out_naming_an_existing_file_is_refused_and_kept(tmp_path, capsys):
+    from us3l_jax.evaluate import __main__ as cli_main
+    target = tmp_path / "results.txt"
+    target.write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        cli_main.main([f"--workdir={tmp_path}", f"--out={target}"])
+    assert e.value.code == 2 and target.read_text() == "keep"
+    assert "it exists and is a file, not a directory" in capsys.readouterr().err

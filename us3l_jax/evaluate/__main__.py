@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from us3l_jax import cli
+from us3l_jax import cli, fileio
 from us3l_jax.checkpointing import CheckpointError
 from us3l_jax.data.datasets import NAMES as DATASETS
 from us3l_jax.evaluate.evaluator import PROTOCOLS
@@ -63,10 +63,32 @@ def usage() -> str:
             f"Exit codes: 0 done; 2 bad arguments / run / checkpoint.\n")
 
 
+def check_flags() -> str | None:
+    """What is wrong with the flags before any work (None: nothing): a flag given empty
+    (``--widths=``) would silently mean its default; counts must be positive; ``--out`` must
+    be a directory we can create or write."""
+    for name in ("widths", "protocol", "dataset", "out", "paper_row"):
+        if FLAGS[name].present and not (FLAGS[name].value or "").strip(" ,"):
+            return f"--{name} is empty; give a value or leave the flag out for the default"
+    for name in ("epochs", "calibration_batches"):
+        if FLAGS[name].value is not None and FLAGS[name].value <= 0:
+            return f"--{name}={FLAGS[name].value} must be > 0"
+    if FLAGS.step is not None and FLAGS.step < 0:
+        return f"--step={FLAGS.step} must be >= 0"
+    if FLAGS.out is not None:
+        problem = fileio.unusable_dir(FLAGS.out)
+        if problem:
+            return f"--out={FLAGS.out}: {problem}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cli.parse(FLAGS, argv, PROG, usage)
     if not FLAGS.workdir:
         cli.fail(PROG, "--workdir is required, e.g. --workdir=/tmp/us3l_demo")
+    problem = check_flags()
+    if problem:
+        cli.fail(PROG, problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         force=True)  # absl (imported by orbax) installed its own handler
     for name in ("absl", "jax"):

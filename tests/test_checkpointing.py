@@ -1,0 +1,228 @@
+"""Checkpoint faults: corrupt checkpoints are caught (checksums), moved aside and resumed past;
+a workdir with none readable is refused; changed configs are refused on resume; a failed
+background save and Ctrl-C stop the run cleanly; metric writers never crash it.
+
+One tiny run (6 steps, a checkpoint every 2) is trained once for the module; each test works
+on a copy of it.
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from us3l_jax import build, checkpointing, pretrain, sampling
+from tests.helpers import demo_config, load_experiment
+
+STEPS = 6
+
+
+def tiny(max_steps=STEPS, **overrides):
+    c = demo_config("smoke", **overrides)
+    c.train.max_steps = max_steps
+    c.train.checkpoint_every_steps = 2
+    c.train.log_every_steps = 2
+    c.train.compile_ahead = False
+    return c
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    state = pretrain.train(tiny(), workdir)
+    return workdir, state
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    return workdir
+
+
+faults = load_experiment("fault_matrix")  # the CLI fault matrix's corruptions, in-process
+CORRUPTIONS = {k: v for k, v in faults.CORRUPTIONS.items()
+               if not k.startswith("unreadable")}  # (root reads files whatever their mode)
+CORRUPTIONS["garbage checksum file"] = lambda d: open(
+    os.path.join(d, checkpointing.CHECKSUM_FILE), "w").write("][")
+
+
+@pytest.mark.parametrize("name", sorted(CORRUPTIONS))
+def test_corrupt_latest_is_moved_aside_and_the_previous_restored(run_copy, name, caplog):
+    ckpt_dir = os.path.join(run_copy, "checkpoints")
+    CORRUPTIONS[name](os.path.join(ckpt_dir, "6"))
+    ckpt = checkpointing.Checkpointer(run_copy, tiny())
+    with caplog.at_level("WARNING"):
+        step, state = ckpt.restore_latest(build.abstract_state(tiny()), move_corrupt=True)
+    assert (step, int(state.step)) == (4, 4)
+    assert ckpt.all_steps() == [2, 4]  # the manager no longer sees step 6
+    ckpt.close()
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "corrupt-6"]
+    assert "checkpoint 6" in caplog.text and "is corrupt" in caplog.text
+    assert f"moved corrupt checkpoint 6 to {ckpt_dir}/corrupt-6" in caplog.text
+
+
+def test_a_flipped_bit_anywhere_is_caught(trained):
+    """Every file the checksums cover: one flipped bit makes verification fail."""
+    step_dir = os.path.join(trained[0], "checkpoints", "2")
+    listed = json.load(open(os.path.join(step_dir, checkpointing.CHECKSUM_FILE)))["crc32"]
+    assert sum(f.startswith("state/") for f in listed) >= 5
+    assert checkpointing.verify_checksums(step_dir) is None
+    for rel in listed:
+        path = os.path.join(step_dir, rel)
+        original = open(path, "rb").read()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0x01
+        try:
+            open(path, "wb").write(bytes(flipped))
+            assert "fails its CRC-32 check" in checkpointing.verify_checksums(step_dir), rel
+        finally:
+            open(path, "wb").write(original)
+    assert checkpointing.verify_checksums(step_dir) is None
+
+
+def test_resume_past_corrupt_latest_saves_that_step_again(trained, run_copy):
+    """The issue's stuck run: the latest checkpoint is corrupt; the rerun resumes from the
+    previous one, saves step 6 again (no 'already exists'), ends with bitwise the original
+    parameters, keeps the corrupt copy, and logs every step once."""
+    faults.flip64(os.path.join(run_copy, "checkpoints", "6"))
+    state = pretrain.train(tiny(), run_copy)
+    assert int(state.step) == STEPS
+    for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(trained[1].params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ckpt_dir = os.path.join(run_copy, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6", "corrupt-6"]
+    assert checkpointing.verify_checksums(os.path.join(ckpt_dir, "6")) is None
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run_copy, "metrics.jsonl"))]
+    assert steps == [1, 2, 4, 5, 6]  # 6 (logged before the corruption) once; 5: first resumed
+
+
+def test_all_metadata_garbage_refuses_instead_of_starting_over(run_copy):
+    """No readable checkpoint: refused with one message naming them, nothing moved or
+    overwritten (config.json included); start_over moves them aside and starts at step 0."""
+    ckpt_dir = os.path.join(run_copy, "checkpoints")
+    for s in ("2", "4", "6"):
+        faults.garbage_meta(os.path.join(ckpt_dir, s))
+    config_json = open(os.path.join(run_copy, "config.json")).read()
+    with pytest.raises(checkpointing.NoReadableCheckpointError,
+                       match=r"no readable checkpoint .*corrupt: .*/2, .*/4, .*/6\); refusing"):
+        pretrain.train(tiny(), run_copy)
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "6"]
+    assert open(os.path.join(run_copy, "config.json")).read() == config_json
+    state = pretrain.train(tiny(max_steps=2), run_copy, start_over=True)
+    assert int(state.step) == 2
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "corrupt-2", "corrupt-4", "corrupt-6"]
+
+
+def test_changed_config_is_refused_unless_allowed(run_copy):
+    config_json = open(os.path.join(run_copy, "config.json")).read()
+    changed = tiny(optim__lr=0.1, seed=3)
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=r"differs from the run's .*config.json \(optim.lr: 0.5 -> 0.1; "
+                             r"seed: 0 -> 3\).*--allow_config_change"):
+        pretrain.train(changed, run_copy)
+    assert open(os.path.join(run_copy, "config.json")).read() == config_json
+    assert int(pretrain.train(tiny(), run_copy).step) == 6  # same config: nothing to train
+    pretrain.train(changed, run_copy, allow_config_change=True)
+    history = [json.loads(line) for line in open(os.path.join(run_copy,
+                                                              "config_history.jsonl"))]
+    assert history[-1]["changes"] == {"optim.lr": [0.5, 0.1], "seed": [0, 3]}
+    assert history[-1]["accepted"] is True
+    assert checkpointing.read_config(run_copy).optim.lr == 0.1
+    c = tiny()
+    c.train.log_every_steps = 3
+    c.optim.lr = 0.1
+    c.seed = 3
+    pretrain.train(c, run_copy)  # only an allow-listed field differs now: accepted
+    last = json.loads(open(os.path.join(run_copy, "config_history.jsonl")).readlines()[-1])
+    assert last["changes"] == {"train.log_every_steps": [2, 3]} and last["accepted"] is False
+
+
+def test_failed_background_save_stops_at_the_next_step(run_copy, monkeypatch):
+    """A full disk while the save of step 8 finishes (simulated: ENOSPC from the last write
+    of the save) is reported at the next step with the path and errno; 2, 4, 6 stay intact."""
+    def disk_full(root):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), root)
+    monkeypatch.setattr(checkpointing, "write_checksums", disk_full)
+    with pytest.raises(checkpointing.CheckpointSaveError) as e:
+        pretrain.train(tiny(max_steps=10), run_copy)
+    assert e.value.errno_value == errno.ENOSPC and e.value.step == 8
+    assert str(e.value).startswith(f"saving checkpoint 8 to {run_copy}/checkpoints/8 failed "
+                                   "(errno 28 ENOSPC: No space left on device)")
+    ckpt = checkpointing.Checkpointer(run_copy, tiny())
+    assert ckpt.all_steps() == [2, 4, 6]
+    ckpt.close()
+    for s in (2, 4, 6):
+        assert checkpointing.verify_checksums(os.path.join(run_copy, "checkpoints",
+                                                           str(s))) is None
+
+
+def test_sigint_saves_and_stops_with_130(run_copy, monkeypatch):
+    sample = sampling.sample_widths
+
+    def ctrl_c_at_step_7(s, step, *args):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample(s, step, *args)
+    monkeypatch.setattr(pretrain.sampling, "sample_widths", ctrl_c_at_step_7)
+    # (the ETA's cost table also draws the widths of step 7 before the loop: stops at 7)
+    with pytest.raises(pretrain.Preempted, match="interrupted \\(Ctrl-C\\) at step 7") as e:
+        pretrain.train(tiny(max_steps=20), run_copy)
+    assert e.value.exit_code == 130
+    assert checkpointing.Checkpointer(run_copy, tiny()).all_steps()[-1] == 7
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_metric_writer_survives_io_errors_and_drops_steps_after_resume(tmp_path, caplog):
+    writer = pretrain.MetricWriter(str(tmp_path))
+    for step in (1, 2, 4, 6):
+        writer.write(step, {"loss": 1.0 / step})
+    writer.truncate_after(4)
+    writer.write(6, {"loss": 0.5})
+
+    class Full:
+        def write(self, _):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        close = flush = lambda self: None
+    writer._jsonl = Full()
+    with caplog.at_level("WARNING", logger="us3l"):
+        writer.write(8, {"loss": 0.1})
+        writer.write(10, {"loss": 0.1})
+    writer.close()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "cannot write metrics.jsonl (OSError" in warnings[0]
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2, 4, 6]
+
+
+def test_an_unreadable_file_counts_as_corrupt(trained, monkeypatch):
+    """(Tests run as root, which reads files whatever their mode: the PermissionError an
+    ordinary user gets is injected.)"""
+    step_dir = os.path.join(trained[0], "checkpoints", "2")
+    crc = checkpointing._crc32
+
+    def denied(path):
+        if path.endswith("_METADATA"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return crc(path)
+    monkeypatch.setattr(checkpointing, "_crc32", denied)
+    assert checkpointing.verify_checksums(step_dir) == (
+        "state/_METADATA cannot be checked (PermissionError: [Errno 13] Permission denied: "
+        f"'{step_dir}/state/_METADATA')")
+
+
+def test_intact_checkpoint_of_another_state_structure_is_refused_not_moved(trained):
+    """Files that pass their checksums but do not restore into this train state (another
+    version's checkpoint) are not corrupt: refused with a message, never moved."""
+    ckpt = checkpointing.Checkpointer(trained[0], tiny())
+    other = {"params": build.abstract_state(tiny()).params, "extra": jax.ShapeDtypeStruct(
+        (3,), np.float32)}
+    with pytest.raises(checkpointing.CheckpointError,
+                       match="checkpoint 6 in .* passes its checksums but does not restore"):
+        ckpt.restore_latest(other, move_corrupt=True)
+    ckpt.close()
+    assert sorted(os.listdir(os.path.join(trained[0], "checkpoints"))) == ["2", "4", "6"]
