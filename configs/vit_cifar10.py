@@ -21,9 +21,12 @@ Table 3 (linear evaluation top-1 %, widths 1.0 / 0.75 / 0.5 / 0.25) to reach:
                US+MoCo v3            88.2 87.5 86.3 84.9
                Ours (US3L)           90.3 89.7 88.7 85.5
 
-Not run to completion here (no accelerator long enough). The official ViT linear evaluation
-(SGD lr 0.1 x batch/256, 90 epochs, cosine, frozen backbone, re-initialised head) is not yet
-the sweep protocol for ViTs: the final sweep uses the default protocol. Needs CIFAR-10
+Not run to completion here (no accelerator long enough). The final sweep runs the official
+ViT linear evaluation (``eval.sweep_protocol = "paper"``, recipe ``linear.VIT``, which
+``eval.linear_recipe = "auto"`` picks for ViTs): frozen backbone, head re-initialised
+N(0, 0.01) with zero bias, SGD momentum 0.9, lr 0.1 (0.1 x 256/256), weight decay 0, batch
+256, 90 epochs, cosine per epoch; RandomResizedCrop(224) + flip, test Resize(256) +
+CenterCrop(224), CIFAR mean/std; no BN, so no calibration. Needs CIFAR-10
 prepared for TFDS (``python -m us3l_jax.data.prepare cifar10``); the training images are
 stored upsampled to 224 px (``data.image_size``; 7.5 GB of uint8 for 50k images, sharded over
 the devices) and the views are cropped from them on device.

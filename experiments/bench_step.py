@@ -4,6 +4,9 @@
         [--image-size 32] [--steps 3] [--widths 1.0,0.5,0.25 --widths 1.0,0.75,0.25] \
         [--modes accumulate,per_width] [--base-width 16 --stage-sizes 1,1,1,1] [--breakdown] \
         [--devices 8 --collectives]
+    python experiments/bench_step.py --model vit_tiny --batch 32 --image-size 32 \
+        --patch-size 4 --slicing official|embed [--vit-dim 192 --vit-depth 12 --vit-heads 6] \
+        --out vit.json
 
 For each update mode (a fresh ``train.Trainer`` per mode, built from ``config.get_default()``
 as ``build.trainer`` does) it times, on whatever devices JAX sees (or the first
@@ -26,7 +29,9 @@ iteration with widths W costs teacher forward at 1.0 + sum over w in W of 3 x on
 at w (forward + backward ~ 3 forwards). A forward = backbone conv MACs from
 ``us3l_jax.profile`` (``convention='backbone'``) + the heads' dense MACs (the projector,
 whose first layer reads the slimmed feature, and for sub-widths the auxiliary distillation
-head). Not counted: BN, ReLU, pooling, the losses, the optimizer update, the EMA and the
+head). For ViTs the backbone MACs are the profiler's ViT counts for the ``--slicing`` mode
+(patch embedding, every block Linear as sliced, attention q kᵀ and attn·v at the heads
+computed; LayerNorm, softmax and GELU count 0). Not counted: BN, ReLU, pooling, the losses, the optimizer update, the EMA and the
 augmentation. ``--breakdown`` adds ``--steps`` steps per case that block after every
 program, and reports each program's time (the minimum over those steps) and its achieved
 GMAC/s (analytic MACs / time).
@@ -75,12 +80,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from us3l_jax import build, config as config_lib, mesh as mesh_lib, profile  # noqa: E402
+from us3l_jax import build, config as config_lib, mesh as mesh_lib, models, profile  # noqa: E402
 from us3l_jax.method import UPDATE_MODES  # noqa: E402
 from us3l_jax.train import Trainer  # noqa: E402
 
 DEFAULT_WIDTHS = ((1.0, 0.5, 0.25), (1.0, 0.75, 0.25))
 GOAL = 0.15  # issue 4: time ratio within 15% of the FLOP ratio
+VIT_FIELDS = ("dim", "depth", "heads", "patch_size", "slicing")  # config.model, ViTs only
 
 
 # ------------------------------------------------------------------------------ FLOP model
@@ -88,11 +94,18 @@ GOAL = 0.15  # issue 4: time ratio within 15% of the FLOP ratio
 
 def make_config(model: str, batch: int, image_size: int, update_mode: str = "accumulate",
                 group_size: int | None = None, base_width: int | None = None,
-                stage_sizes: Sequence[int] | None = None):
+                stage_sizes: Sequence[int] | None = None, **vit: Any):
     """The default US3L config (paper Table 7 case 13) for this benchmark's model and batch.
-    The BN/negatives group is 128 examples (the default) or the whole batch if smaller."""
+    The BN/negatives group is 128 examples (the default) or the whole batch if smaller.
+    ``vit``: ViT fields of ``config.model`` (``dim``, ``depth``, ``heads``, ``patch_size``,
+    ``slicing``); None keeps the model's own."""
     c = config_lib.get_default()
     c.model.name = model
+    for key, value in vit.items():
+        if key not in VIT_FIELDS:
+            raise ValueError(f"unknown ViT field {key!r}; valid: {VIT_FIELDS}")
+        if value is not None:
+            c.model[key] = value
     if base_width is not None:
         c.model.base_width = int(base_width)
     if stage_sizes is not None:
@@ -109,7 +122,7 @@ def forward_macs(config, width: float, image_size: int, head: bool) -> dict[str,
     """MACs of one image through the online network at ``width``: backbone convs (profiler,
     ``backbone`` convention), projector dense layers, and the auxiliary distillation head when
     ``head`` (sub-networks of case 13)."""
-    kw = {k: config.model[k] for k in ("base_width", "stage_sizes")
+    kw = {k: config.model[k] for k in ("base_width", "stage_sizes") + VIT_FIELDS
           if config.model[k] is not None}
     bb = profile.profile(config.model.name, width, input_size=image_size, num_classes=None,
                          convention="backbone", **kw)
@@ -355,6 +368,8 @@ def run(config, cases: Sequence[Sequence[float]], modes: Sequence[str], steps: i
     dev = jax.devices()[0]
     common = dict(model=config.model.name, base_width=config.model.base_width,
                   stage_sizes=config.model.stage_sizes, batch=batch, image_size=size,
+                  **({k: getattr(build.backbone(config), k) for k in VIT_FIELDS}
+                     if config.model.name in models.VIT_NAMES else {}),
                   group_size=config.method.group_size,
                   device=f"{jax.default_backend()} {dev.device_kind} x{mesh.devices.size}",
                   compilation_cache=jax.config.jax_compilation_cache_dir)
@@ -467,6 +482,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                    help="BN/negatives group (default min(128, batch))")
     p.add_argument("--base-width", type=int, default=None, help="ResNet stage-1 planes")
     p.add_argument("--stage-sizes", type=_floats, default=None, help="ResNet blocks per stage")
+    p.add_argument("--slicing", choices=("official", "embed"), default=None,
+                   help="ViT slicing mode (default: the model's, official)")
+    p.add_argument("--vit-dim", type=int, default=None, help="ViT embedding dimension")
+    p.add_argument("--vit-depth", type=int, default=None, help="ViT blocks")
+    p.add_argument("--vit-heads", type=int, default=None, help="ViT attention heads")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch side in pixels")
     p.add_argument("--breakdown", action="store_true",
                    help="--steps more steps per case, timing every program separately")
     p.add_argument("--devices", type=int, default=None,
@@ -482,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     try:
         config = make_config(args.model, args.batch, args.image_size,
                              group_size=args.group_size, base_width=args.base_width,
-                             stage_sizes=args.stage_sizes)
+                             stage_sizes=args.stage_sizes, dim=args.vit_dim,
+                             depth=args.vit_depth, heads=args.vit_heads,
+                             patch_size=args.patch_size, slicing=args.slicing)
     except ValueError as e:
         p.error(str(e))
     cases = args.widths or DEFAULT_WIDTHS
@@ -498,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         p.error(str(e))
     total = time.perf_counter() - t0
     r0 = records[0]
-    print(f"{r0['model']} (base width {r0['base_width']}, stages {r0['stage_sizes']}), batch "
+    arch = (", ".join(f"{k} {r0[k]}" for k in VIT_FIELDS) if "slicing" in r0 else
+            f"base width {r0['base_width']}, stages {r0['stage_sizes']}")
+    print(f"{r0['model']} ({arch}), batch "
           f"{r0['batch']}, {r0['image_size']}px, group {r0['group_size']}, {r0['device']}, "
           f"{os.cpu_count()} CPU cores; median of {args.steps} timed step(s); "
           f"ratios vs the same mode's base-only step; goal |error| <= {GOAL:.0%}")

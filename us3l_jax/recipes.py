@@ -478,6 +478,7 @@ def mocov3_vit(arch: str = "tiny", variant: str = "us3l") -> ml_collections.Conf
     c.sampler.num_samples = 3
     c.sampler.sandwich = True
     c.eval.sweep_widths = IMAGENET_SWEEP
+    c.eval.sweep_protocol = "paper"  # linear.VIT (auto for ViTs): main_lincls
     if variant == "us3l":
         c.method.distill_loss = "mocov3"
         c.method.aux_head = "new"

@@ -142,3 +142,44 @@ def test_collectives_table():
     table = bench.format_table([rec])
     assert "all-reduces per iteration" in table
     assert "3 (1)" in table and "4 (2)" in table and "2.000" in table
+
+
+VIT = dict(dim=32, depth=1, heads=2, patch_size=4)
+
+
+@pytest.mark.parametrize("slicing", ["official", "embed"])
+def test_vit_flop_model_uses_profiler_per_slicing(slicing):
+    config = bench.make_config("vit_tiny", 8, 8, slicing=slicing, **VIT)
+    fwd = bench.forward_macs(config, 0.5, 8, head=True)
+    prof = profile.profile("vit_tiny", 0.5, input_size=8, num_classes=None,
+                           convention="backbone", slicing=slicing, **VIT)
+    assert fwd["backbone"] == prof["macs"] > 0
+    feat = 32 if slicing == "official" else 16  # embed: 1 of 2 heads at head dim 16
+    h = config.heads
+    assert fwd["projector"] == (feat * h.proj_hidden + h.proj_hidden ** 2
+                                + h.proj_hidden * h.proj_out)
+    with pytest.raises(ValueError, match="unknown ViT field 'width'"):
+        bench.make_config("vit_tiny", 8, 8, width=3)
+
+
+def test_vit_embed_run_records_slicing_and_profiler_ratio(tmp_path):
+    argv = ["--model", "vit_tiny", "--batch", "8", "--image-size", "8", "--patch-size", "4",
+            "--vit-dim", "32", "--vit-depth", "1", "--vit-heads", "2", "--slicing", "embed",
+            "--modes", "accumulate", "--widths", "1.0,0.5", "--steps", "1",
+            "--out", str(tmp_path / "vit.json")]
+    records = bench.main(argv)
+    assert [r["case"] for r in records] == ["base", "us3l_0.5"]
+    assert all((r["slicing"], r["dim"], r["depth"], r["heads"], r["patch_size"]) ==
+               ("embed", 32, 1, 2, 4) for r in records)
+    config = bench.make_config("vit_tiny", 8, 8, slicing="embed", **VIT)
+    it = bench.iteration_macs(config, (1.0, 0.5), 8)
+    assert records[1]["flop_ratio"] == it["total"] / bench.iteration_macs(config, (1.0,), 8)[
+        "total"]
+    assert records[1]["macs_per_image_view"] == it
+    assert math.isfinite(records[1]["loss"]) and records[1]["time_ratio"] > 0
+
+
+def test_slicing_flag_needs_a_vit(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        bench.main(TINY + ["--slicing", "embed", "--out", str(tmp_path / "x.json")])
+    assert "model.slicing only applies to ViTs" in capsys.readouterr().err

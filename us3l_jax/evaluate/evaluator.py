@@ -100,7 +100,7 @@ class Evaluator:
         self.data = transforms.for_run(config, dataset)
         self.fast = fast
         self.recipe = recipe or linear.recipe_for(config.eval.linear_recipe, self.data.dataset,
-                                                  config.eval.linear_epochs)
+                                                  config.eval.linear_epochs, config.model.name)
         self.batch_size = int(config.eval.batch_size)
         mesh_lib.check_batch_size(self.batch_size, self.mesh)
         g = config.method.group_size

@@ -13,11 +13,18 @@ Recipes:
   per epoch over 60 epochs, batch 1024: the official configs. The paper says it follows
   SimSiam's protocol (LARS, batch 4096, 90 epochs); ``eval.linear_epochs=90`` gets its length
   (docs/fidelity.md, "Linear evaluation").
+* ``VIT`` (the official ViT linear evaluation, MoCo v3's ``main_lincls``): SGD momentum 0.9,
+  lr 0.1 (0.1 x batch/256 at batch 256), wd 0, 90 epochs, cosine per epoch, classifier
+  initialised N(0, 0.01) with zero bias. ``recipe_for`` picks it for ViT backbones. A ViT has
+  no BN, so there is nothing to calibrate; its views are the ImageNet-sized ones
+  (RandomResizedCrop(224) + flip; Resize(256) + CenterCrop(224); ``transforms.for_run``).
 
-The classifier is the official ``fc``: a linear layer on the slimmed feature whose weight and
-bias are drawn from U(±1/sqrt(d)) with d the full-width feature size (PyTorch's default init
-of the full-size layer, then sliced). Each epoch visits a fresh permutation of the training
-set in full batches (the last partial batch is dropped).
+The classifier init is a recipe field (``classifier_init``). ``uniform`` (CNN recipes) is the
+official ``fc``: a linear layer on the slimmed feature whose weight and bias are drawn from
+U(±1/sqrt(d)) with d the full-width feature size (PyTorch's default init of the full-size
+layer, then sliced). ``normal`` is the ViT ``head`` re-initialised by ``main_lincls``: weight
+N(0, std 0.01), bias 0. Each epoch visits a fresh permutation of the training set in full
+batches (the last partial batch is dropped).
 """
 from __future__ import annotations
 
@@ -34,12 +41,14 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from us3l_jax import optim
+from us3l_jax import models, optim
 from us3l_jax.data import augment, feeding
 
 log = logging.getLogger(__name__)
 PyTree = Any
 SCHEDULES = ("multistep", "cosine")
+CLASSIFIER_INITS = ("uniform", "normal")  # U(±1/sqrt(full d)) / N(0, 0.01) weight, zero bias
+NORMAL_INIT_STD = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +63,14 @@ class LinearRecipe:
     gamma: float = 0.1
     lars: bool = False
     trust_coefficient: float = 0.001
+    classifier_init: str = "uniform"  # one of CLASSIFIER_INITS
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown lr schedule {self.schedule!r}; valid: {SCHEDULES}")
+        if self.classifier_init not in CLASSIFIER_INITS:
+            raise ValueError(f"unknown classifier init {self.classifier_init!r}; valid: "
+                             f"{CLASSIFIER_INITS}")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError(f"linear recipe needs epochs, batch_size and lr > 0: {self}")
 
@@ -72,14 +85,20 @@ CIFAR = LinearRecipe()
 TRANSFER = LinearRecipe(batch_size=256)
 IMAGENET = LinearRecipe(epochs=60, lr=0.8, batch_size=1024, schedule="cosine", milestones=(),
                         lars=True)
-RECIPES = {"cifar": CIFAR, "transfer": TRANSFER, "imagenet": IMAGENET}
+VIT_BATCH = 256
+VIT = LinearRecipe(epochs=90, lr=0.1 * VIT_BATCH / 256, batch_size=VIT_BATCH, schedule="cosine",
+                   milestones=(), classifier_init="normal")
+RECIPES = {"cifar": CIFAR, "transfer": TRANSFER, "imagenet": IMAGENET, "vit": VIT}
 
 
-def recipe_for(name: str, dataset: str, epochs: int | None = None) -> LinearRecipe:
-    """The recipe ``name`` (``auto``: ImageNet's for imagenet2012, the transfer one for
-    Flowers/Pets/DTD, else CIFAR's), optionally with ``epochs`` instead of its own."""
+def recipe_for(name: str, dataset: str, epochs: int | None = None,
+               model: str | None = None) -> LinearRecipe:
+    """The recipe ``name`` (``auto``: the ViT one when ``model`` is a ViT, else ImageNet's for
+    imagenet2012, the transfer one for Flowers/Pets/DTD, else CIFAR's), optionally with
+    ``epochs`` instead of its own."""
     if name == "auto":
-        name = ("imagenet" if dataset == "imagenet2012" else
+        name = ("vit" if model in models.VIT_NAMES else
+                "imagenet" if dataset == "imagenet2012" else
                 "transfer" if dataset in ("oxford_flowers102", "oxford_iiit_pet", "dtd")
                 else "cifar")
     if name not in RECIPES:
@@ -109,10 +128,18 @@ def make_optimizer(recipe: LinearRecipe, steps_per_epoch: int) -> optax.Gradient
     return optax.chain(*parts)
 
 
-def init_classifier(key: jax.Array, feature_dim: int, full_dim: int,
-                    num_classes: int) -> dict[str, jax.Array]:
-    bound = 1.0 / math.sqrt(full_dim)
+def init_classifier(key: jax.Array, feature_dim: int, full_dim: int, num_classes: int,
+                    init: str = "uniform") -> dict[str, jax.Array]:
+    """The classifier ``{'w': (feature_dim, num_classes), 'b': (num_classes,)}`` drawn as
+    ``init`` says (see the module docstring; ``full_dim`` sets the uniform bound)."""
+    if init not in CLASSIFIER_INITS:
+        raise ValueError(f"unknown classifier init {init!r}; valid: {CLASSIFIER_INITS}")
     kw, kb = jax.random.split(key)
+    if init == "normal":
+        return {"w": NORMAL_INIT_STD * jax.random.normal(kw, (feature_dim, num_classes),
+                                                         jnp.float32),
+                "b": jnp.zeros((num_classes,), jnp.float32)}
+    bound = 1.0 / math.sqrt(full_dim)
     return {"w": jax.random.uniform(kw, (feature_dim, num_classes), jnp.float32, -bound, bound),
             "b": jax.random.uniform(kb, (num_classes,), jnp.float32, -bound, bound)}
 
@@ -154,7 +181,7 @@ def train(backbone: nn.Module, params: PyTree, batch_stats: PyTree,
     step_fn, tx = _train_step_fn(backbone, width, view, recipe, spe)
     init_key, key = jax.random.split(jax.random.key(seed))
     clf = init_classifier(init_key, backbone.feature_dim(width), backbone.feature_dim(1.0),
-                          data.num_classes)
+                          data.num_classes, recipe.classifier_init)
     opt_state = tx.init(clf)
     history = []
     for epoch in range(recipe.epochs):
