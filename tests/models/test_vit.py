@@ -136,3 +136,20 @@ def test_position_table_and_initialisation():
     assert np.abs(np.asarray(p["cls_token"])).max() < 1e-5
     assert not np.any(np.asarray(p["blocks_0"]["attn"]["qkv"]["bias"]))
     np.testing.assert_array_equal(np.asarray(p["norm"]["scale"]), 1.0)
+
+
+def test_embed_vit_feeds_the_default_projector_at_every_width(images):
+    """Embed slicing keeps whole heads (dim 96, 6 heads of 16: 32 features at 0.25x where the
+    layer rounding of 96 * 0.25 gives 24; 80 at 0.75x against 72), which the projector's first
+    layer must read as they come."""
+    from us3l_jax.models.heads import SSLModel
+    bb = models.create("vit_tiny", slicing="embed", dim=96, depth=1, heads=6, patch_size=4,
+                       image_size=8)
+    model = SSLModel(bb, proj_hidden=16, proj_out=8, head_hidden=16)
+    params = model.init(jax.random.key(0), images, 1.0)["params"]
+    assert params["projector"]["fc1"]["kernel"].shape == (96, 16)
+    for w in WIDTHS:
+        z = model.apply({"params": params}, images, w, method=SSLModel.encode)
+        assert z.shape == (3, 8) and bool(jnp.all(jnp.isfinite(z))), w
+    assert (bb.feature_dim(0.25), slim.channels(96, 0.25)) == (32, 24)
+    assert (bb.feature_dim(0.75), slim.channels(96, 0.75)) == (80, 72)

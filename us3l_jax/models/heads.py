@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from us3l_jax.slim import (LeadingDense, SlimBatchNorm, SlimConv, SlimDense,
-                           torch_default_kernel_init)
+                           torch_default_bias_init, torch_default_kernel_init)
 
 PROJECTOR_STYLES = ("simclr", "byol", "simsiam", "mocov2", "mocov3")
 
@@ -26,9 +26,13 @@ class Projector(nn.Module):
     bias), ``byol`` (middle Linear without bias), ``simsiam`` (as byol, and the last Linear is
     followed by a non-affine BN; its frozen bias cancels inside that BN, so it is omitted),
     ``mocov2`` (MoCo v2's MLP: Linear(feat->hidden) -> ReLU -> Linear(hidden->out), no BN).
+    ``leading_in``: the first layer reads however many leading features arrive, for backbones
+    whose feature size at a width is not the layer's own rounding (a ViT in ``embed`` slicing
+    keeps whole heads: 64 features at 0.25x of 192, not 48).
     """
     in_features: int
     slim_in: bool
+    leading_in: bool = False
     hidden: int = 2048
     out: int = 256
     style: str = "simclr"
@@ -40,8 +44,13 @@ class Projector(nn.Module):
         if self.style not in PROJECTOR_STYLES:
             raise ValueError(f"unknown projector style {self.style!r}; valid: {PROJECTOR_STYLES}")
         bn = dict(slim=False, group_size=self.bn_group_size, dtype=self.dtype)
-        x = SlimDense(self.in_features, self.hidden, use_bias=True, slim_in=self.slim_in,
-                      dtype=self.dtype, name="fc1")(h, width)
+        if self.leading_in:
+            x = LeadingDense(self.in_features, self.hidden, dtype=self.dtype,
+                             kernel_init=torch_default_kernel_init,
+                             bias_init=torch_default_bias_init(self.in_features), name="fc1")(h)
+        else:
+            x = SlimDense(self.in_features, self.hidden, use_bias=True, slim_in=self.slim_in,
+                          dtype=self.dtype, name="fc1")(h, width)
         if self.style == "mocov2":
             return SlimDense(self.hidden, self.out, use_bias=True, slim_in=False,
                              dtype=self.dtype, name="fc2")(nn.relu(x))
@@ -163,8 +172,10 @@ class SSLModel(nn.Module):
             if self.use_distill_head:
                 self.distill_head = head()
             return
-        self.projector = Projector(full, slim_in=smallest < full, hidden=self.proj_hidden,
-                                   out=self.proj_out, style=self.proj_style, **kw)
+        self.projector = Projector(full, slim_in=smallest < full,
+                                   leading_in=getattr(bb, "slicing", None) == "embed",
+                                   hidden=self.proj_hidden, out=self.proj_out,
+                                   style=self.proj_style, **kw)
         if self.use_predictor:
             self.predictor = Predictor(self.proj_out, self.head_hidden, **kw)
         if self.use_distill_head:
