@@ -8,7 +8,8 @@ is in range instead of replacing it.
 
 Extras: ``[cuda12]`` / ``[tpu]`` (JAX for NVIDIA GPUs / Cloud TPUs, same range), ``[prepare]``
 (TensorFlow, for ``python -m us3l_jax.data.prepare`` of CIFAR / ImageNet; training reads the
-prepared ArrayRecord files without it), ``[test]`` (pytest, and nbclient + ipykernel to execute the notebook).
+prepared ArrayRecord files without it), ``[test]`` (pytest, pytest-xdist to run the suite on
+both cores, and nbclient + ipykernel to execute the notebook).
 """
 from setuptools import find_packages, setup
 
@@ -50,7 +51,8 @@ EXTRAS_REQUIRE = {
     # TFDS builds with TensorFlow; etils needs importlib_resources for a builder's files.
     "prepare": ["tensorflow>=2.21.0,<2.22", "importlib-resources>=7.1.0,<7.2"],
     "export": EXPORT_REQUIRES,
-    "test": ["pytest>=9.2.0,<9.3", "nbclient>=0.11.0,<0.12", "nbformat>=5.11.1,<5.12",
+    "test": ["pytest>=9.2.0,<9.3", "pytest-xdist>=3.8.0,<3.9", "nbclient>=0.11.0,<0.12",
+             "nbformat>=5.11.1,<5.12",
              "ipykernel>=7.4.0,<7.5", *EXPORT_REQUIRES],
 }
 
