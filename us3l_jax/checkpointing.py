@@ -312,6 +312,10 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise several types
             self._failed = True
             raise CheckpointSaveError(step, self.step_dir(step), e) from e
+        if not self._async and jax.process_index() == 0:
+            # A synchronous save has no post-finalization callback: seal the finished folder
+            # (a kill just before this leaves a checkpoint restored unverified, not lost).
+            write_checksums(self.step_dir(step))
 
     def check_saved(self) -> None:
         """Raises ``CheckpointSaveError`` if the last background save failed (cheap: it
