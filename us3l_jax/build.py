@@ -29,17 +29,27 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Config = ml_collections.ConfigDict
 
 
-def _model_kwargs(config: Config) -> dict[str, Any]:
+def architecture_kwargs(config: Config) -> dict[str, Any]:
+    """The ``models.create`` arguments that decide the backbone's shape (what the profiler
+    counts): width range, ResNet sizes, ViT sizes and slicing."""
     m = config.model
-    kw: dict[str, Any] = {"dtype": DTYPES[m.dtype], "min_width": config.sampler.width_range[0],
-                          "bn_group_size": config.method.group_size}
+    kw: dict[str, Any] = {"min_width": config.sampler.width_range[0]}
     if m.base_width is not None:
         kw["base_width"] = int(m.base_width)
     if m.stage_sizes is not None:
         kw["stage_sizes"] = tuple(int(s) for s in m.stage_sizes)
-    for key in ("dim", "depth", "heads", "patch_size", "slicing", "stop_grad_patch"):
+    for key in ("dim", "depth", "heads", "patch_size", "slicing"):
         if m[key] is not None:
             kw[key] = m[key]
+    return kw
+
+
+def _model_kwargs(config: Config) -> dict[str, Any]:
+    m = config.model
+    kw = {**architecture_kwargs(config), "dtype": DTYPES[m.dtype],
+          "bn_group_size": config.method.group_size}
+    if m.stop_grad_patch is not None:
+        kw["stop_grad_patch"] = m.stop_grad_patch
     if m.name in models.VIT_NAMES:  # the size the torch-layout pos_embed is written for
         kw["image_size"] = view_recipe(config)[0].size
     if m.switchable_widths:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from us3l_jax import checkpointing, config as config_lib, profile as profile_lib
+from us3l_jax import build, checkpointing, config as config_lib, profile as profile_lib
 from us3l_jax.data import datasets
 from us3l_jax.evaluate import calibrate as calib, paper as paper_lib, report
 from us3l_jax.evaluate.evaluator import (Evaluator, calibration_settings, check_protocol,
@@ -52,14 +52,6 @@ def _widths(widths: str | Sequence[float]) -> list[Any]:
     if not parsed:
         raise ValueError(f"widths must be comma-separated numbers, got {widths!r}")
     return parsed
-
-
-def _model_kwargs(config) -> dict[str, Any]:
-    kw: dict[str, Any] = {"min_width": config.sampler.width_range[0]}
-    for key in ("base_width", "stage_sizes", "dim", "depth", "heads", "patch_size", "slicing"):
-        if config.model[key] is not None:
-            kw[key] = config.model[key]
-    return kw
 
 
 def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
@@ -132,7 +124,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
         totals["calibration"] += t_cal
         totals["features"] += t_feat
         cost = profile_lib.profile(config.model.name, w, ev.data.size, None, "backbone",
-                                   **_model_kwargs(config))
+                                   **build.architecture_kwargs(config))
         for p in protocols:
             acc, t_probe = timed(ev.run, p, params, stats, w, feats)
             totals[p] += t_probe
