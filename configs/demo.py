@@ -28,7 +28,8 @@ ending with a fast-probe sweep of the width(s) it trained:
 Arguments: ``byol[,width]`` / ``mocov2[,width]`` (individual runs, width default 1.0),
 ``us_byol`` (US-Net with BYOL, all widths at once), ``seed[,width[,teacher_workdir]]`` and
 ``seed_mse[,...]`` (width default 0.25; the teacher is the frozen ``:byol`` run, default
-``/tmp/us3l_demo_byol``, so run that first). Their recipes are the official ones
+``/tmp/us3l_demo_byol``, so run that first, or a ``.safetensors`` torch-layout state dict of
+such a teacher, see ``us3l_jax.teacher``). Their recipes are the official ones
 (``us3l_jax.recipes``) scaled to digits: 64/128 heads, queues of 512 keys, 12 epochs; MoCo v2's
 key encoder uses m 0.99 instead of 0.999, whose teacher would still be 77% its random
 initialisation after 264 steps.
@@ -116,7 +117,7 @@ def _baseline(c, arg: str):
             recipes.mocov2_method(c)
             c.method.ema_momentum = 0.99
         else:
-            recipes.seed_method(c, variant, a["teacher"])
+            recipes.seed_method(c, variant, a["teacher"], c.model.name)
             c.optim.epochs = 12
         c.method.queue_size = 512 if c.method.queue_size else 0
     c.heads.proj_hidden = 128

@@ -13,9 +13,16 @@ First train the teacher (width 1.0), then one student per width:
     python -m us3l_jax.main --config=configs/seed_cifar100.py:seed_mse,mobilenet_v2,r50,0.25,runs/byol_r50 --workdir=runs/seed_mse_mbv2_r50_0.25
     python -m us3l_jax.main --config=configs/seed_cifar100.py:seed_mse,mobilenet_v2,mbv2,0.25,runs/byol_mbv2 --workdir=runs/seed_mse_mbv2_0.25
 
-Arguments: ``<seed|seed_mse>,<student arch>,<teacher r18|r50|mbv2>,<width>,<teacher workdir>``
-(the teacher tag picks the paper row; the workdir is also ``--config.teacher.workdir``). The
-student's workdir records the teacher in ``teacher.json``. Expected linear accuracy (paper
+Arguments: ``<seed|seed_mse>,<student arch>,<teacher r18|r50|mbv2>,<width>,<teacher>``
+(the teacher tag picks the paper row and the teacher's architecture). ``<teacher>`` is the
+teacher run's workdir (also ``--config.teacher.workdir``) or a ``.safetensors`` file holding
+an official BYOL checkpoint's ``state_dict`` (also ``--config.teacher.state_dict``), made
+where torch is installed with
+``safetensors.torch.save_file(torch.load(ckpt, map_location="cpu")["state_dict"], out)``:
+
+    python -m us3l_jax.main --config=configs/seed_cifar100.py:seed_mse,resnet18,r50,0.25,byol_r50.safetensors --config.teacher.bn=stored --workdir=runs/seed_mse_r18_r50_0.25
+
+The student's workdir records the teacher in ``teacher.json``. Expected linear accuracy (paper
 Table 2, %) at 1.0 0.9 0.8 0.7 0.6 0.5 0.4 0.3 0.25:
 
     R-18 SEED (BYOL R-50)       67.3 66.6 65.8 65.2 64.8 63.5 62.2 60.1 58.5
@@ -29,7 +36,10 @@ Table 2, %) at 1.0 0.9 0.8 0.7 0.6 0.5 0.4 0.3 0.25:
 Recipe (``us3l_jax.recipes.seed_cifar``, the official CIFAR SEED configs): SEED queue 32768,
 temperatures 0.5 (student) / 1e-4 (teacher), weight decay 1e-4, 200 epochs; SEED-MSE
 predictor + negative cosine, weight decay 5e-4, 400 epochs; both lr 0.05, batch 512, BN per
-128. The teacher runs with batch statistics (see docs/fidelity.md).
+128. The teacher's BNs: batch statistics for SEED (the official teacher runs in train mode),
+running statistics for SEED-MSE (eval mode): ``teacher.bn=calibrated`` (default) estimates
+them when the student starts, ``teacher.bn=stored`` uses those of an official checkpoint,
+as the official code (docs/fidelity.md, "SEED teacher BN statistics").
 """
 from us3l_jax import recipes
 
@@ -46,7 +56,8 @@ def get_config(arg: str | None = "seed"):
                            ("seed", "resnet18", "r50", 1.0, ""))
     if a["teacher"] not in TEACHERS:
         raise ValueError(f"unknown teacher tag {a['teacher']!r}; valid: {', '.join(TEACHERS)}")
-    c = recipes.seed_cifar(a["loss"], a["arch"], float(a["width"]), a["teacher_workdir"] or None)
+    c = recipes.seed_cifar(a["loss"], a["arch"], float(a["width"]), a["teacher_workdir"] or None,
+                           teacher_arch=TEACHERS[a["teacher"]])
     if (a["loss"], a["arch"], a["teacher"]) in ROWS:
         c.eval.paper_row = f"table2/{a['arch']}/{a['loss']}_byol_{a['teacher']}"
     return c

@@ -6,8 +6,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A frozen-teacher run for SEED tests: ``configs/demo.py:byol`` at test size, 3 steps."""
+    from us3l_jax import pretrain
+    from tests.helpers import tiny_baseline
+    d = str(tmp_path_factory.mktemp("byol_teacher"))
+    pretrain.train(tiny_baseline("byol", train__max_steps=3), d)
+    return d

@@ -27,8 +27,8 @@ def load_experiment(name: str):
     return module
 
 
-def demo_config(variant=None, **overrides):
-    c = load_config_module("configs/demo.py").get_config(variant)
+def override(c, **overrides):
+    """Sets config fields named ``section__field`` (``__`` for the dots); returns ``c``."""
     for dotted, value in overrides.items():
         node = c
         *parents, leaf = dotted.split("__")
@@ -36,6 +36,33 @@ def demo_config(variant=None, **overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def demo_config(variant=None, **overrides):
+    return override(load_config_module("configs/demo.py").get_config(variant), **overrides)
+
+
+# The single-width baselines (SEED, SEED-MSE, MoCo v2) at test size.
+TINY_BASELINE = dict(model__base_width=16, heads__proj_hidden=32, heads__head_hidden=32,
+                     heads__proj_out=16, data__image_size=8, optim__batch_size=32,
+                     method__group_size=16, train__log_every_steps=2,
+                     train__compile_ahead=False, eval__final_sweep=False)
+
+
+def tiny_baseline(variant, **overrides):
+    """``configs/demo.py:<variant>`` at test size, queues of 64 keys."""
+    c = demo_config(variant, **{**TINY_BASELINE, **overrides})
+    if c.method.queue_size:
+        c.method.queue_size = 64
+    return c
+
+
+def leaves_equal(a, b) -> bool:
+    """Same tree size and bitwise-equal leaves."""
+    import jax
+    import numpy as np
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 
 def run_main(config: str, workdir: str, *flags: str, wait: bool = True, timeout: int = 600,

@@ -4,40 +4,14 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
 from us3l_jax import checkpointing, pretrain, teacher as teacher_lib
-from tests.helpers import demo_config
-
-TINY = dict(model__base_width=16, heads__proj_hidden=32, heads__head_hidden=32,
-            heads__proj_out=16, data__image_size=8, optim__batch_size=32,
-            method__group_size=16, train__log_every_steps=2, train__compile_ahead=False,
-            eval__final_sweep=False)
-
-
-def tiny(variant, **kw):
-    c = demo_config(variant, **{**TINY, **kw})
-    if c.method.queue_size:
-        c.method.queue_size = 64
-    return c
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A BYOL teacher trained for 3 steps (the documented ``demo.py:byol`` run, cut short)."""
-    d = str(tmp_path_factory.mktemp("byol_teacher"))
-    pretrain.train(tiny("byol", train__max_steps=3), d)
-    return d
-
-
-def _leaves_equal(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-
+from tests.helpers import leaves_equal, tiny_baseline
 
 def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
-    cfg = lambda steps: tiny(f"seed,0.5,{teacher_dir}", train__max_steps=steps,
+    cfg = lambda steps: tiny_baseline(f"seed,0.5,{teacher_dir}", train__max_steps=steps,
                              train__checkpoint_every_steps=2)
     before = checkpointing.load_pretrained(teacher_dir).params
     straight = pretrain.train(cfg(4), str(tmp_path / "a"))
@@ -46,15 +20,15 @@ def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
     resumed = pretrain.train(cfg(4), str(tmp_path / "b"))
     # Exact resume, queue included; the queue advanced by one batch per step (4 x 32 mod 64).
-    assert _leaves_equal(straight.params, resumed.params)
-    assert _leaves_equal(straight.queue, resumed.queue)
+    assert leaves_equal(straight.params, resumed.params)
+    assert leaves_equal(straight.queue, resumed.queue)
     assert int(straight.queue["ptr"]) == 0 and int(straight.step) == 4
     assert straight.ema_params is None
     # The queue holds unit-norm teacher embeddings, not the random initial keys any more.
     np.testing.assert_allclose(np.linalg.norm(straight.queue["keys"], axis=1), 1, rtol=1e-5)
     # The teacher is unchanged (bitwise) and recorded in the student's workdir.
     after = checkpointing.load_pretrained(teacher_dir).params
-    assert _leaves_equal(before, after)
+    assert leaves_equal(before, after)
     rec = teacher_lib.read_record(str(tmp_path / "a"))
     teacher_cfg = checkpointing.read_config(teacher_dir)
     assert rec["workdir"] == os.path.abspath(teacher_dir) and rec["step"] == 3
@@ -66,24 +40,24 @@ def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
 
 
 def test_seed_mse_and_mocov2_train(teacher_dir, tmp_path):
-    s = pretrain.train(tiny(f"seed_mse,0.25,{teacher_dir}", train__max_steps=1),
+    s = pretrain.train(tiny_baseline(f"seed_mse,0.25,{teacher_dir}", train__max_steps=1),
                        str(tmp_path / "mse"))
     assert s.queue is None and s.ema_params is None and "predictor" in s.params
-    m = pretrain.train(tiny("mocov2,0.5", train__max_steps=1), str(tmp_path / "moco"))
+    m = pretrain.train(tiny_baseline("mocov2,0.5", train__max_steps=1), str(tmp_path / "moco"))
     assert int(m.queue["ptr"]) == 32  # one batch of 32 keys into a 64-key queue
     assert set(m.ema_params) == {"backbone", "projector"}
     # MoCo's key encoder moved towards the query encoder, by (1 - m) per step.
-    assert not _leaves_equal(m.ema_params["projector"], m.params["projector"])
+    assert not leaves_equal(m.ema_params["projector"], m.params["projector"])
 
 
 def test_bad_teachers_give_one_clear_error(teacher_dir, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="teacher workdir .* does not exist"):
-        pretrain.setup(tiny(f"seed,0.5,{tmp_path}/missing"))
+        pretrain.setup(tiny_baseline(f"seed,0.5,{tmp_path}/missing"))
     with pytest.raises(checkpointing.CheckpointError, match="trained on 8px views but the "
                                                             "student uses 16px"):
-        pretrain.setup(tiny(f"seed,0.5,{teacher_dir}", data__image_size=16))
+        pretrain.setup(tiny_baseline(f"seed,0.5,{teacher_dir}", data__image_size=16))
     with pytest.raises(checkpointing.CheckpointError, match="embeds in 16 dimensions"):
-        pretrain.setup(tiny(f"seed,0.5,{teacher_dir}", heads__proj_out=32))
+        pretrain.setup(tiny_baseline(f"seed,0.5,{teacher_dir}", heads__proj_out=32))
 
 
 def test_method_combinations_of_the_baselines():

@@ -175,13 +175,20 @@ def test_seed_configs_cover_table2_and_take_the_teacher_workdir():
         m = build.method(c)
         assert (m.teacher, c.sampler.individual_width, c.heads.proj_out) == ("frozen", 0.5, 2048)
         assert m.uses_predictor == (loss == "seed_mse")
+        # Official teacher modes: SEED in train mode, SEED-MSE in eval mode.
+        assert c.teacher.bn == ("batch" if loss == "seed" else "calibrated")
+    # An official checkpoint converted to safetensors; the tag names its architecture.
+    c = mod.get_config("seed_mse,mobilenet_v2,r50,0.25,/ckpt/byol_r50.safetensors")
+    config_lib.validate(c)
+    assert (c.teacher.state_dict, c.teacher.model, c.teacher.workdir) == (
+        "/ckpt/byol_r50.safetensors", "cifar_resnet50", None)
     c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
     m = build.method(c)
     assert (m.queue_size, m.tau, m.teacher_tau, c.optim.epochs, c.optim.lr) == (
         32768, 0.5, 1e-4, 200, 0.05)
     assert 2 * c.optim.reg_lambda == pytest.approx(1e-4)
     c.teacher.workdir = None
-    with pytest.raises(config_lib.ConfigError, match="config.teacher.workdir must name"):
+    with pytest.raises(config_lib.ConfigError, match="needs exactly one of config.teacher.workdir"):
         config_lib.validate(c)
     c = mod.get_config("seed,resnet18,r50,1.0,runs/t")
     c.method.queue_size = 1000

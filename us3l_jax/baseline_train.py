@@ -6,6 +6,9 @@ One program per iteration after the views: teacher (EMA update first for MoCo), 
 optimizer update, then the batch's keys enter the queue (after the loss used the old queue, as
 the official code). What each method computes (official ``seed.py`` / ``moco.py``):
 
+The frozen teacher's BNs use batch statistics or, when its variables hold ``batch_stats``
+(``teacher.bn`` 'calibrated' / 'stored'), run in eval mode.
+
 * SEED: student and teacher embed view 1; soft cross-entropy of their similarity
   distributions over [teacher embedding, queue] (``objectives.seed_distill``); the normalised
   teacher embeddings are enqueued.
@@ -40,23 +43,35 @@ def _encode(model: SSLModel, params, x, width: float):
     return model.apply({"params": params}, x, width, method=SSLModel.encode)
 
 
-def baseline_loss(params, teacher_params, queue, v1, v2, *, model: SSLModel,
+def _teacher_encode(model: SSLModel, variables, x, width: float):
+    """The teacher's projection of ``x``, detached; eval mode when ``variables`` hold BN
+    statistics (a frozen teacher with ``teacher.bn`` 'calibrated' or 'stored')."""
+    return sg(model.apply(variables, x, width, "batch_stats" not in variables,
+                          method=SSLModel.encode))
+
+
+def baseline_loss(params, teacher_vars, queue, v1, v2, *, model: SSLModel,
                   teacher_model: SSLModel, method: MethodConfig, width: float,
                   teacher_width: float):
-    """The loss of one baseline; aux: (keys to enqueue or None, metrics)."""
+    """The loss of one baseline; aux: (keys to enqueue or None, metrics). ``teacher_vars``:
+    the teacher's variables (``{'params'[, 'batch_stats']}``)."""
     if method.base_loss == "seed":
         z = _encode(model, params, v1, width)
-        keys = objectives.l2_normalize(sg(_encode(teacher_model, teacher_params, v1,
-                                                  teacher_width)))
+        keys = objectives.l2_normalize(_teacher_encode(teacher_model, teacher_vars, v1,
+                                                       teacher_width))
         loss = objectives.seed_distill(z, keys, queue["keys"], method.tau, method.teacher_tau)
     elif method.base_loss == "moco":
         z = _encode(model, params, v1, width)
-        keys = objectives.l2_normalize(sg(_encode(teacher_model, teacher_params, v2,
-                                                  teacher_width)))
+        keys = objectives.l2_normalize(_teacher_encode(teacher_model, teacher_vars, v2,
+                                                       teacher_width))
         loss = objectives.moco_infonce(z, keys, queue["keys"], method.tau)
     else:  # SEED-MSE: BYOL's loss against the frozen teacher
-        targets = train_lib.teacher_outputs(teacher_params, v1, v2, model=teacher_model,
-                                            width=teacher_width)
+        if "batch_stats" in teacher_vars:
+            targets = tuple(_teacher_encode(teacher_model, teacher_vars, v, teacher_width)
+                            for v in (v1, v2))
+        else:  # batch statistics: both views in one pass where BN groups allow
+            targets = train_lib.teacher_outputs(teacher_vars["params"], v1, v2,
+                                                model=teacher_model, width=teacher_width)
         loss, z, _ = train_lib._own_loss(model, method, params, v1, v2, width, targets)
         keys = None
     return loss, (keys, {"loss/base": loss, "embed_std": objectives.embedding_std(z)})
@@ -65,13 +80,13 @@ def baseline_loss(params, teacher_params, queue, v1, v2, *, model: SSLModel,
 def baseline_step(state: TrainState, v1, v2, frozen, *, tx, lr_schedule, model: SSLModel,
                   teacher_model: SSLModel, method: MethodConfig, width: float,
                   teacher_width: float, total_steps: int, mesh, sharded: bool):
-    """One iteration: (new state, metrics). ``frozen``: the frozen teacher's parameters (None
+    """One iteration: (new state, metrics). ``frozen``: the frozen teacher's variables (None
     for MoCo, whose teacher is ``state.ema_params``)."""
     mom, ema = jnp.float32(0), state.ema_params
     if method.teacher == "ema":
         mom = ema_momentum(method, state.step, total_steps)
         ema = ema_update(ema, state.params, mom)
-        frozen = ema
+        frozen = {"params": ema}
     loss_fn = functools.partial(baseline_loss, model=model, teacher_model=teacher_model,
                                 method=method, width=width, teacher_width=teacher_width)
     partial, keys, metrics = train_lib.partial_grads(
@@ -99,8 +114,8 @@ class BaselineTrainer(Trainer):
         if (method.teacher == "frozen") != (teacher is not None):
             raise ValueError("a frozen teacher is needed exactly when method.teacher='frozen'")
         self.teacher = teacher
-        self.teacher_params = None if teacher is None else jax.device_put(teacher.params,
-                                                                          self._repl)
+        self.teacher_vars = None if teacher is None else jax.device_put(teacher.variables,
+                                                                        self._repl)
         self._teacher_model = model if teacher is None else teacher.model
         if teacher is not None:
             self._teacher["teacher_width"] = teacher.width
@@ -120,4 +135,4 @@ class BaselineTrainer(Trainer):
                              f"trains one width per run, got widths {list(widths)}")
         prog = functools.partial(self._program, run)
         v1, v2 = prog("views", state.rng, state.step, images)
-        return prog("baseline", state, v1, v2, self.teacher_params, width=float(widths[0]))
+        return prog("baseline", state, v1, v2, self.teacher_vars, width=float(widths[0]))

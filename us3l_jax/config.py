@@ -93,13 +93,22 @@ def get_default() -> ml_collections.ConfigDict:
     # bounds the number of compiled programs; None draws continuously as the paper.
     c.sampler.grid_step = config_dict.placeholder(float)
 
-    # The frozen teacher of SEED / SEED-MSE (method.teacher='frozen'): a pretrained run's
-    # workdir, its checkpoint step (None: the latest) and the width it runs at (None: the width
-    # it was trained at, or its range's maximum).
+    # The frozen teacher of SEED / SEED-MSE (method.teacher='frozen', us3l_jax.teacher): a
+    # pretrained run's workdir and checkpoint step (None: the latest), or a torch-layout
+    # state dict (.safetensors, e.g. an official BYOL checkpoint's) with its architecture
+    # (a model name); the width it runs at (None: the width it was trained at, or its
+    # range's maximum; 1.0 for a state dict); and its BatchNorm statistics: "batch" (train
+    # mode, official SEED), "calibrated" (eval mode, running averages over
+    # calibration_batches batches of its SSL views, official SEED-MSE) or "stored" (eval
+    # mode, the state dict's running statistics).
     c.teacher = ml_collections.ConfigDict()
     c.teacher.workdir = config_dict.placeholder(str)
     c.teacher.step = config_dict.placeholder(int)
+    c.teacher.state_dict = config_dict.placeholder(str)
+    c.teacher.model = config_dict.placeholder(str)
     c.teacher.width = config_dict.placeholder(float)
+    c.teacher.bn = "batch"
+    c.teacher.calibration_batches = 200
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "cifar100"
@@ -364,12 +373,44 @@ def _validate_baseline(config: ml_collections.ConfigDict, method: MethodConfig,
         raise ConfigError(f"config.method.base_loss={method.base_loss!r} with teacher="
                           f"{method.teacher!r} trains one width: set "
                           f"config.sampler.individual_width")
-    if method.teacher == "frozen" and not config.teacher.workdir:
-        raise ConfigError("config.teacher.workdir must name the workdir of a pretrained "
-                          "teacher run (method.teacher='frozen')")
+    if method.teacher == "frozen":
+        validate_teacher(config.teacher)
     if method.queue_size and method.queue_size % config.optim.batch_size:
         raise ConfigError(f"config.method.queue_size={method.queue_size} must be a multiple "
                           f"of config.optim.batch_size={config.optim.batch_size}")
+
+
+TEACHER_BN = ("batch", "calibrated", "stored")  # how a frozen teacher's BNs run
+
+
+def validate_teacher(t: ml_collections.ConfigDict) -> None:
+    """Where the frozen teacher comes from and how its BatchNorms run."""
+    if bool(t.workdir) == bool(t.state_dict):
+        raise ConfigError(
+            "method.teacher='frozen' needs exactly one of config.teacher.workdir (a "
+            "pretrained teacher run) and config.teacher.state_dict (a torch-layout "
+            f".safetensors file); got workdir={t.workdir!r}, state_dict={t.state_dict!r}")
+    if t.state_dict:
+        if t.model not in models.NAMES or t.model in models.VIT_NAMES:
+            cnns = [n for n in models.NAMES if n not in models.VIT_NAMES]
+            raise ConfigError(f"config.teacher.model={t.model!r} must name the state dict's "
+                              f"architecture, one of {', '.join(cnns)}")
+        if t.step is not None:
+            raise ConfigError("config.teacher.step selects a checkpoint of a teacher workdir; "
+                              "a state dict has none")
+    elif t.model is not None:
+        raise ConfigError("config.teacher.model is only for a teacher.state_dict (a workdir "
+                          "records its own model)")
+    if t.bn not in TEACHER_BN:
+        raise ConfigError(f"config.teacher.bn={t.bn!r} is not one of {', '.join(TEACHER_BN)}")
+    if t.bn == "stored" and not t.state_dict:
+        raise ConfigError("config.teacher.bn='stored' uses a state dict's running statistics; "
+                          "a teacher workdir stores none: use 'calibrated' or 'batch'")
+    if t.calibration_batches < 1:
+        raise ConfigError(f"config.teacher.calibration_batches="
+                          f"{t.calibration_batches} must be at least 1")
+    if t.width is not None and not 0 < t.width <= 1:
+        raise ConfigError(f"config.teacher.width={t.width} must be in (0, 1]")
 
 
 def _validate_supervised(config: ml_collections.ConfigDict) -> None:

@@ -76,7 +76,7 @@ def setup(config, mesh=None) -> Run:
     frozen = None
     if build.method(config).teacher == "frozen":  # SEED: another run's network
         from us3l_jax import teacher as teacher_lib
-        frozen = teacher_lib.load(config)
+        frozen = teacher_lib.load(config, mesh)
     return Run(config=config, mesh=mesh, data=data,
                trainer=build.trainer(config, mesh, data.steps_per_epoch, frozen),
                sampler=build.sampler(config), steps_per_epoch=data.steps_per_epoch,

@@ -314,12 +314,17 @@ def _single_width(c: ml_collections.ConfigDict, width: float) -> None:
 SEED_LOSSES = ("seed", "seed_mse")
 
 
-def seed_method(c: ml_collections.ConfigDict, loss: str, teacher_workdir: str | None) -> None:
+def seed_method(c: ml_collections.ConfigDict, loss: str, teacher: str | None,
+                teacher_model: str | None = None) -> None:
     """SEED / SEED-MSE hyper-parameters of the official CIFAR configs: lr 0.05 (cosine per
     epoch), 2048/2048 BYOL-style student projector (the teacher's embedding size). SEED: queue
     K 32768, student/teacher temperatures 0.5 / 1e-4, weight decay 1e-4, 200 epochs.
     SEED-MSE: the student's predictor (hidden 2048) against the teacher's other view (negative
-    cosine), weight decay 5e-4, 400 epochs."""
+    cosine), weight decay 5e-4, 400 epochs. The teacher's BNs: batch statistics for SEED
+    (official: train mode), calibrated running statistics for SEED-MSE (official: eval mode
+    with the running statistics of the teacher's training). ``teacher``: a teacher run's
+    workdir, or a ``.safetensors`` torch-layout state dict (then ``teacher_model`` names its
+    architecture)."""
     if loss not in SEED_LOSSES:
         raise ValueError(f"unknown SEED variant {loss!r}; valid: {', '.join(SEED_LOSSES)}")
     c.method.teacher = "frozen"
@@ -339,20 +344,28 @@ def seed_method(c: ml_collections.ConfigDict, loss: str, teacher_workdir: str | 
         c.method.base_loss = "mse"
         c.optim.reg_lambda = 2.5e-4  # weight decay 5e-4
         c.optim.epochs = 400
-    c.teacher.workdir = teacher_workdir
+        c.teacher.bn = "calibrated"
+    if teacher and teacher.endswith(".safetensors"):
+        c.teacher.state_dict = teacher
+        c.teacher.model = teacher_model
+    else:
+        c.teacher.workdir = teacher
 
 
-def seed_cifar(loss: str, arch: str, width: float, teacher_workdir: str | None,
-               dataset: str = "cifar100") -> ml_collections.ConfigDict:
-    """A SEED / SEED-MSE student at one width (paper Table 2), distilled from the frozen
-    teacher run in ``teacher_workdir`` (an individually trained BYOL run at width 1.0,
-    ``configs/baselines_cifar100.py:byol,1.0,<arch>``). Batch 512 (4 x 128), BN per 128."""
+def seed_cifar(loss: str, arch: str, width: float, teacher: str | None,
+               dataset: str = "cifar100",
+               teacher_arch: str | None = None) -> ml_collections.ConfigDict:
+    """A SEED / SEED-MSE student at one width (paper Table 2), distilled from a frozen BYOL
+    teacher at width 1.0: ``teacher`` is the workdir of a run of
+    ``configs/baselines_cifar100.py:byol,1.0,<arch>``, or a ``.safetensors`` state dict of
+    an official BYOL checkpoint, whose architecture ``teacher_arch`` names (resnet18,
+    resnet50, mobilenet_v2). Batch 512 (4 x 128), BN per 128."""
     c = config_lib.get_default()
     c.model.name = _arch(arch, CIFAR_ARCHS)
     c.data.dataset = dataset
     official_step(c)
     _single_width(c, width)
-    seed_method(c, loss, teacher_workdir)
+    seed_method(c, loss, teacher, teacher_arch and _arch(teacher_arch, CIFAR_ARCHS))
     c.eval.sweep_protocol = "paper"
     c.eval.calibration = "official_cifar"
     return c

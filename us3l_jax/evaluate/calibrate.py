@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import flax.serialization
@@ -155,16 +155,18 @@ def _finalize(acc: dict[str, Array], mode: str) -> tuple[Array, Array]:
 # ------------------------------------------------------------------------------------------
 
 
-def _moments(backbone: nn.Module, params: PyTree, images: Array, width: float):
+def _moments(backbone: nn.Module, params: PyTree, images: Array, width: float,
+             method: Callable | None = None):
     _, state = backbone.apply({"params": params}, images, width=width, train=True,
-                              mutable=["bn_moments"])
+                              mutable=["bn_moments"], method=method)
     return _layer_moments(state["bn_moments"])
 
 
 @functools.lru_cache(maxsize=64)
-def _step_fn(backbone: nn.Module, width: float, mode: str, momentum: float):
+def _step_fn(backbone: nn.Module, width: float, mode: str, momentum: float,
+             method: Callable | None):
     def step(acc, params, images):
-        layers = _moments(backbone, params, images, width)
+        layers = _moments(backbone, params, images, width, method)
         new = {}
         for name, calls in layers.items():
             a = acc[name]
@@ -178,20 +180,25 @@ def _step_fn(backbone: nn.Module, width: float, mode: str, momentum: float):
 
 
 @functools.lru_cache(maxsize=16)
-def _full_size_template(backbone: nn.Module, image_shape: tuple[int, ...]) -> PyTree:
+def _full_size_template(backbone: nn.Module, image_shape: tuple[int, ...],
+                        method: Callable | None = None) -> PyTree:
     """Shapes of the full-size ``batch_stats`` tree (eval-mode init, nothing computed)."""
     def init(x):
-        return backbone.init(jax.random.key(0), x, width=1.0, train=False)["batch_stats"]
+        return backbone.init(jax.random.key(0), x, width=1.0, train=False,
+                             method=method)["batch_stats"]
 
     return jax.eval_shape(init, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.float32))
 
 
 def calibrate(backbone: nn.Module, params: PyTree, width: float, batches: Iterable[Array],
-              mode: str = "cumulative", momentum: float = EMA_MOMENTUM) -> PyTree:
+              mode: str = "cumulative", momentum: float = EMA_MOMENTUM,
+              method: Callable | None = None) -> PyTree:
     """Calibrated full-size ``batch_stats`` of ``backbone`` at ``width``.
 
     Args:
-      backbone: a slimmable backbone (``SlimBatchNorm`` layers).
+      backbone: a slimmable backbone (``SlimBatchNorm`` layers), or any module whose
+        ``method`` takes ``(x, width=, train=)``, e.g. ``SSLModel`` with ``SSLModel.encode``
+        (backbone and projector: a frozen teacher's statistics).
       params: its parameters (``{'bn1': ..., 'layer1_0': ...}``, no ``params`` wrapper).
       width: the width to calibrate (a static Python float).
       batches: float32 NHWC image batches, already transformed (see :func:`input_batches`).
@@ -205,20 +212,20 @@ def calibrate(backbone: nn.Module, params: PyTree, width: float, batches: Iterab
         raise ValueError(f"unknown calibration mode {mode!r}; valid: {', '.join(MODES)}")
     if not getattr(backbone, "has_batch_norm", True):
         return {}  # e.g. a ViT: LayerNorm only, nothing to calibrate
-    step = _step_fn(backbone, float(width), mode, float(momentum))
+    step = _step_fn(backbone, float(width), mode, float(momentum), method)
     acc = None
     image_shape = None
     for images in batches:
         if acc is None:
             image_shape = tuple(images.shape[1:])
-            shapes = jax.eval_shape(functools.partial(_moments, backbone, width=float(width)),
-                                    params, images)
+            shapes = jax.eval_shape(functools.partial(_moments, backbone, width=float(width),
+                                                      method=method), params, images)
             acc = {name: _init_acc(calls[0]["mean"].shape[-1], mode)
                    for name, calls in shapes.items()}
         acc = step(acc, params, images)
     if acc is None:
         raise ValueError("calibration needs at least one batch")
-    template = _full_size_template(backbone, image_shape)
+    template = _full_size_template(backbone, image_shape, method)
     flat = traverse_util.flatten_dict(template, sep="/")
     stats = {}
     for key, spec in flat.items():

@@ -2,7 +2,9 @@
 
 The projector's first layer reads the slimmed backbone feature (input slimmed, output not);
 everything after it, and the predictor / auxiliary distillation head, is full width. Head BNs
-use batch statistics (per group of ``bn_group_size`` examples, like the official per-GPU BN).
+use batch statistics (per group of ``bn_group_size`` examples, like the official per-GPU BN);
+with ``train=False`` (only a frozen teacher's forward) they read running statistics from
+``batch_stats``, like the backbone's.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ class Projector(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, h: jax.Array, width: float) -> jax.Array:
+    def __call__(self, h: jax.Array, width: float, train: bool = True) -> jax.Array:
         if self.style not in PROJECTOR_STYLES:
             raise ValueError(f"unknown projector style {self.style!r}; valid: {PROJECTOR_STYLES}")
         bn = dict(slim=False, group_size=self.bn_group_size, dtype=self.dtype)
@@ -54,14 +56,14 @@ class Projector(nn.Module):
         if self.style == "mocov2":
             return SlimDense(self.hidden, self.out, use_bias=True, slim_in=False,
                              dtype=self.dtype, name="fc2")(nn.relu(x))
-        x = nn.relu(SlimBatchNorm(self.hidden, name="bn1", **bn)(x, 1.0, True))
+        x = nn.relu(SlimBatchNorm(self.hidden, name="bn1", **bn)(x, 1.0, train))
         x = SlimDense(self.hidden, self.hidden, use_bias=self.style == "simclr", slim_in=False,
                       dtype=self.dtype, name="fc2")(x)
-        x = nn.relu(SlimBatchNorm(self.hidden, name="bn2", **bn)(x, 1.0, True))
+        x = nn.relu(SlimBatchNorm(self.hidden, name="bn2", **bn)(x, 1.0, train))
         x = SlimDense(self.hidden, self.out, use_bias=self.style != "simsiam", slim_in=False,
                       dtype=self.dtype, name="fc3")(x)
         if self.style == "simsiam":
-            x = SlimBatchNorm(self.out, affine=False, name="bn3", **bn)(x, 1.0, True)
+            x = SlimBatchNorm(self.out, affine=False, name="bn3", **bn)(x, 1.0, train)
         return x
 
 
@@ -97,7 +99,7 @@ class MoCoMLP(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         for i in range(self.num_layers):
             last = i == self.num_layers - 1
             fin = self.in_features if i == 0 else self.hidden
@@ -105,7 +107,7 @@ class MoCoMLP(nn.Module):
             x = LeadingDense(fin, fout, use_bias=False, dtype=self.dtype,
                              kernel_init=torch_default_kernel_init, name=f"fc{i + 1}")(x)
             x = SlimBatchNorm(fout, slim=False, affine=not last, group_size=self.bn_group_size,
-                              dtype=self.dtype, name=f"bn{i + 1}")(x, 1.0, True)
+                              dtype=self.dtype, name=f"bn{i + 1}")(x, 1.0, train)
             if not last:
                 x = nn.relu(x)
         return x
@@ -184,12 +186,14 @@ class SSLModel(nn.Module):
             self.proj_conv = FeatureProjections(hooked_layers(bb, self.feature_layers),
                                                 dtype=self.dtype)
 
-    def encode(self, x: jax.Array, width: float) -> jax.Array:
-        """Projector output z at ``width`` (BN in train mode: batch statistics)."""
-        h = self.backbone(x, width=width, train=True)
+    def encode(self, x: jax.Array, width: float, train: bool = True) -> jax.Array:
+        """Projector output z at ``width``. ``train``: BN with batch statistics (how every
+        network trains); False: eval mode, with the ``batch_stats`` collection of backbone and
+        projector (a frozen teacher with calibrated or stored statistics)."""
+        h = self.backbone(x, width=width, train=train)
         if self.proj_style == "mocov3":
-            return self.projector(h)
-        return self.projector(h, width)
+            return self.projector(h, train)
+        return self.projector(h, width, train)
 
     def encode_features(self, x: jax.Array, width: float
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
