@@ -167,6 +167,27 @@ def test_restoring_into_a_different_model_is_refused(reference):
         pretrain.train(other, ref_dir)
 
 
+def test_identity_covers_the_state_structure_and_accepts_older_records(reference):
+    """Fields that change the saved state's shapes (here intermediate-feature distillation,
+    which adds ``proj_conv``) are named when they differ; a checkpoint written before a field
+    joined the identity (its record lacks it) is not refused for it."""
+    ref_dir, _ = reference
+    other = smoke()
+    other.method.feature_distill = True
+    ckpt = checkpointing.Checkpointer(ref_dir, other)
+    try:
+        with pytest.raises(checkpointing.CheckpointError,
+                           match=r"method.feature_distill: checkpoint False vs config True"):
+            ckpt.restore_latest(build.abstract_state(smoke()))
+        older = {k: v for k, v in checkpointing.identity(smoke()).items()
+                 if k != "method.feature_distill"}
+        ckpt._check_identity({"identity": older}, 30)  # no error
+        with pytest.raises(checkpointing.CheckpointError, match="model.base_width"):
+            ckpt._check_identity({"identity": dict(older, **{"model.base_width": 8})}, 30)
+    finally:
+        ckpt.close()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = smoke()
     c.optim.lr = 1e12

@@ -47,10 +47,15 @@ CORRUPT_PREFIX = "corrupt-"
 # array data and a damaged copy makes the restore fail by itself.
 _UNCHECKED = ("_CHECKPOINT_METADATA",)
 # Fields that must match between a checkpoint and the config restoring it.
+# What decides the shapes of the saved state: a checkpoint restores only into a config with
+# the same values. Fields added later are compared only when the checkpoint records them.
 IDENTITY_FIELDS = ("model.name", "model.base_width", "model.stage_sizes", "sampler.width_range",
                    "heads.proj_hidden", "heads.proj_out", "heads.proj_style",
                    "heads.head_hidden", "method.base_loss", "method.aux_head",
-                   "method.momentum_base", "method.momentum_sub")
+                   "method.momentum_base", "method.momentum_sub", "model.dim", "model.depth",
+                   "model.heads", "model.patch_size", "model.switchable_widths",
+                   "train.objective", "method.teacher", "method.queue_size",
+                   "method.feature_distill")
 
 
 class CheckpointError(RuntimeError):
@@ -442,7 +447,7 @@ class Checkpointer:
     def _check_identity(self, meta: dict[str, Any], step: int) -> None:
         want = identity(self.config)
         got = meta.get("identity", {})
-        diff = {k: (got.get(k), v) for k, v in want.items() if got.get(k) != v}
+        diff = {k: (got[k], v) for k, v in want.items() if k in got and got[k] != v}
         if diff:
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in
                               diff.items())

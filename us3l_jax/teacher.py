@@ -33,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -58,6 +60,7 @@ _LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running
          "var": "running_var"}
 
 Variables = dict[str, Any]
+log = logging.getLogger("us3l")
 
 
 @dataclasses.dataclass
@@ -347,6 +350,7 @@ def load(config: ml_collections.ConfigDict, mesh=None) -> FrozenTeacher:
     model = build.model(tc)
     variables: Variables = {"params": params}
     record.update(width=width, bn=t.bn, fingerprint=fingerprint(params))
+    how = {"batch": "batch statistics", "stored": "the state dict's running statistics"}
     if t.bn == "stored":
         if stored is None:
             raise checkpointing.CheckpointError(
@@ -355,9 +359,15 @@ def load(config: ml_collections.ConfigDict, mesh=None) -> FrozenTeacher:
         variables["batch_stats"] = stored
     elif t.bn == "calibrated":
         settings = calibration_settings(config)
+        t0 = time.time()
         variables["batch_stats"] = _calibrate(model, params, width, tc, config,
                                               mesh or mesh_lib.make_mesh(), settings)
         record["calibration"] = dataclasses.asdict(settings)
+        how["calibrated"] = (f"running statistics calibrated over {settings.num_batches} "
+                             f"batches of {settings.batch_size} in {time.time() - t0:.1f}s")
+    step = "" if record["step"] is None else f" step {record['step']}"
+    log.info("frozen teacher %s%s at width %g; BN: %s",
+             record.get("workdir") or record["state_dict"], step, width, how[t.bn])
     return FrozenTeacher(model=model, variables=variables, width=width, record=record)
 
 
