@@ -237,3 +237,49 @@ def test_bad_arguments():
     tx = optim.grouped_weight_decay(LAM, ALPHA, total=E)
     with pytest.raises(ValueError, match="needs params"):
         tx.update({"a": jnp.ones(2)}, tx.init(None))
+
+
+def test_freeze_keeps_parameters_bitwise_under_decay_and_momentum():
+    """A frozen parameter (e.g. MoCo v3's fixed patch embedding) never changes, even with
+    weight decay and momentum, as a PyTorch parameter with requires_grad=False; the others
+    train as before; the optimizer state keeps its structure (checkpoints unaffected)."""
+    params = {"backbone": {"patch_embed": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+                           "block": {"kernel": jnp.ones((3, 3))}},
+              "projector": {"kernel": jnp.ones((3, 2))}}
+    grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+    grads["backbone"]["patch_embed"] = jax.tree.map(jnp.zeros_like,
+                                                    params["backbone"]["patch_embed"])
+    for tx, _ in (optim.make_adamw(1e-2, 10, weight_decay=0.1),
+                  optim.make_optimizer(0.1, 10, momentum=0.9, reg_lambda=1e-2)):
+        frozen = optim.freeze(tx, [("backbone", "patch_embed")])
+        state, ref_state = frozen.init(params), tx.init(params)
+        assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+        p, ref = params, params
+        for step in range(3):
+            u, state = frozen.update(grads, state, p, step=step)
+            p = optax.apply_updates(p, u)
+            ru, ref_state = tx.update(grads, ref_state, ref, step=step)
+            ref = optax.apply_updates(ref, ru)
+        for a, b in zip(jax.tree.leaves(p["backbone"]["patch_embed"]),
+                        jax.tree.leaves(params["backbone"]["patch_embed"])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        # Without freezing, decay alone would have moved it.
+        assert not np.allclose(ref["backbone"]["patch_embed"]["kernel"], 1.0)
+        for k in ("block",):
+            np.testing.assert_array_equal(np.asarray(p["backbone"][k]["kernel"]),
+                                          np.asarray(ref["backbone"][k]["kernel"]))
+        assert not np.allclose(p["projector"]["kernel"], 1.0)
+
+
+def test_vit_stop_grad_patch_freezes_the_patch_embedding_in_the_built_optimizer():
+    from us3l_jax import build
+    from tests.helpers import demo_config
+    for on in (True, False):
+        c = demo_config("vit", model__stop_grad_patch=on)
+        tx, _ = build.optimizer(c, steps_per_epoch=2)
+        params = {"backbone": {"patch_embed": {"kernel": jnp.ones(3)},
+                               "norm": {"scale": jnp.ones(3)}}}
+        grads = jax.tree.map(jnp.ones_like, params)
+        u, _ = tx.update(grads, tx.init(params), params, step=1)
+        assert bool(jnp.all(u["backbone"]["patch_embed"]["kernel"] == 0)) == on
+        assert not bool(jnp.all(u["backbone"]["norm"]["scale"] == 0))

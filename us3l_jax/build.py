@@ -108,7 +108,14 @@ def sampler(config: Config) -> sampling.SamplerConfig:
 
 def optimizer(config: Config, steps_per_epoch: int
               ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
-    """(optax transform, lr schedule as a function of the iteration)."""
+    """(optax transform, lr schedule as a function of the iteration); the backbone's frozen
+    parameters (``frozen_params``, e.g. a ViT's fixed patch embedding) are never updated."""
+    tx, lr = _optimizer(config, steps_per_epoch)
+    frozen = getattr(backbone(config), "frozen_params", lambda: ())()
+    return optim.freeze(tx, [("backbone",) + tuple(p) for p in frozen]), lr
+
+
+def _optimizer(config: Config, steps_per_epoch: int):
     o = config.optim
     if o.optimizer == "adamw":  # MoCo v3: per-iteration schedule, decoupled weight decay
         if o.reg_lambda:

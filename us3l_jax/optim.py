@@ -14,7 +14,7 @@ schedules would advance once per update.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -332,3 +332,26 @@ def make_adamw(
                                           mask=decay_mask))
     parts.append(scale_by_schedule_at(lambda t: schedule(t).astype(jnp.float32)))
     return optax.chain(*parts), lambda t: schedule(t).astype(jnp.float32)
+
+
+def freeze(tx: optax.GradientTransformation,
+           prefixes: Sequence[tuple[str, ...]]) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with zero updates for every parameter under one of ``prefixes`` (paths of dict
+    keys, e.g. ``('backbone', 'patch_embed')``): they never change, as a PyTorch parameter
+    with ``requires_grad=False``, which the optimizer skips (no step, no weight decay, no
+    momentum). A zero gradient alone is not enough: decay would still shrink it. The state is
+    ``tx``'s own, so checkpoints are unaffected."""
+    tx = optax.with_extra_args_support(tx)
+    prefixes = tuple(tuple(p) for p in prefixes)
+    if not prefixes:
+        return tx
+
+    def zero_frozen(path, u):
+        keys = tuple(getattr(k, "key", k) for k in path)
+        return jnp.zeros_like(u) if any(keys[:len(p)] == p for p in prefixes) else u
+
+    def update_fn(updates, state, params=None, **extra):
+        updates, state = tx.update(updates, state, params, **extra)
+        return jax.tree_util.tree_map_with_path(zero_frozen, updates), state
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)

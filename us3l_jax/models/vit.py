@@ -222,6 +222,11 @@ class VisionTransformer(nn.Module):
     def feature_dim(self, width: float) -> int:
         return self.dims(width).embed
 
+    def frozen_params(self) -> tuple[tuple[str, ...], ...]:
+        """Parameter paths no optimizer may change: the patch embedding when it is a fixed
+        random projection (``stop_grad_patch``, MoCo v3's ``--stop-grad-conv1``)."""
+        return (("patch_embed",),) if self.stop_grad_patch else ()
+
     def slim_dims(self) -> tuple[tuple[int, int], ...]:
         return ((self.dim, 1), (self.dim * self.mlp_ratio, 1))
 
