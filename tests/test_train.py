@@ -464,7 +464,7 @@ def test_one_and_eight_devices_agree():
 
 def test_reduce_once_needs_device_local_groups():
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    with pytest.raises(ValueError, match="method.group_size=32 must divide the per-device "
+    with pytest.raises(ValueError, match="group_size=32 must divide the per-device "
                                          "batch 16"):
         make_trainer(MethodConfig(group_size=32), mesh=mesh, reduce_once=True)
 

@@ -199,20 +199,11 @@ class SupervisedTrainer(train_lib.Trainer):
             raise ValueError("supervised training needs a backbone with a classifier "
                              "(num_classes set)")
         # Not Trainer.__init__: there is no SSLModel, method or teacher here.
-        self.model, self.cfg, self.tx, self.mesh = model, cfg, tx, mesh
-        self.view_cfg = view_cfg
-        self.lr_schedule = lr_schedule
-        self.config_key = config_key or model.channel_config
-        local = train_lib.device_local_groups(cfg, batch_size, mesh.devices.size)
-        if reduce_once and not local:
-            raise ValueError(f"reduce_once needs whole BN groups on every device: group_size="
-                             f"{cfg.group_size} must divide the per-device batch "
-                             f"{batch_size} / {mesh.devices.size}")
-        self.sharded = local if reduce_once is None else bool(reduce_once)
+        self.model, self.cfg, self.view_cfg = model, cfg, view_cfg
+        self._init_programs(tx, mesh, cfg, batch_size=batch_size, lr_schedule=lr_schedule,
+                            config_key=config_key or model.channel_config,
+                            compile_threads=compile_threads, reduce_once=reduce_once)
         self._static = dict(model=model, cfg=cfg, mesh=mesh, sharded=self.sharded)
-        self.programs = train_lib.Programs(compile_threads)
-        self._repl = mesh_lib.replicated(mesh)
-        self._batch = mesh_lib.batch_sharding(mesh)
 
     def view_spec(self, image_spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
         return jax.eval_shape(functools.partial(augment.view, cfg=self.view_cfg),

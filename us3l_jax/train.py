@@ -233,8 +233,9 @@ def _weighted(method: MethodConfig, metrics) -> jax.Array:
 # ------------------------------------------------------------------------------ gradients
 
 
-def device_local_groups(method: MethodConfig, batch_size: int, num_devices: int) -> bool:
-    """Whether every device holds whole BN/negative groups, so the loss is a sum of per-device
+def device_local_groups(method: Any, batch_size: int, num_devices: int) -> bool:
+    """Whether every device holds whole BN/negative groups (``method.group_size``; a
+    ``MethodConfig`` or ``supervised.SupervisedConfig``), so the loss is a sum of per-device
     terms and gradients can stay per-device partial sums between programs."""
     g = method.group_size
     return g is not None and batch_size % num_devices == 0 and \
@@ -510,20 +511,30 @@ class Trainer:
         if bool(model.feature_layers) != method.feature_distill:
             raise ValueError("model.feature_layers must be non-empty exactly when "
                              "method.feature_distill is on")
-        self.model, self.method, self.tx, self.mesh = model, method, tx, mesh
+        self.model, self.method = model, method
         self.views_fn = views_fn
-        self.lr_schedule = lr_schedule
-        self.config_key = config_key or model.backbone.channel_config
-        local = device_local_groups(method, batch_size, mesh.devices.size)
-        if reduce_once and not local:
-            raise ValueError(
-                f"reduce_once needs whole BN/negative groups on every device: "
-                f"method.group_size={method.group_size} must divide the per-device batch "
-                f"{batch_size} / {mesh.devices.size}")
-        self.sharded = local if reduce_once is None else bool(reduce_once)
+        self._init_programs(tx, mesh, method, batch_size=batch_size, lr_schedule=lr_schedule,
+                            config_key=config_key or model.backbone.channel_config,
+                            compile_threads=compile_threads, reduce_once=reduce_once)
         self._static = dict(model=model, method=method, mesh=mesh, sharded=self.sharded)
         self._teacher = dict(teacher_width=float(teacher_width), total_steps=int(total_steps))
         self._first_sub = None if first_sub_step is None else int(first_sub_step)
+
+    def _init_programs(self, tx: optax.GradientTransformation, mesh: Mesh, groups: Any, *,
+                       batch_size: int, lr_schedule: Callable[[Any], Any] | None,
+                       config_key: Callable[[float], Any], compile_threads: int,
+                       reduce_once: bool | None) -> None:
+        """What every trainer keeps (this one and ``supervised.SupervisedTrainer``): optimizer,
+        schedule, mesh shardings, whether partial gradients stay per device (``groups``: the
+        config with the BN/negative ``group_size``) and the program cache."""
+        self.tx, self.mesh, self.lr_schedule, self.config_key = tx, mesh, lr_schedule, config_key
+        local = device_local_groups(groups, batch_size, mesh.devices.size)
+        if reduce_once and not local:
+            raise ValueError(
+                f"reduce_once needs whole BN/negative groups on every device: group_size="
+                f"{groups.group_size} must divide the per-device batch {batch_size} / "
+                f"{mesh.devices.size}")
+        self.sharded = local if reduce_once is None else bool(reduce_once)
         self.programs = Programs(compile_threads)
         self._repl = mesh_lib.replicated(mesh)
         self._batch = mesh_lib.batch_sharding(mesh)
