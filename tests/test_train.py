@@ -23,9 +23,9 @@ from us3l_jax.method import MethodConfig, ema_momentum
 from us3l_jax.models.heads import SSLModel
 from us3l_jax.recipes import TABLE7_CASES, table7_method
 from us3l_jax.train import Trainer
+from tests.helpers import REPO, xla_flags
 
 BATCH, SIZE, GROUP = 16, 8, 8
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def noisy_views(key, images):
@@ -441,7 +441,7 @@ def test_one_and_eight_devices_agree():
                 np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)])
         print(json.dumps(out))
     """)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=600, cwd=REPO)

@@ -12,7 +12,7 @@ import pytest
 from us3l_jax import mesh as mesh_lib
 from us3l_jax.data import datasets, feeding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO as ROOT, xla_flags
 
 
 # ---------------------------------------------------------------- index logic (pure numpy)
@@ -185,7 +185,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
 
 def test_eight_devices_shard_data_and_batches():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
     out = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, load_experiment
+from tests.helpers import REPO, load_experiment, xla_flags
 
 bench = load_experiment("accelerator_bench")
 SCRIPT = os.path.join(REPO, "experiments", "accelerator_bench.py")
@@ -19,8 +19,7 @@ SCRIPT = os.path.join(REPO, "experiments", "accelerator_bench.py")
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("accel") / "smoke.json"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags())
     proc = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", str(out), "--cases",
                            "cifar_r18_bf16", "--budget-s", "600"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
