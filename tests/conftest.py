@@ -1,13 +1,9 @@
-"""Test-wide setup: CPU only, float32 matmuls, unoptimised (fast-compiling) XLA CPU code
-(``helpers.TEST_XLA_FLAGS``), and a persistent compilation cache so that programs compiled
-by one test (or one test process) are reused by the next."""
+"""Test-wide setup: CPU only, float32 matmuls, and a persistent compilation cache so that
+programs compiled by one test (or one test process) are reused by the next."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from tests.helpers import TEST_XLA_FLAGS  # noqa: E402  (before JAX reads XLA_FLAGS)
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

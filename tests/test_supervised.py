@@ -15,7 +15,7 @@ from us3l_jax import supervised
 from us3l_jax.data import augment
 from us3l_jax.evaluate import calibrate
 from us3l_jax.evaluate.evaluator import Evaluator, top1_accuracy
-from tests.helpers import demo_config
+from tests.helpers import demo_config, jit_init
 
 BATCH, SIZE, GROUP, CLASSES = 16, 8, 8, 10
 S_NET = (1.0, 0.5)
@@ -30,7 +30,7 @@ def tiny(switchable=(), num_classes=CLASSES):
 
 def init(model, seed=0):
     x = jnp.zeros((BATCH, SIZE, SIZE, 3))
-    return {"backbone": model.init(jax.random.key(seed), x,
+    return {"backbone": jit_init(model, jax.random.key(seed), x,
                                    width=max(model.switchable_widths or (1.0,)))["params"]}
 
 
@@ -255,7 +255,7 @@ def test_evaluator_top1_is_the_classifier_accuracy_on_the_test_split():
                     eval__sweep_widths=(1.0, 0.5), eval__online_widths=(1.0, 0.5))
     config_lib.validate(c)
     model = build.classifier(c)
-    params = {"backbone": model.init(jax.random.key(1), jnp.zeros((32, 8, 8, 3)))["params"]}
+    params = {"backbone": jit_init(model, jax.random.key(1), jnp.zeros((32, 8, 8, 3)))["params"]}
     ev = Evaluator(c)
     settings = calibrate.CalibrationSettings(num_batches=2, batch_size=96)
     stats = ev.calibrate(params["backbone"], 0.5, settings)

@@ -12,6 +12,7 @@ from flax import traverse_util
 from us3l_jax import models, slim
 from us3l_jax.evaluate import calibrate as calib
 from us3l_jax.slim import SlimBatchNorm
+from tests.helpers import jit_init
 
 WIDTH = 0.5
 
@@ -21,7 +22,7 @@ def model():
     # Group size 4 < batch 8: train-mode BN normalises per group, statistics are per batch.
     backbone = models.create("cifar_resnet18", base_width=8, stage_sizes=(1, 1, 1, 1),
                              bn_group_size=4)
-    params = backbone.init(jax.random.key(0), jnp.zeros((8, 8, 8, 3)), width=1.0,
+    params = jit_init(backbone, jax.random.key(0), jnp.zeros((8, 8, 8, 3)), width=1.0,
                            train=True)["params"]
     return backbone, params
 

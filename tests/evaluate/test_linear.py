@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from tests.helpers import demo_config, load_config_module
+from tests.helpers import demo_config, load_config_module, jit_init
 from us3l_jax import config as config_lib, mesh as mesh_lib, models
 from us3l_jax.data import augment, datasets, feeding
 from us3l_jax.evaluate import calibrate as calib, linear
@@ -55,7 +55,7 @@ def test_sgd_has_pytorch_momentum_semantics():
 
 def _params_and_toy_data(backbone, n):
     """The backbone's initial params and ``n`` random 8-px images in 4 classes on the mesh."""
-    params = backbone.init(jax.random.key(0), jnp.zeros((8, 8, 8, 3)), width=1.0,
+    params = jit_init(backbone, jax.random.key(0), jnp.zeros((8, 8, 8, 3)), width=1.0,
                            train=True)["params"]
     rng = np.random.default_rng(0)
     toy = datasets.ArrayDataset(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),

@@ -6,6 +6,7 @@ import pytest
 
 from us3l_jax import models
 from us3l_jax.models.heads import SSLModel
+from tests.helpers import jit_init
 
 
 def _shapes(model, size=16):
@@ -46,17 +47,19 @@ def test_projector_reads_the_slimmed_feature():
     bb = models.create("cifar_resnet18", base_width=16, stage_sizes=(1, 1, 1, 1))
     m = SSLModel(bb, proj_hidden=32, proj_out=8, use_distill_head=True)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-    v = m.init(jax.random.key(0), x)
+    v = jit_init(m, jax.random.key(0), x)
+    encode = jax.jit(lambda v, x, w: m.apply(v, x, w, method=SSLModel.encode),
+                     static_argnums=2)
     for w in (1.0, 0.5, 0.25):
-        z = m.apply(v, x, w, method=SSLModel.encode)
+        z = encode(v, x, w)
         assert z.shape == (4, 8)  # heads are not slimmed
-        h = bb.apply({"params": v["params"]["backbone"]}, x, width=w)
+        h = jax.eval_shape(lambda p: bb.apply({"params": p}, x, width=w),
+                           v["params"]["backbone"])
         assert h.shape == (4, bb.feature_dim(w))
     # Channels of the projector input beyond the width's feature size are unused.
     p = jax.tree.map(lambda a: a, v["params"])
     p["projector"]["fc1"]["kernel"] = p["projector"]["fc1"]["kernel"].at[-1].add(100.0)
-    np.testing.assert_allclose(m.apply({"params": p}, x, 0.5, method=SSLModel.encode),
-                               m.apply(v, x, 0.5, method=SSLModel.encode), atol=1e-5)
+    np.testing.assert_allclose(encode({"params": p}, x, 0.5), encode(v, x, 0.5), atol=1e-5)
 
 
 def test_mobilenet_projector_input_is_not_slimmed():

@@ -7,6 +7,7 @@ import pytest
 from us3l_jax import models
 from us3l_jax.models import mobilenet_v2
 from tests.models.helpers import output_channels
+from tests.helpers import jit_init
 
 # Official: (in, hidden, out) per block at w=0.25.
 BLOCKS_AT_0_25 = ([(8, 8, 8)] + [(8, 48, 8)] * 2 + [(8, 48, 8)] * 3 + [(8, 48, 16)]
@@ -70,7 +71,7 @@ def test_channel_config_matches_traced_shapes():
 def test_init_and_forward_at_several_widths():
     m = models.create("cifar_mobilenet_v2", num_classes=10)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
-    v = m.init(jax.random.key(0), x)
+    v = jit_init(m, jax.random.key(0), x)
     p = v["params"]
     # Official: conv N(0, sqrt(2/(k*k*out))), classifier N(0, 0.01) with zero bias.
     k = p["block16"]["project_conv"]["kernel"]  # (1, 1, 1920, 320)

@@ -6,6 +6,7 @@ import pytest
 
 from us3l_jax import models, slim
 from tests.models.helpers import output_channels
+from tests.helpers import jit_init
 
 
 def test_resnet18_channels_at_0_3():
@@ -65,18 +66,18 @@ def test_param_counts_full_width():
 def tiny():
     m = models.create("cifar_resnet18", num_classes=10, base_width=16, stage_sizes=(1, 1, 1, 1))
     x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-    return m, m.init(jax.random.key(0), x), x
+    return m, jit_init(m, jax.random.key(0), x), x
 
 
 def test_init_schemes():
     # CIFAR ResNet: PyTorch defaults, U(+-1/sqrt(fan_in)); ImageNet: N(0, 2/fan_out).
     x = jnp.zeros((1, 32, 32, 3))
-    p = models.create("cifar_resnet18").init(jax.random.key(0), x)["params"]
+    p = jit_init(models.create("cifar_resnet18"), jax.random.key(0), x)["params"]
     k = p["layer3_0"]["conv2"]["kernel"]  # (3, 3, 256, 256)
     bound = 1 / np.sqrt(9 * 256)
     assert float(jnp.abs(k).max()) <= bound
     np.testing.assert_allclose(float(k.std()), bound / np.sqrt(3), rtol=0.02)
-    p = models.create("resnet18").init(jax.random.key(0), x)["params"]
+    p = jit_init(models.create("resnet18"), jax.random.key(0), x)["params"]
     k = p["layer3_0"]["conv2"]["kernel"]
     np.testing.assert_allclose(float(k.std()), np.sqrt(2 / (9 * 256)), rtol=0.02)
     assert float(jnp.abs(k).max()) > 3 * np.sqrt(2 / (9 * 256))  # normal, not truncated at 2 std

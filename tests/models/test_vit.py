@@ -10,6 +10,7 @@ import pytest
 from us3l_jax import export, models, slim
 from tests.models.vit_helpers import perturbed_init as _perturbed_init
 from us3l_jax.models.vit import sincos_pos_embed
+from tests.helpers import jit_init
 
 WIDTHS = (1.0, 0.75, 0.5, 0.25)
 TINY = dict(dim=32, depth=2, heads=4, patch_size=4, image_size=8)
@@ -126,7 +127,7 @@ def test_position_table_and_initialisation():
     np.testing.assert_allclose(t[2], [0.0, 1.0, math.sin(1), math.cos(1)], atol=1e-7)
     np.testing.assert_allclose(t[3], [math.sin(1), math.cos(1), 0.0, 1.0], atol=1e-7)
     model = models.create("vit_tiny", dim=64, depth=1, heads=2, patch_size=4)
-    p = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    p = jit_init(model, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
     qkv = np.asarray(p["blocks_0"]["attn"]["qkv"]["kernel"])
     assert qkv.shape == (64, 3, 2, 32)
     assert np.abs(qkv).max() <= math.sqrt(6 / 128) and np.abs(qkv).max() > 0.9 * math.sqrt(6 / 128)
@@ -146,7 +147,7 @@ def test_embed_vit_feeds_the_default_projector_at_every_width(images):
     bb = models.create("vit_tiny", slicing="embed", dim=96, depth=1, heads=6, patch_size=4,
                        image_size=8)
     model = SSLModel(bb, proj_hidden=16, proj_out=8, head_hidden=16)
-    params = model.init(jax.random.key(0), images, 1.0)["params"]
+    params = jit_init(model, jax.random.key(0), images, width=1.0)["params"]
     assert params["projector"]["fc1"]["kernel"].shape == (96, 16)
     for w in WIDTHS:
         z = model.apply({"params": params}, images, w, method=SSLModel.encode)
