@@ -240,7 +240,7 @@ def test_ema_is_updated_once_per_iteration_before_the_teacher_forward(acc, image
     assert_trees_close(state1.ema_params, expected, rtol=1e-6, atol=1e-7)
     p1 = copy_state(state1.params)
     e1 = copy_state(state1.ema_params)
-    state2, _ = acc.step(state1, images, (1.0, 0.75, 0.25))
+    state2, _ = acc.step(state1, images, (1.0, 0.5, 0.25))
     expected = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, e1,
                             {k: p1[k] for k in ("backbone", "projector")})
     assert_trees_close(state2.ema_params, expected, rtol=1e-6, atol=1e-7)
