@@ -1,6 +1,5 @@
 """ViT weights in the timm / MoCo v3 layout: every official key, exact round trips."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
