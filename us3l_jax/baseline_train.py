@@ -66,9 +66,10 @@ def baseline_loss(params, teacher_vars, queue, v1, v2, *, model: SSLModel,
                                                        teacher_width))
         loss = objectives.moco_infonce(z, keys, queue["keys"], method.tau)
     else:  # SEED-MSE: BYOL's loss against the frozen teacher
-        if "batch_stats" in teacher_vars:
-            targets = tuple(_teacher_encode(teacher_model, teacher_vars, v, teacher_width)
-                            for v in (v1, v2))
+        if "batch_stats" in teacher_vars:  # eval mode: both views in one pass, always
+            k = _teacher_encode(teacher_model, teacher_vars, jnp.concatenate([v1, v2]),
+                                teacher_width)
+            targets = (k[:v1.shape[0]], k[v1.shape[0]:])
         else:  # batch statistics: both views in one pass where BN groups allow
             targets = train_lib.teacher_outputs(teacher_vars["params"], v1, v2,
                                                 model=teacher_model, width=teacher_width)

@@ -46,9 +46,8 @@ CORRUPT_PREFIX = "corrupt-"
 # orbax rewrites its step metadata (commit time) after the checksums are taken; it holds no
 # array data and a damaged copy makes the restore fail by itself.
 _UNCHECKED = ("_CHECKPOINT_METADATA",)
-# Fields that must match between a checkpoint and the config restoring it.
-# What decides the shapes of the saved state: a checkpoint restores only into a config with
-# the same values. Fields added later are compared only when the checkpoint records them.
+# Fields that decide the shapes of the saved state: a checkpoint restores only into a config
+# with the same values. Fields added later are compared only when the checkpoint records them.
 IDENTITY_FIELDS = ("model.name", "model.base_width", "model.stage_sizes", "sampler.width_range",
                    "heads.proj_hidden", "heads.proj_out", "heads.proj_style",
                    "heads.head_hidden", "method.base_loss", "method.aux_head",

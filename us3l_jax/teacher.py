@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from us3l_jax import build, checkpointing, config as config_lib, export, mesh as mesh_lib, models
-from us3l_jax.data import feeding
+from us3l_jax.data import datasets, feeding
 from us3l_jax.evaluate import calibrate as calib, transforms
 from us3l_jax.fileio import atomic_write_text
 from us3l_jax.method import teacher_subset
@@ -328,7 +328,8 @@ def calibration_settings(config: ml_collections.ConfigDict) -> calib.Calibration
 def _calibrate(model: SSLModel, params, width: float, tc: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict, mesh, settings) -> dict[str, Any]:
     data = transforms.for_run(config)
-    train, _ = transforms.load(data, config.data.data_dir)
+    train = datasets.load(data.dataset, data.train_split, data_dir=config.data.data_dir,
+                          image_size=data.load_size)  # the training split only
     batches = calib.input_batches(feeding.DeviceDataset(train, mesh), settings,
                                   data.train_view, data.eval_view,
                                   ssl_view=build.view_recipe(tc)[0])
