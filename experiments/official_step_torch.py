@@ -2,9 +2,12 @@
 side-by-side throughput ratio with ``accelerator_bench.py`` on the same GPU and batch.
 
     python experiments/official_step_torch.py --out torch_step.json [--batch 512] \
-        [--widths 1.0,0.625,0.25] [--steps 10] [--bf16]
+        [--widths 1.0,0.625,0.25] [--steps 10] [--bf16] [--device cuda|cpu]
 
-Needs PyTorch with CUDA (exits with status 1 and a message otherwise). Imports nothing of the
+Needs PyTorch (exits with status 1 and a message otherwise); ``--device cuda`` (the default)
+needs a CUDA device, ``--device cpu`` times the same iteration on this machine's cores (the
+ratio to our CPU step: ``experiments/cpu_ratio.py``). ``--image-size`` / ``--base-width``
+shrink the network for a quick check (the defaults are the paper's CIFAR ResNet-18). Imports nothing of the
 official repository: it re-states the official per-iteration loop in plain PyTorch: EMA update
 of the teacher, the teacher's forward of both views at full width, then for every width (the
 base first) a forward of both views, its loss (InfoNCE against the teacher's other view for
@@ -37,7 +40,7 @@ def _floats(text: str) -> tuple[float, ...]:
     return out
 
 
-def build(torch, width: float, head: bool):
+def build(torch, width: float, head: bool, base: int = 64):
     nn = torch.nn
 
     def ch(c):
@@ -59,9 +62,9 @@ def build(torch, width: float, head: bool):
             y = torch.relu(self.b1(self.c1(x)))
             return torch.relu(self.b2(self.c2(y)) + self.short(x))
 
-    layers = [nn.Conv2d(3, ch(64), 3, 1, 1, bias=False), nn.BatchNorm2d(ch(64)), nn.ReLU()]
-    cin = ch(64)
-    for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+    layers = [nn.Conv2d(3, ch(base), 3, 1, 1, bias=False), nn.BatchNorm2d(ch(base)), nn.ReLU()]
+    cin = ch(base)
+    for planes, stride in ((base, 1), (2 * base, 2), (4 * base, 2), (8 * base, 2)):
         layers += [Block(cin, ch(planes), stride), Block(ch(planes), ch(planes), 1)]
         cin = ch(planes)
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -80,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help="base width first, then the sub-widths")
     p.add_argument("--steps", type=int, default=10, help="timed iterations after 3 warm-up")
     p.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--base-width", type=int, default=64, help="stage-1 channels at width 1.0")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
     args = p.parse_args(argv)
     if args.batch < 2 or args.steps < 1:
         p.error(f"--batch must be >= 2 and --steps >= 1, got {args.batch} / {args.steps}")
@@ -89,18 +96,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("official_step_torch: PyTorch is not installed; this driver needs PyTorch with "
               "CUDA", file=sys.stderr)
         sys.exit(1)
-    if not torch.cuda.is_available():
-        print(f"official_step_torch: torch {torch.__version__} sees no CUDA device; this "
-              "driver times the step on a GPU only", file=sys.stderr)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print(f"official_step_torch: torch {torch.__version__} sees no CUDA device; use "
+              "--device cpu to time the step on this machine's cores", file=sys.stderr)
         sys.exit(1)
+    if cuda:
+        # What a tuned PyTorch run sets: cuDNN picks the fastest algorithm per shape.
+        torch.backends.cudnn.benchmark = True
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     F = torch.nn.functional
-    dev = torch.device("cuda")
-    nets = [build(torch, w, head=i > 0).to(dev) for i, w in enumerate(args.widths)]
-    teacher = build(torch, args.widths[0], head=False).to(dev)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    nets = [build(torch, w, head=i > 0, base=args.base_width).to(dev)
+            for i, w in enumerate(args.widths)]
+    teacher = build(torch, args.widths[0], head=False, base=args.base_width).to(dev)
     teacher.load_state_dict(nets[0].state_dict())
     opts = [torch.optim.SGD(n.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
             for n in nets]
-    v1, v2 = (torch.randn(args.batch, 3, 32, 32, device=dev) for _ in range(2))
+    v1, v2 = (torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)
+              for _ in range(2))
 
     def infonce(q, k):
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
@@ -110,10 +127,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             for pt, po in zip(teacher.parameters(), nets[0].parameters()):
                 pt.mul_(0.99).add_(po, alpha=0.01)
-            with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16):
+            with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
                 k1, k2 = teacher(v1), teacher(v2)
         for i, (net, opt) in enumerate(zip(nets, opts)):
-            with torch.autocast("cuda", torch.bfloat16, enabled=args.bf16):
+            with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
                 o1, o2 = net(v1), net(v2)
                 if i == 0:
                     loss = infonce(o1, k2) + infonce(o2, k1)
@@ -128,15 +145,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         iteration()
     times = []
     for _ in range(args.steps):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         iteration()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     step = statistics.median(times)
-    out = dict(driver="official_step_torch", device=torch.cuda.get_device_name(),
-               torch=torch.__version__, batch=args.batch, widths=list(args.widths),
-               bf16=args.bf16, step_s=step, step_times=times, images_per_s=args.batch / step,
+    out = dict(driver="official_step_torch",
+               device=torch.cuda.get_device_name() if cuda else "cpu",
+               threads=torch.get_num_threads(), torch=torch.__version__, batch=args.batch,
+               image_size=args.image_size, base_width=args.base_width,
+               widths=list(args.widths), bf16=args.bf16,
+               cudnn_benchmark=bool(cuda and torch.backends.cudnn.benchmark), step_s=step,
+               step_times=times, images_per_s=args.batch / step,
                note="augmentation not timed (random views on the GPU): a lower bound")
     print(f"{out['device']}: batch {args.batch}, widths {args.widths}, "
           f"{'bf16' if args.bf16 else 'fp32'}: {1e3 * step:.2f} ms/iteration, "
