@@ -33,11 +33,22 @@ batch. BN, activations, losses, the optimizer and the augmentation are not count
 a slight underestimate. MFU = achieved FLOP/s / (peak of the compute dtype x devices).
 
 Projection, per paper config whose model was measured: epochs x steps per epoch (training
-split / batch) iterations; stage 1 of the schedule costs the base-only step, every later
-stage the base step plus its sub-networks' FLOPs at the measured US3L step's time per
-sub-network FLOP (the stage's mean FLOPs from 8 iterations the run's sampler draws); step
-times measured at another batch are scaled linearly. Plus compile time: the programs this
-benchmark compiled, with the run's other sub-network programs at the measured mean.
+split / batch) iterations, each stage at its mean MACs (per image and view, from 8 iterations
+the run's sampler draws) through a fit of step time against MACs: ``t(m) = t_base + b x
+max(m - m_base, 0)``, anchored at the measured base-only step (stage 1 is exactly that step)
+with ``b`` >= 0 the slope to the measured US3L step (least squares, clipped at 0). So no stage
+is ever negative or below the base step, and a US3L step measured faster than the base step
+(noise) gives every stage the base step time (``fit.clipped``: a lower bound). The anchor,
+rather than ``a + b x m`` with both >= 0, keeps consistent measurements exact: on a GPU small
+widths cost more than their MACs (launch bound), so the line's intercept is negative and
+clipping it would pull the fit off both measured points. The
+US3L step is the config's update mode's; when only the other mode was measured, its time per
+MAC stands in (per-iteration FLOPs are the same in both modes; ``from_mode`` and a note say
+so). When no US3L step was measured (cut by the budget), the projection is ``skipped`` with
+the reason and a ``lower_bound``: every step at the base step's time. An unmeasured case is
+``skipped`` with its reason too. Step times measured at another batch are scaled linearly.
+Plus compile time: the programs this benchmark compiled, with the run's other sub-network
+programs at the measured mean.
 
 The JSON is rewritten (atomically) after every case, so a run killed by a timeout keeps the
 cases it finished; ``complete`` says whether the benchmark reached its end.
@@ -152,12 +163,17 @@ SMOKE_MODEL = dict(base_width=16, stage_sizes=(1, 1, 1, 1))
 SMOKE_HEADS = dict(proj_hidden=32, proj_out=16, head_hidden=32)
 SMOKE_BATCH, SMOKE_GROUP = 8, 4
 SMOKE_SIZE = {"cifar100": 8, "cifar10": 8, "imagenet2012": 32}
+# A ViT's patch must divide the view size: patch 4 on the 8-px smoke views (2 x 2 patches).
+SMOKE_VIT = dict(dim=48, depth=2, heads=3, patch_size=4)
 
 
 def shrink(config) -> None:
     """Tiny shapes for ``--smoke`` (model, heads, view size); batch and epochs untouched."""
     if config.model.name.startswith(("cifar_resnet", "resnet")):
         for k, v in SMOKE_MODEL.items():
+            config.model[k] = v
+    if config.model.name in models.VIT_NAMES:
+        for k, v in SMOKE_VIT.items():
             config.model[k] = v
     for k, v in SMOKE_HEADS.items():
         config.heads[k] = v
@@ -387,58 +403,126 @@ def stage_mix(config, spe: int, draws: int) -> dict[int, dict[str, Any]]:
     return out
 
 
-def project(config, label: str, case_rec: dict[str, Any], draws: int = 8) -> dict[str, Any]:
-    """The projected run of ``config`` from a measured case (see the module docstring)."""
-    spe = steps_per_epoch(config)
-    total = config.optim.epochs * spe
-    scale = config.optim.batch_size / case_rec["batch"]  # step time ~ batch
-    by = {v["variant"]: v for v in case_rec["variants"]}
-    base = by["base"]
-    us3l = by.get(f"us3l_{config.method.update_mode}")
-    if us3l is None:
-        raise ValueError(f"the US3L step in mode {config.method.update_mode!r} was not measured")
-    t_base, t_us3l = base["step_s"] * scale, us3l["step_s"] * scale
-    f_base, f_us3l = base["macs_per_image_view"], us3l["macs_per_image_view"]
-    per_flop = (t_us3l - t_base) / (f_us3l - f_base)  # time per sub-network MAC
-    stages = stage_mix(config, spe, draws)
-    for s in stages.values():
-        s["step_s"] = t_base + per_flop * (s["mean_macs"] - f_base)
-    compute_s = sum(s["iterations"] * s["step_s"] for s in stages.values())
-    run_macs = sum(s["iterations"] * s["mean_macs"] for s in stages.values())
-    run_flops = 2 * run_macs * 2 * config.optim.batch_size
-    # Compile: every program this case compiled once, and the run's other sub-network
-    # programs at the mean measured time of a sub-network program (sums over programs: an
-    # upper bound, since the loop compiles ahead on 2 threads while it trains).
-    run = bench_compile._run(config, spe)
-    n_sub = len(pretrain.possible_sub_widths(run))
-    compile_s = {}
+def fit_sub_cost(base: tuple[float, float],
+                 us3l: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """Step time against MACs (per image and view) from measured ``(macs, step_s)`` points:
+    ``step_s(m) = base_step_s + s_per_mac * (m - base_macs)``, anchored at the base step and
+    with ``s_per_mac`` the least-squares slope of the US3L points clipped at 0 (``clipped``:
+    the US3L step was measured faster than the base step, which is noise)."""
+    f0, t0 = base
+    df = np.array([f - f0 for f, _ in us3l], float)
+    dt = np.array([t - t0 for _, t in us3l], float)
+    raw = float(df @ dt / (df @ df)) if len(df) and df @ df > 0 else 0.0
+    return dict(base_macs=f0, base_step_s=t0, raw_s_per_mac=raw, s_per_mac=max(raw, 0.0),
+                clipped=raw < 0)
+
+
+def fitted_step_s(fit: dict[str, Any], macs: float) -> float:
+    """The fit's step time at ``macs``; never below the base step (a US3L iteration runs the
+    base network and more)."""
+    return fit["base_step_s"] + fit["s_per_mac"] * max(macs - fit["base_macs"], 0.0)
+
+
+def _why_missing(case_rec: dict[str, Any], variant: str) -> str:
+    if variant in case_rec.get("skipped_variants", ()):
+        return "skipped by the time budget"
+    return f"not measured (the case measures modes {', '.join(case_rec['update_modes'])})"
+
+
+def _compile_s(config, case_rec: dict[str, Any], mode: str, spe: int,
+               variants: Sequence[str] | None = None) -> tuple[dict[str, float], int]:
+    """Compile seconds of the run, cold and cached, from the programs the case compiled in
+    ``mode`` (or the named variants): every such program once, and the run's other
+    sub-network programs at the mean measured time of a sub-network program. Sums over
+    programs: an upper bound, since the loop compiles ahead on 2 threads while it trains."""
+    n_sub = len(pretrain.possible_sub_widths(bench_compile._run(config, spe)))
+    out = {}
     for phase in ("cold", "cached"):
         programs = {}
         for v in case_rec["variants"]:
-            if v["update_mode"] == config.method.update_mode:
+            if (v["variant"] in variants) if variants is not None else v["update_mode"] == mode:
                 programs.update(v["compile"][phase]["programs"])
         sub = [s for k, s in programs.items() if k.startswith("sub")]
-        compile_s[phase] = (sum(s for k, s in programs.items() if not k.startswith("sub"))
-                            + n_sub * (statistics.mean(sub) if sub else 0.0))
+        out[phase] = (sum(s for k, s in programs.items() if not k.startswith("sub"))
+                      + n_sub * (statistics.mean(sub) if sub else 0.0))
+    return out, n_sub
+
+
+def project(config, label: str, case_rec: dict[str, Any], draws: int = 8) -> dict[str, Any]:
+    """The projected run of ``config`` from a measured case (see the module docstring):
+    ``status`` "ok", or "skipped" with its ``reason`` (and, when only the base step was
+    measured, a ``lower_bound``)."""
+    spe = steps_per_epoch(config)
+    total = config.optim.epochs * spe
+    scale = config.optim.batch_size / case_rec["batch"]  # step time ~ batch
+    mode = config.method.update_mode
+    head = dict(config=label, case=case_rec["name"], dtype=config.model.dtype,
+                update_mode=mode, epochs=config.optim.epochs, steps_per_epoch=spe,
+                total_steps=total, batch=config.optim.batch_size,
+                measured_batch=case_rec["batch"], batch_scale=scale)
+    by = {v["variant"]: v for v in case_rec["variants"]}
+    if "base" not in by:
+        reason = f"the base step of case {case_rec['name']} was {_why_missing(case_rec, 'base')}"
+        return dict(head, status="skipped", reason=reason, line=f"{label}: skipped ({reason})")
+    base = by["base"]
+    t_base = base["step_s"] * scale
+    # Per-iteration FLOPs are the same in both update modes, so when the config's own mode was
+    # not measured the other mode's time per MAC is the best estimate there is.
+    from_mode = mode if f"us3l_{mode}" in by else next(
+        (m for m in case_rec["update_modes"] if f"us3l_{m}" in by), None)
+    if from_mode is None:
+        # Every US3L step does the base step's work and more: the base step alone bounds the
+        # run from below, but is no projection.
+        missing = [f"us3l_{m}" for m in dict.fromkeys([mode, *case_rec["update_modes"]])]
+        reason = "no US3L step was measured (" + "; ".join(
+            f"{v}: {_why_missing(case_rec, v)}" for v in missing) + ")"
+        compile_s, _ = _compile_s(config, case_rec, mode, spe, variants=("base",))
+        bound_h = (total * t_base + compile_s["cold"]) / 3600
+        return dict(head, status="skipped", reason=reason, base_step_s=t_base,
+                    lower_bound=dict(hours=bound_h, step_s=t_base, compute_s=total * t_base,
+                                     compile_s=compile_s, basis="base step only"),
+                    line=f"{label} ({config.model.dtype}): skipped ({reason}); at least "
+                         f"{bound_h:.2f} hours ({total} steps x the base step {t_base:.4f} s "
+                         f"+ {compile_s['cold'] / 60:.1f} min compile of its programs)")
+    us3l = by[f"us3l_{from_mode}"]
+    t_us3l = us3l["step_s"] * scale
+    fit = fit_sub_cost((base["macs_per_image_view"], t_base),
+                       [(us3l["macs_per_image_view"], t_us3l)])
+    stages = stage_mix(config, spe, draws)
+    for s in stages.values():
+        s["step_s"] = fitted_step_s(fit, s["mean_macs"])
+    compute_s = sum(s["iterations"] * s["step_s"] for s in stages.values())
+    run_macs = sum(s["iterations"] * s["mean_macs"] for s in stages.values())
+    run_flops = 2 * run_macs * 2 * config.optim.batch_size
+    compile_s, n_sub = _compile_s(config, case_rec, from_mode, spe)
     hours = (compute_s + compile_s["cold"]) / 3600
     peak = case_rec["peak_flops_per_device"]
+    notes = []
+    if from_mode != mode:
+        notes.append(f"US3L step time from the {from_mode!r} mode: {mode!r} was "
+                     f"{_why_missing(case_rec, f'us3l_{mode}')}")
+    if fit["clipped"]:
+        notes.append("the US3L step was measured faster than the base step (noise): every "
+                     "stage at the base step time, a lower bound")
+    per_stage = ", ".join(f"{k}: {s['step_s']:.4f}" for k, s in stages.items())
     return dict(
-        config=label, case=case_rec["name"], dtype=config.model.dtype,
-        epochs=config.optim.epochs, steps_per_epoch=spe, total_steps=total,
-        batch=config.optim.batch_size, measured_batch=case_rec["batch"], batch_scale=scale,
-        base_step_s=t_base, us3l_step_s=t_us3l, stages={str(k): v for k, v in stages.items()},
+        head, status="ok", from_mode=from_mode, base_step_s=t_base, us3l_step_s=t_us3l,
+        fit=fit, stages={str(k): v for k, v in stages.items()},
         mean_step_s=compute_s / total, compute_s=compute_s, sub_programs=n_sub,
         compile_s=compile_s, hours=hours, hours_cached=(compute_s + compile_s["cached"]) / 3600,
         run_flops=run_flops, run_mfu=(run_flops / compute_s / (peak * case_rec["devices"])
-                                      if peak else None),
+                                      if peak else None), notes=notes,
         line=f"{label} ({config.model.dtype}): a full run takes about {hours:.2f} hours on "
              f"this device ({total} steps x {compute_s / total:.4f} s + "
              f"{compile_s['cold'] / 60:.1f} min compile, {compile_s['cached'] / 60:.1f} min "
-             f"from the cache)")
+             f"from the cache; s per step by stage {per_stage})"
+             + "".join(f"; note: {n}" for n in notes))
 
 
 def projections(cases: Sequence[dict[str, Any]], smoke: bool) -> list[dict[str, Any]]:
-    ok = {c["name"]: c for c in cases if c["status"] == "ok"}
+    """One record per ``PROJECTED`` config; an unmeasured case or variant is ``skipped`` with
+    its reason, and only an unexpected failure is an ``error``."""
+    by_name = {c["name"]: c for c in cases}
     out = []
     for label, case_name, dtype in PROJECTED:
         try:
@@ -447,18 +531,20 @@ def projections(cases: Sequence[dict[str, Any]], smoke: bool) -> list[dict[str, 
             out.append(dict(config=label, case=case_name, status="skipped",
                             reason=f"config does not load: {e}"))
             continue
-        if case_name is None or case_name not in ok:
+        case = by_name.get(case_name)
+        if case is None or case["status"] != "ok":
             out.append(dict(config=label, case=case_name, status="skipped", reason=(
                 f"no measured case for {config.model.name}" if case_name is None else
-                f"case {case_name} was not measured")))
+                f"case {case_name} was not run" if case is None else
+                f"case {case_name} was skipped: {case['reason']}" if case["status"] == "skipped"
+                else f"case {case_name} failed: {case.get('error')}")))
             continue
         if dtype:
             config.model.dtype = dtype
         if smoke:
             shrink(config)
         try:
-            out.append(dict(status="ok", **project(config, label, ok[case_name],
-                                                   draws=3 if smoke else 8)))
+            out.append(project(config, label, case, draws=3 if smoke else 8))
         except Exception as e:  # noqa: BLE001 - a projection's error must not end the run
             out.append(dict(config=label, case=case_name, status="error",
                             error=f"{type(e).__name__}: {e}"))
@@ -468,15 +554,22 @@ def projections(cases: Sequence[dict[str, Any]], smoke: bool) -> list[dict[str, 
 def goals(projs: Sequence[dict[str, Any]], peak: dict[str, Any]) -> dict[str, Any]:
     """The goal: a 400-epoch CIFAR-100 ResNet-18 US3L run in under 30 minutes on one
     H100-class GPU at >= 25% of bf16 peak."""
-    p = next((p for p in projs if p["config"] == GOAL["config"] and p["status"] == "ok"
-              and p["dtype"] == "bfloat16"), None)
+    mine = [p for p in projs if p["config"] == GOAL["config"] and p.get("dtype") == "bfloat16"]
+    p = next((p for p in mine if p["status"] == "ok"), None)
     out: dict[str, Any] = dict(GOAL, device=peak.get("name"),
                                h100_class=peak.get("name") in H100_CLASS)
     if p is None:
+        bound = next((q["lower_bound"] for q in mine if "lower_bound" in q), None)
+        if bound is not None:
+            return dict(out, lower_bound_minutes=bound["hours"] * 60,
+                        note=f"the US3L step was not measured; the base step alone gives at "
+                             f"least {bound['hours'] * 60:.1f} min")
         return dict(out, note="the bfloat16 CIFAR ResNet-18 case was not measured")
     out.update(projected_minutes=p["hours"] * 60, run_mfu=p["run_mfu"],
                under_30_min=p["hours"] * 60 < GOAL["minutes"],
                mfu_at_least_25pct=None if p["run_mfu"] is None else p["run_mfu"] >= GOAL["mfu"])
+    if p["notes"]:
+        out["projection_notes"] = p["notes"]
     if not out["h100_class"]:
         out["note"] = "not an H100-class device: the goal's figures do not apply here"
     return out
@@ -518,7 +611,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines += bench_step._columns(head, body)
     lines.append("")
     for p in result["projections"]:
-        lines.append(p["line"] if p["status"] == "ok" else
+        lines.append(p.get("line") or
                      f"{p['config']}: {p['status']} ({p.get('reason') or p.get('error')})")
     g = result["goals"]
     lines.append(f"goal ({g['config']} in < {g['minutes']:.0f} min at >= {g['mfu']:.0%} bf16 "

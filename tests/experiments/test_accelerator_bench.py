@@ -1,7 +1,9 @@
 """experiments/accelerator_bench.py: one ``--smoke`` run (the CIFAR bf16 case: base-only and
 US3L steps in both update modes, cold and cached compiles, input, projections) checked for
-field presence and arithmetic consistency; the peak table and argument errors in process.
-No assertion depends on how fast this machine is."""
+field presence and arithmetic consistency; in process, the projection from synthetic case
+records (noisy and inverted step times, a mode or the whole US3L step cut by the budget,
+unmeasured cases), the smoke ViT's shape, the peak table and argument errors. No assertion
+depends on how fast this machine is."""
 import json
 import math
 import os
@@ -81,16 +83,22 @@ def test_projections_follow_the_step_times(result):
                                          "configs/us3l_cifar10.py:resnet18"}
     skipped = {p["config"]: p["reason"] for p in r["projections"] if p["status"] == "skipped"}
     assert skipped["configs/us3l_imagenet.py:resnet50"] == \
-        "case imagenet_r50_bf16 was not measured"
+        "case imagenet_r50_bf16 was skipped: not selected (--cases)"
+    assert {p["status"] for p in r["projections"]} == {"ok", "skipped"}  # never an error
     for p in ok:
         assert p["total_steps"] == p["epochs"] * p["steps_per_epoch"] == sum(
             s["iterations"] for s in p["stages"].values())
         assert p["steps_per_epoch"] == 50000 // 512 and p["batch_scale"] == 512 / case["batch"]
+        assert p["from_mode"] == p["update_mode"] == "per_width"
         assert math.isclose(p["base_step_s"], t_base * p["batch_scale"])
         assert math.isclose(p["us3l_step_s"], t_us3l * p["batch_scale"])
-        # Stage 1 is base-only; stage 4 draws exactly the measured widths (s=2: 1.0, 0.25).
+        # Stage 1 is base-only; stage 4 draws exactly the measured widths (s=2: 1.0, 0.25),
+        # unless this machine's noise measured the US3L step faster (then the base time).
         assert math.isclose(p["stages"]["1"]["step_s"], p["base_step_s"])
-        assert math.isclose(p["stages"]["4"]["step_s"], p["us3l_step_s"])
+        assert p["fit"]["clipped"] == (t_us3l < t_base)
+        assert math.isclose(p["stages"]["4"]["step_s"], max(p["us3l_step_s"],
+                                                            p["base_step_s"]))
+        assert all(s["step_s"] >= p["base_step_s"] > 0 for s in p["stages"].values())
         assert math.isclose(p["compute_s"], sum(s["iterations"] * s["step_s"]
                                                 for s in p["stages"].values()))
         assert math.isclose(p["hours"], (p["compute_s"] + p["compile_s"]["cold"]) / 3600)
@@ -99,6 +107,158 @@ def test_projections_follow_the_step_times(result):
     g = r["goals"]
     assert g["h100_class"] is False and g["projected_minutes"] == pytest.approx(
         60 * next(p for p in ok if p["config"] == g["config"])["hours"])
+
+
+# ------------------------------------------------------------------ projections in process
+
+MEASURED = "cifar_r18_bf16"
+LABEL = "configs/us3l_cifar100.py:resnet18"
+
+
+@pytest.fixture(scope="module")
+def smoke_config():
+    """The CIFAR-100 ResNet-18 paper config on the smoke run's tiny shapes (fast MAC counts)."""
+    config = bench.bench_compile.load_config(LABEL)
+    config.model.dtype = "bfloat16"
+    bench.shrink(config)
+    return config
+
+
+def _variant(name, mode, widths, step_s, macs, programs):
+    compile_ = {phase: {"wall_s": sum(programs.values()), "programs": dict(programs)}
+                for phase in ("cold", "cached")}
+    return dict(variant=name, update_mode=mode, widths=list(widths), step_s=step_s,
+                macs_per_image_view=macs, compile=compile_)
+
+
+def synthetic_case(config, t_base, t_us3l, measured=("accumulate", "per_width"),
+                   skipped=(), name=MEASURED):
+    """A case record as ``measure_case`` writes it, with the given step times: ``measured``
+    US3L modes have a variant, ``skipped`` ones are listed as cut by the budget."""
+    macs = bench.MacCache.of(config)
+    hi = (config.sampler.width_range[1],)
+    stage4 = bench.last_stage_widths(config, bench.steps_per_epoch(config))
+    modes = ("accumulate", "per_width")
+    variants = [] if "base" in skipped else [_variant(
+        "base", modes[0], hi, t_base, macs.iteration(hi),
+        {"views": 1.0, "base@1": 2.0, "apply[base]": 0.5})]
+    for m in measured:
+        variants.append(_variant(f"us3l_{m}", m, stage4, t_us3l, macs.iteration(stage4),
+                                 {"views": 1.0, "base@1": 2.0, "sub@0.25": 3.0, "finish": 0.5}))
+    return dict(name=name, status="ok", batch=bench.SMOKE_BATCH, devices=1,
+                peak_flops_per_device=None, update_modes=list(modes), variants=variants,
+                skipped_variants=[f"us3l_{m}" if m != "base" else m for m in skipped])
+
+
+@pytest.mark.parametrize("t_base, t_us3l", [
+    (0.010, 0.025),  # consistent
+    (0.030, 0.010),  # inverted: the US3L step measured 3x faster than the base step
+    (0.020, 0.020),  # equal
+    (0.010, 0.0100001),  # the US3L step barely slower
+])
+def test_projection_is_never_negative(smoke_config, t_base, t_us3l):
+    """Noisy, even inverted, step times: every stage's step is positive and no stage that
+    trains sub-networks is projected faster than the base-only step."""
+    p = bench.project(smoke_config, LABEL, synthetic_case(smoke_config, t_base, t_us3l),
+                      draws=3)
+    assert p["status"] == "ok" and p["from_mode"] == "per_width" and p["hours"] > 0
+    scale = p["batch_scale"]
+    assert math.isclose(p["base_step_s"], t_base * scale)
+    stages = p["stages"]
+    assert set(stages) == {"1", "2", "3", "4"}
+    assert math.isclose(stages["1"]["step_s"], p["base_step_s"])  # base-only, as measured
+    for k in ("2", "3", "4"):
+        assert stages[k]["mean_macs"] > stages["1"]["mean_macs"]
+        assert stages[k]["step_s"] >= p["base_step_s"] > 0
+    assert p["fit"]["s_per_mac"] >= 0 and p["fit"]["clipped"] == (t_us3l < t_base)
+    if t_us3l >= t_base:  # consistent points are kept exactly (stage 4 = measured widths)
+        assert math.isclose(stages["4"]["step_s"], t_us3l * scale)
+    else:
+        assert all(math.isclose(s["step_s"], p["base_step_s"]) for s in stages.values())
+        assert "measured faster than the base step" in p["line"] and p["notes"]
+    assert math.isclose(p["compute_s"], sum(s["iterations"] * s["step_s"]
+                                            for s in stages.values()))
+    assert p["mean_step_s"] >= p["base_step_s"]
+
+
+def test_fit_is_least_squares_clipped():
+    fit = bench.fit_sub_cost((10.0, 1.0), [(20.0, 3.0), (30.0, 5.0)])  # slope 0.2
+    assert math.isclose(fit["s_per_mac"], 0.2) and not fit["clipped"]
+    assert math.isclose(bench.fitted_step_s(fit, 25.0), 4.0)
+    assert bench.fitted_step_s(fit, 5.0) == 1.0  # never below the base step
+    fit = bench.fit_sub_cost((10.0, 1.0), [(20.0, 0.5)])
+    assert fit["clipped"] and fit["raw_s_per_mac"] < 0 and fit["s_per_mac"] == 0.0
+    assert bench.fitted_step_s(fit, 40.0) == 1.0
+
+
+def test_other_mode_stands_in(smoke_config):
+    """The config's mode (per_width) was cut by the budget, accumulate was measured: the
+    projection uses accumulate's time per MAC and says so."""
+    case = synthetic_case(smoke_config, 0.01, 0.02, measured=("accumulate",),
+                          skipped=("per_width",))
+    p = bench.project(smoke_config, LABEL, case, draws=3)
+    assert p["status"] == "ok" and p["update_mode"] == "per_width"
+    assert p["from_mode"] == "accumulate"
+    assert math.isclose(p["us3l_step_s"], 0.02 * p["batch_scale"])
+    note = "US3L step time from the 'accumulate' mode: 'per_width' was skipped by the time budget"
+    assert p["notes"] == [note] and note in p["line"]
+    # Not measured at all (the smoke's float32 case measures only accumulate): said as such.
+    case = synthetic_case(smoke_config, 0.01, 0.02, measured=("accumulate",))
+    case["update_modes"] = ["accumulate"]
+    p = bench.project(smoke_config, LABEL, case, draws=3)
+    assert p["from_mode"] == "accumulate" and "'per_width' was not measured (the case " \
+        "measures modes accumulate)" in p["line"]
+
+
+def test_base_step_alone_is_a_lower_bound(smoke_config):
+    """No US3L step measured: skipped with the reason, plus the base step's lower bound."""
+    case = synthetic_case(smoke_config, 0.01, None, measured=(),
+                          skipped=("accumulate", "per_width"))
+    p = bench.project(smoke_config, LABEL, case, draws=3)
+    assert p["status"] == "skipped" and "hours" not in p
+    assert p["reason"] == ("no US3L step was measured (us3l_per_width: skipped by the time "
+                           "budget; us3l_accumulate: skipped by the time budget)")
+    bound = p["lower_bound"]
+    assert math.isclose(bound["step_s"], 0.01 * p["batch_scale"])
+    assert bound["compile_s"]["cold"] == 3.5  # the base variant's programs
+    assert math.isclose(bound["hours"], (p["total_steps"] * bound["step_s"] + 3.5) / 3600)
+    assert p["line"].startswith(f"{LABEL} (bfloat16): skipped (no US3L step") and \
+        "at least" in p["line"]
+    g = bench.goals([dict(p, config=bench.GOAL["config"])], bench.device_peak("cpu"))
+    assert math.isclose(g["lower_bound_minutes"], bound["hours"] * 60)
+    assert "projected_minutes" not in g and "at least" in g["note"]
+    # Nothing measured at all (the budget ran out before the case's first mode).
+    case = synthetic_case(smoke_config, 0.01, None, measured=(),
+                          skipped=("base", "accumulate", "per_width"))
+    p = bench.project(smoke_config, LABEL, case, draws=3)
+    assert p["status"] == "skipped" and p["reason"] == (
+        f"the base step of case {MEASURED} was skipped by the time budget")
+
+
+def test_unmeasured_cases_are_skipped_not_errors(smoke_config):
+    cases = [synthetic_case(smoke_config, 0.01, 0.02, measured=("accumulate",),
+                            skipped=("per_width",)),
+             dict(name="cifar_r18_fp32", status="error", error="RuntimeError: boom"),
+             dict(name="imagenet_r50_bf16", status="skipped",
+                  reason="estimated 200 s > remaining budget 10 s")]
+    projs = {(p["config"], p["case"]): p for p in bench.projections(cases, smoke=True)}
+    assert {p["status"] for p in projs.values()} == {"ok", "skipped"}
+    assert projs[LABEL, "cifar_r18_fp32"]["reason"] == \
+        "case cifar_r18_fp32 failed: RuntimeError: boom"
+    assert projs["configs/us3l_imagenet.py:resnet50", "imagenet_r50_bf16"]["reason"] == \
+        "case imagenet_r50_bf16 was skipped: estimated 200 s > remaining budget 10 s"
+    for p in projs.values():
+        if p["case"] == MEASURED:
+            assert p["status"] == "ok" and p["from_mode"] == "accumulate"
+            assert all(s["step_s"] > 0 for s in p["stages"].values())
+
+
+def test_smoke_vit_fits_its_patches():
+    """The smoke's tiny ViT views split into whole patches (8 px, patch 4)."""
+    case = next(c for c in bench.CASES if c.name == "vit_tiny_bf16")
+    config = bench.case_config(case, smoke=True)
+    assert config.data.image_size % config.model.patch_size == 0
+    assert bench.bench_step.forward_macs(config, 0.25, config.data.image_size, True)
 
 
 @pytest.mark.parametrize("kind, name", [
