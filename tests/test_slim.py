@@ -217,6 +217,59 @@ def test_batchnorm_groups_match_separate_batches():
         slim.SlimBatchNorm(8, group_size=4).apply(p, x, 1.0, True)
 
 
+def _autodiff_bn(x, scale, bias, group_size, eps=1e-5):
+    """BatchNorm written plainly (two-pass variance per group), for autodiff to differentiate."""
+    g = x.shape[0] // (group_size or x.shape[0])
+    xg = x.astype(jnp.float32).reshape((g, -1, x.shape[-1]))
+    mean = xg.mean(1, keepdims=True)
+    var = jnp.square(xg - mean).mean(1, keepdims=True)
+    return ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
+
+
+@pytest.mark.parametrize("group_size,dtype", [(None, jnp.float32), (2, jnp.float32),
+                                              (2, jnp.bfloat16)])
+def test_batchnorm_closed_form_gradient_equals_autodiff(group_size, dtype):
+    """The hand-written backward of ``batch_norm_train`` against autodiff of the plain
+    formula, for input, scale and bias, under a loss that weights every output differently."""
+    k = jax.random.split(jax.random.key(3), 4)
+    x = (jax.random.normal(k[0], (6, 3, 3, 8)) * 2 + 0.5).astype(dtype)
+    scale = jax.random.uniform(k[1], (8,), minval=0.5, maxval=2.0)
+    bias = jax.random.normal(k[2], (8,))
+    w = jax.random.normal(k[3], x.shape)
+
+    def ours(x, s, b):
+        return jnp.sum(w * slim.batch_norm_train(x, s, b, group_size, 1e-5, dtype)[0]
+                       .astype(jnp.float32))
+
+    def ref(x, s, b):
+        return jnp.sum(w * _autodiff_bn(x, s, b, group_size).astype(dtype).astype(jnp.float32))
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(ref, argnums=(0, 1, 2))(x, scale, bias)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16: dx is rounded to bf16 either way
+    for a, b, name in zip(got, want, ("x", "scale", "bias")):
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol, err_msg=name)
+    # The forward is the plain formula too.
+    y, mean, var = slim.batch_norm_train(x, scale, bias, group_size, 1e-5, jnp.float32)
+    np.testing.assert_allclose(y, _autodiff_bn(x, scale, bias, group_size), rtol=1e-5,
+                               atol=1e-5)
+    assert mean.shape == var.shape == (6 // (group_size or 6), 8)
+
+
+def test_batchnorm_module_gradient_without_affine():
+    """SimSiam's last projector BN has no scale/bias: gradients reach the input only."""
+    bn = slim.SlimBatchNorm(8, affine=False, group_size=2)
+    x = jax.random.normal(jax.random.key(0), (4, 8)) * 3
+    w = jax.random.normal(jax.random.key(1), (4, 8))
+    v = bn.init(jax.random.key(2), x, 1.0, True)
+    assert "params" not in v or not v["params"]
+    got = jax.grad(lambda x: jnp.sum(w * bn.apply(v, x, 1.0, True)))(x)
+    want = jax.grad(lambda x: jnp.sum(w * _autodiff_bn(x, 1.0, 0.0, 2)))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_batchnorm_eval_uses_prefix_of_batch_stats():
     bn = slim.SlimBatchNorm(16)
     x = jax.random.normal(jax.random.key(0), (2, 2, 2, 8))

@@ -7,6 +7,7 @@ fully-sliced XLA program whose cost follows its FLOPs (no masking).
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -266,6 +267,54 @@ def grouped_moments(x: Array, group_size: int | None) -> tuple[Array, Array]:
     return mean, var
 
 
+def _normalize(x: Array, mean: Array, rstd: Array) -> Array:
+    """``(x - mean) * rstd`` per group, float32, in ``x``'s shape ((G, C) statistics)."""
+    g, c = mean.shape
+    xg = x.astype(jnp.float32).reshape((g, -1, c))
+    return ((xg - mean[:, None, :]) * rstd[:, None, :]).reshape(x.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def batch_norm_train(x: Array, scale: Array, bias: Array, group_size: int | None,
+                     epsilon: float, dtype: Dtype) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm with per-group batch statistics: ``(y, mean, var)``, ``y`` in
+    ``dtype``, ``mean``/``var`` (G, C) float32 (two-pass, biased, as PyTorch).
+
+    The gradient is the closed form of BatchNorm's backward (as cuDNN's), not autodiff through
+    the two-pass variance: per group, ``dx = scale * rstd * (dy - mean(dy) - xhat *
+    mean(dy * xhat))``. Both means come from one pass over ``dy`` and ``x``, where autodiff
+    reads the activations several more times; BN is memory-bound, so on a GPU this is most of
+    what a ResNet step spends outside its convolutions. Equal to autodiff at float32
+    rounding. ``mean``/``var`` are statistics for calibration: no gradient flows through them.
+    """
+    return _batch_norm_fwd(x, scale, bias, group_size, epsilon, dtype)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, group_size, epsilon, dtype):
+    mean, var = grouped_moments(x, group_size)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (_normalize(x, mean, rstd) * scale + bias).astype(dtype)
+    return (y, mean, var), (x, scale, mean, rstd)
+
+
+def _batch_norm_bwd(group_size, epsilon, dtype, res, cotangents):
+    x, scale, mean, rstd = res
+    dy = cotangents[0]
+    g, c = mean.shape
+    xhat = _normalize(x, mean, rstd).reshape((g, -1, c))
+    dyg = dy.astype(jnp.float32).reshape((g, -1, c))
+    n = dyg.shape[1]
+    sum_dy = jnp.sum(dyg, axis=1)  # (G, C)
+    sum_dy_xhat = jnp.sum(dyg * xhat, axis=1)
+    dx = (scale * rstd)[:, None, :] * (dyg - (sum_dy / n)[:, None, :]
+                                       - xhat * (sum_dy_xhat / n)[:, None, :])
+    return (dx.reshape(x.shape).astype(x.dtype), jnp.sum(sum_dy_xhat, axis=0),
+            jnp.sum(sum_dy, axis=0))
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 class SlimBatchNorm(nn.Module):
     """BatchNorm over the leading channels at the current width.
 
@@ -303,17 +352,16 @@ class SlimBatchNorm(nn.Module):
             else self.num_features
         _check_in(self.name or "SlimBatchNorm", c, exp_c, self.num_features, width)
         if train:
-            mean, var = grouped_moments(x, self.group_size)  # (G, C)
+            scale, bias = self._affine_params(c)
+            y, mean, var = batch_norm_train(x, scale, bias, self.group_size, self.epsilon,
+                                            self.dtype)
             if self.is_mutable_collection("bn_moments") and not self.is_initializing():
                 whole_mean = jnp.mean(mean, axis=0)
                 whole_var = jnp.mean(var + jnp.square(mean), axis=0) - jnp.square(whole_mean)
                 self.sow("bn_moments", "mean", whole_mean)
                 self.sow("bn_moments", "var", whole_var)
                 self.sow("bn_moments", "count", jnp.asarray(x.size // c, jnp.float32))
-            g = mean.shape[0]
-            xg = x.astype(jnp.float32).reshape((g, -1, c))
-            y = (xg - mean[:, None, :]) * jax.lax.rsqrt(var[:, None, :] + self.epsilon)
-            y = y.reshape(x.shape)
+            return y
         else:
             if not self.has_variable("batch_stats", "mean") and not self.is_initializing():
                 raise ValueError(
@@ -326,13 +374,18 @@ class SlimBatchNorm(nn.Module):
                                    jnp.float32)
             mean, var = ra_mean.value[:c], ra_var.value[:c]
             y = (x.astype(jnp.float32) - mean) * jax.lax.rsqrt(var + self.epsilon)
-        if self.affine:
-            scale = self.param("scale", nn.initializers.ones, (self.num_features,),
-                               self.param_dtype)[:c]
-            bias = self.param("bias", nn.initializers.zeros, (self.num_features,),
-                              self.param_dtype)[:c]
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+            scale, bias = self._affine_params(c)
+            return (y * scale + bias).astype(self.dtype)
+
+    def _affine_params(self, c: int) -> tuple[Array, Array]:
+        """The leading ``c`` scale/bias entries in float32 (1 and 0 without ``affine``)."""
+        if not self.affine:
+            return jnp.ones((c,), jnp.float32), jnp.zeros((c,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (self.num_features,),
+                           self.param_dtype)[:c]
+        bias = self.param("bias", nn.initializers.zeros, (self.num_features,),
+                          self.param_dtype)[:c]
+        return scale.astype(jnp.float32), bias.astype(jnp.float32)
 
     def _switch(self, x: Array, width: float, train: bool) -> Array:
         i = switch_index(self.switchable, width)
