@@ -15,20 +15,23 @@ Steps, each timed and logged; a step that fails is recorded and the next one run
 1. ``install``: ``pip install --no-deps --no-index`` of the wheel folder and of this project
    into ``<out>/../site`` (nothing of the image is replaced), then every module imports;
 2. ``versions``: Python, JAX, jaxlib, flax, optax, orbax, chex, numpy, torch; devices;
-3. ``tests``: a subset of the test suite on the default backend (``JAX_PLATFORMS`` unset),
+3. ``tests`` (after ``ab`` when that runs): a subset of the test suite on the default backend (``JAX_PLATFORMS`` unset),
    within ``--tests-s``;
-4. ``bench``: ``accelerator_bench.py`` within what is left of ``--budget-s`` (its JSON and
+4. ``ab`` (only with ``--before DIR``, a copy of ``us3l_jax`` before a change): the CIFAR
+   ResNet-18 bf16 US3L step from that copy and from this checkout, each in a fresh process
+   (``ab.json``: before / after step times and the speed-up);
+5. ``bench``: ``accelerator_bench.py`` within what is left of ``--budget-s`` (its JSON and
    table);
-5. ``torch``: ``official_step_torch.py`` at the CIFAR case's batch and stage-4 widths, in
+6. ``torch``: ``official_step_torch.py`` at the CIFAR case's batch and stage-4 widths, in
    bfloat16 and float32, and the throughput ratio of our step to it;
-6. ``profile``: the CIFAR ResNet-18 US3L step (bf16, the config's update mode): per-program
+7. ``profile``: the CIFAR ResNet-18 US3L step (bf16, the config's update mode): per-program
    times (blocking after each program), a ``jax.profiler`` trace of 3 iterations with the
    device's kernels summed by name, and XLA's HLO dumps; packed into ``profile.tar.gz``.
 
 Outputs (at most 8 files, so that a device tool returning ``$OUT`` gets them all):
 ``device_check.json`` (summary, rewritten after every step), ``device_check.log``,
 ``accel.json``, ``torch_bf16.json``, ``torch_fp32.json``, ``profile.json``,
-``profile.tar.gz``.
+``profile.tar.gz``, ``ab.json``.
 """
 from __future__ import annotations
 
@@ -63,10 +66,12 @@ SDIST_WHEELS = ("promise==2.3",)
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
 
-# Fast test files that run the slimmable layers, models, losses and the training step on the
-# device (about a minute on a GPU; the rest of the suite is CPU and file-system logic).
+# Fast test files that run the slimmable layers (BatchNorm's gradient included), the ResNets,
+# the losses and the width sampler on the device: 109 tests, about 100 s on an H200 with
+# JAX 0.11.2 (most of it compiling). tests/test_train.py adds 19 slower ones (about 2 more
+# minutes there): pass it with --test-files when the window allows.
 DEVICE_TESTS = ("tests/test_slim.py", "tests/test_objectives.py", "tests/test_sampling.py",
-                "tests/models/test_resnet.py", "tests/test_train.py")
+                "tests/models/test_resnet.py")
 
 MODULES = ("us3l_jax.main", "us3l_jax.pretrain", "us3l_jax.evaluate", "us3l_jax.export",
            "us3l_jax.profile", "us3l_jax.data.streaming", "us3l_jax.data.prepare")
@@ -209,7 +214,7 @@ def step_versions(args, log: Log, env: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def step_tests(args, log: Log, env: dict[str, str]) -> dict[str, Any]:
+def step_tests(args, log: Log, env: dict[str, str], limit: float) -> dict[str, Any]:
     # One process (the device is one), no preallocation (pytest and XLA share it politely);
     # conftest pins float32 matmuls to full precision, so references hold on TF32 hardware.
     test_env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
@@ -218,9 +223,13 @@ def step_tests(args, log: Log, env: dict[str, str]) -> dict[str, Any]:
     files = [f for f in args.test_files if os.path.exists(os.path.join(REPO, f))]
     r = run_cmd(log, [sys.executable, "-m", "pytest", "-q", "-m", "not slow", "-p", "no:xdist",
                       "-p", "no:cacheprovider", "-o", "addopts=", "--durations=5", *files],
-                args.tests_s, test_env)
+                limit, test_env)
     summary = next((x for x in reversed(r["tail"]) if " in " in x and (
         "passed" in x or "failed" in x or "error" in x)), None)
+    if r["timed_out"] or r["rc"] != 0:
+        dots = sum(x.count(".") for x in r["tail"] if set(x.strip()) <= set(".[]% 0123456789"))
+        raise RuntimeError(f"tests {'stopped at the time limit' if r['timed_out'] else 'failed'}"
+                           f" ({summary or f'{dots} passed before it'})")
     return dict(files=files, rc=r["rc"], timed_out=r["timed_out"], seconds=r["seconds"],
                 summary=summary, backend="cpu" if args.smoke else "default")
 
@@ -327,7 +336,12 @@ def _trace_tables(trace_dir: str, iterations: int, top: int = 40) -> dict[str, A
 
 
 def profile_main(args) -> None:
-    """(Runs in its own process, so that the XLA dump flags apply to it alone.)"""
+    """(Runs in its own process, so that the XLA dump flags apply to it alone.) With
+    ``--src``, ``us3l_jax`` is imported from that folder first (a copy of the package in its
+    "before" state, for an A/B of a change in one session)."""
+    if args.src:
+        sys.path.insert(0, args.src)
+        import us3l_jax  # noqa: F401 - imported first, so later path changes keep this copy
     import jax
     import numpy as np
     sys.path.insert(0, REPO)
@@ -348,14 +362,27 @@ def profile_main(args) -> None:
     t = time.perf_counter()
     mode = bench_step._Mode(config, config.method.update_mode, images, mesh)
     mode.step(widths)
+    import us3l_jax
     rec: dict[str, Any] = dict(config=case.config, dtype=config.model.dtype,
                                batch=config.optim.batch_size, widths=list(widths),
                                update_mode=config.method.update_mode,
+                               package=os.path.dirname(us3l_jax.__file__),
                                first_step_s=time.perf_counter() - t)
     for _ in range(2):
         mode.step(widths)
-    steps = [float(mode.step(widths)[0][0]) for _ in range(5)]
+    steps = [float(mode.step(widths)[0][0]) for _ in range(10)]
     rec["step_s"] = statistics.median(steps)
+    rec["step_times"] = steps
+    t = time.perf_counter()
+    for _ in range(10):  # dispatched back to back, as the training loop runs
+        mode.state, _ = mode.trainer.step(mode.state, mode.images, widths)
+    jax.block_until_ready(mode.state)
+    rec["pipelined_step_s"] = (time.perf_counter() - t) / 10
+    if args.no_trace:
+        write_json(args.record, rec)
+        print(f"{args.label}: step {1e3 * rec['step_s']:.2f} ms, pipelined "
+              f"{1e3 * rec['pipelined_step_s']:.2f} ms, first step {rec['first_step_s']:.1f} s")
+        return
     parts: dict[str, list[float]] = {}
     for _ in range(3):
         for k, v in mode.breakdown(widths).items():
@@ -374,7 +401,7 @@ def profile_main(args) -> None:
         rec["trace"] = _trace_tables(trace_dir, n)
     except Exception as e:  # noqa: BLE001 - the trace is still packed for offline reading
         rec["trace"] = dict(error=f"{type(e).__name__}: {e}")
-    write_json(os.path.join(args.out, "profile.json"), rec)
+    write_json(args.record, rec)
     print(f"profile: step {1e3 * rec['step_s']:.2f} ms; programs "
           + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in rec["programs_s"].items()))
     for group, table in rec["trace"].get("threads", {}).items():
@@ -412,6 +439,29 @@ def step_profile(args, log: Log, env: dict[str, str], budget: float) -> dict[str
                 tar_mib=os.path.getsize(tar) / 2 ** 20)
 
 
+def step_ab(args, log: Log, env: dict[str, str]) -> dict[str, Any]:
+    """The CIFAR ResNet-18 bf16 US3L step (config's update mode) from ``--before`` (a copy of
+    ``us3l_jax`` before a change) and from this checkout, each in a fresh process: the
+    before/after figures of one change, measured in one session on one device."""
+    out: dict[str, Any] = {}
+    for label, src in (("before", os.path.abspath(args.before)), ("after", None)):
+        record = os.path.join(args.work, f"ab_{label}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--_profile", "--no-trace", "--out",
+               args.out, "--work", args.work, "--record", record, "--label", label] + (
+            ["--src", src] if src else []) + (["--smoke"] if args.smoke else [])
+        r = run_cmd(log, cmd, args.ab_s, env)
+        out[label] = json.load(open(record)) if os.path.exists(record) else dict(rc=r["rc"])
+    b, a = out["before"].get("step_s"), out["after"].get("step_s")
+    if a and b:
+        out["speedup"] = b / a
+        pb, pa = out["before"]["pipelined_step_s"], out["after"]["pipelined_step_s"]
+        out["pipelined_speedup"] = pb / pa
+        log(f"A/B: before {1e3 * b:.2f} ms, after {1e3 * a:.2f} ms ({b / a:.3f}x); pipelined "
+            f"{1e3 * pb:.2f} -> {1e3 * pa:.2f} ms ({pb / pa:.3f}x)")
+    write_json(os.path.join(args.out, "ab.json"), out)
+    return {k: v for k, v in out.items() if k in ("speedup", "pipelined_speedup")}
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -423,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="download the wheels a Python 3.12 image lacks into DIR, then exit")
     p.add_argument("--budget-s", type=float, default=330.0,
                    help="seconds for the whole check; the benchmark gets what is left")
-    p.add_argument("--tests-s", type=float, default=90.0, help="time limit of the test step")
+    p.add_argument("--tests-s", type=float, default=110.0, help="time limit of the test step")
     p.add_argument("--test-files", default=",".join(DEVICE_TESTS))
     p.add_argument("--bench-cases", default=None, help="accelerator_bench --cases")
     p.add_argument("--torch-steps", type=int, default=10)
@@ -431,9 +481,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--profile-mode", default=None, help="update mode to profile")
     p.add_argument("--no-dump", action="store_true", help="no XLA HLO dumps in the profile")
     p.add_argument("--skip", default="", help="comma-separated steps to skip")
+    p.add_argument("--before", default=None,
+                   help="folder holding a copy of us3l_jax before a change: adds the 'ab' "
+                        "step (that step before/after, one fresh process each)")
+    p.add_argument("--ab-s", type=float, default=200.0, help="time limit of each A/B half")
     p.add_argument("--smoke", action="store_true", help="the CPU path: tiny shapes, CPU only")
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_profile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--src", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--record", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--label", default="profile", help=argparse.SUPPRESS)
+    p.add_argument("--no-trace", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.download_wheels:
         return download_wheels(args.download_wheels)
@@ -447,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           os.path.basename(args.out) + ".work")
     os.makedirs(args.work, exist_ok=True)
     if args._profile:
+        args.record = args.record or os.path.join(args.out, "profile.json")
         profile_main(args)
         return 0
     args.site = os.path.join(args.work, "site")
@@ -468,7 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     steps = [("install", lambda: step_install(args, log, env)),
              ("versions", lambda: step_versions(args, log, env)),
-             ("tests", lambda: step_tests(args, log, env)),
+             ("ab", lambda: step_ab(args, log, env)),
+             ("tests", lambda: step_tests(args, log, env, min(args.tests_s, max(10.0, left())))),
              ("bench", lambda: step_bench(args, log, env, max(30.0, left() - args.profile_s
                                                                - 45.0))),
              ("torch", lambda: step_torch(args, log, env)),
@@ -477,8 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in skip:
             summary["steps"][name] = dict(status="skipped", reason="--skip")
             continue
-        if name == "install":  # later steps import the installed wheels
-            pass
+        if name == "ab" and not args.before:
+            continue
         log(f"==== {name} ({time.monotonic() - t0:.0f} s, {left():.0f} s left)")
         t = time.monotonic()
         try:
