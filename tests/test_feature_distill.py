@@ -207,7 +207,10 @@ def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
         np.testing.assert_array_equal(params["proj_conv"][n]["kernel"][0, 0], k0)
         k1 = np.asarray(new.params["proj_conv"][n]["kernel"])[0, 0]
         used = k0.shape[0] // 2  # md(C * 0.5)
-        assert np.abs(k1[:used] - k0[:used]).min() > 0
+        # The used rows learn. A single entry whose gradient happens to be near zero can move
+        # less than half a float32 ulp of its weight and round away (how often depends on the
+        # CPU's float rounding), so not every entry must change.
+        assert (np.abs(k1[:used] - k0[:used]) > 0).mean() > 0.99
         np.testing.assert_array_equal(k1[used:], k0[used:])
 
 
