@@ -2,13 +2,15 @@
 side-by-side throughput ratio with ``accelerator_bench.py`` on the same GPU and batch.
 
     python experiments/official_step_torch.py --out torch_step.json [--batch 512] \
-        [--widths 1.0,0.625,0.25] [--steps 10] [--bf16] [--device cuda|cpu]
+        [--widths 1.0,0.625,0.25] [--steps 10] [--bf16] [--device cuda|cpu] \
+        [--image-size 32] [--base-width 64] [--threads N]
 
 Needs PyTorch (exits with status 1 and a message otherwise); ``--device cuda`` (the default)
 needs a CUDA device, ``--device cpu`` times the same iteration on this machine's cores (the
-ratio to our CPU step: ``experiments/cpu_ratio.py``). ``--image-size`` / ``--base-width``
-shrink the network for a quick check (the defaults are the paper's CIFAR ResNet-18). Imports nothing of the
-official repository: it re-states the official per-iteration loop in plain PyTorch: EMA update
+ratio to our CPU step: ``experiments/cpu_ratio.py``, which interleaves ``make_iteration``
+with our step). ``--image-size`` / ``--base-width`` shrink the network for a quick check (the
+defaults are the paper's CIFAR ResNet-18). Imports nothing of the official repository: it
+re-states the official per-iteration loop in plain PyTorch: EMA update
 of the teacher, the teacher's forward of both views at full width, then for every width (the
 base first) a forward of both views, its loss (InfoNCE against the teacher's other view for
 the base network, negative cosine through an auxiliary head for the sub-networks; tau 0.5),
@@ -26,7 +28,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -75,6 +77,48 @@ def build(torch, width: float, head: bool, base: int = 64):
     return nn.Sequential(*layers)
 
 
+def make_iteration(torch, widths: Sequence[float], batch: int, *, device: str = "cpu",
+                   image_size: int = 32, base_width: int = 64,
+                   bf16: bool = False) -> Callable[[], None]:
+    """The official iteration as a callable (networks, teacher, optimizers and views built
+    once, seed 0), so that ``cpu_ratio.py`` can interleave it with our step."""
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    dev = torch.device(device)
+    nets = [build(torch, w, head=i > 0, base=base_width).to(dev)
+            for i, w in enumerate(widths)]
+    teacher = build(torch, widths[0], head=False, base=base_width).to(dev)
+    teacher.load_state_dict(nets[0].state_dict())
+    opts = [torch.optim.SGD(n.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
+            for n in nets]
+    v1, v2 = (torch.randn(batch, 3, image_size, image_size, device=dev)
+              for _ in range(2))
+
+    def infonce(q, k):
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        return F.cross_entropy(q @ k.t() / 0.5, torch.arange(len(q), device=dev))
+
+    def iteration():
+        with torch.no_grad():
+            for pt, po in zip(teacher.parameters(), nets[0].parameters()):
+                pt.mul_(0.99).add_(po, alpha=0.01)
+            with torch.autocast(device, torch.bfloat16, enabled=bf16):
+                k1, k2 = teacher(v1), teacher(v2)
+        for i, (net, opt) in enumerate(zip(nets, opts)):
+            with torch.autocast(device, torch.bfloat16, enabled=bf16):
+                o1, o2 = net(v1), net(v2)
+                if i == 0:
+                    loss = infonce(o1, k2) + infonce(o2, k1)
+                else:
+                    loss = -(F.cosine_similarity(o1, k2).mean()
+                             + F.cosine_similarity(o2, k1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return iteration
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="JSON file")
@@ -93,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
-        print("official_step_torch: PyTorch is not installed; this driver needs PyTorch with "
-              "CUDA", file=sys.stderr)
+        print("official_step_torch: PyTorch is not installed; this driver needs PyTorch",
+              file=sys.stderr)
         sys.exit(1)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -106,41 +150,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    F = torch.nn.functional
-    dev = torch.device(args.device)
+    iteration = make_iteration(torch, args.widths, args.batch, device=args.device,
+                               image_size=args.image_size, base_width=args.base_width,
+                               bf16=args.bf16)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    nets = [build(torch, w, head=i > 0, base=args.base_width).to(dev)
-            for i, w in enumerate(args.widths)]
-    teacher = build(torch, args.widths[0], head=False, base=args.base_width).to(dev)
-    teacher.load_state_dict(nets[0].state_dict())
-    opts = [torch.optim.SGD(n.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-4)
-            for n in nets]
-    v1, v2 = (torch.randn(args.batch, 3, args.image_size, args.image_size, device=dev)
-              for _ in range(2))
-
-    def infonce(q, k):
-        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-        return F.cross_entropy(q @ k.t() / 0.5, torch.arange(len(q), device=dev))
-
-    def iteration():
-        with torch.no_grad():
-            for pt, po in zip(teacher.parameters(), nets[0].parameters()):
-                pt.mul_(0.99).add_(po, alpha=0.01)
-            with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
-                k1, k2 = teacher(v1), teacher(v2)
-        for i, (net, opt) in enumerate(zip(nets, opts)):
-            with torch.autocast(args.device, torch.bfloat16, enabled=args.bf16):
-                o1, o2 = net(v1), net(v2)
-                if i == 0:
-                    loss = infonce(o1, k2) + infonce(o2, k1)
-                else:
-                    loss = -(F.cosine_similarity(o1, k2).mean()
-                             + F.cosine_similarity(o2, k1).mean())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
     for _ in range(3):
         iteration()
     times = []
