@@ -6,26 +6,34 @@ every transitive dependency, is ``requirements.lock``, which CI installs with
 not tested. So ``pip install us3l_jax`` into Colab or a TPU VM keeps a preinstalled JAX that
 is in range instead of replacing it.
 
-Extras: ``[cuda12]`` / ``[tpu]`` (JAX for NVIDIA GPUs / Cloud TPUs, same range), ``[prepare]``
+A few ranges reach past the locked minor to releases verified on Python 3.12 (docs/launch.md,
+"Verified versions"): JAX 0.11 and 0.12 (which need Python >= 3.12; CI's Python 3.11 set stays
+on 0.10.2), NumPy 2.5, and orbax-checkpoint down to 0.12.4 (a GPU image's version).
+
+Extras: ``[cuda12]`` / ``[cuda13]`` / ``[tpu]`` (JAX for NVIDIA GPUs with CUDA 12 or 13 /
+Cloud TPUs, same range), ``[prepare]``
 (TensorFlow, for ``python -m us3l_jax.data.prepare`` of CIFAR / ImageNet; training reads the
 prepared ArrayRecord files without it), ``[test]`` (pytest, pytest-xdist to run the suite on
 both cores, and nbclient + ipykernel to execute the notebook).
 """
 from setuptools import find_packages, setup
 
-JAX = ">=0.10.2,<0.11"
+# 0.10.2 is CI's (Python 3.11); 0.11.2 and 0.12.0.1 were verified on Python 3.12.
+JAX = ">=0.10.2,<0.13"
 
 INSTALL_REQUIRES = [
     "jax" + JAX,
     "jaxlib" + JAX,
     "flax>=0.12.8,<0.13",
     "optax>=0.2.8,<0.3",
-    "orbax-checkpoint>=0.12.8,<0.13",
+    # 0.12.4: what a CUDA 13 image with JAX 0.11.2 ships; its checkpoint tests were run.
+    "orbax-checkpoint>=0.12.4,<0.13",
     "tensorflow-datasets>=4.9.10,<4.10",
     "ml-collections>=1.1.0,<1.2",
     "chex>=0.1.92,<0.2",
     "absl-py>=2.5.1,<2.6",
-    "numpy>=2.4.6,<2.5",
+    # 2.5 comes with JAX 0.11+ on Python 3.12 (verified there).
+    "numpy>=2.4.6,<2.6",
     # Streaming input for ImageNet-size data: tfds.data_source + grain need no TensorFlow.
     "grain>=0.2.18,<0.3",
     # Bundled offline digits dataset for demos and real-data tests.
@@ -47,6 +55,7 @@ EXPORT_REQUIRES = ["jax2onnx>=0.13.0,<0.14", "onnxruntime>=1.32.0,<1.33"]
 
 EXTRAS_REQUIRE = {
     "cuda12": ["jax[cuda12]" + JAX],
+    "cuda13": ["jax[cuda13]" + JAX],
     "tpu": ["jax[tpu]" + JAX],
     # TFDS builds with TensorFlow; etils needs importlib_resources for a builder's files.
     "prepare": ["tensorflow>=2.21.0,<2.22", "importlib-resources>=7.1.0,<7.2"],
