@@ -493,8 +493,10 @@ class Trainer:
       config_key: width -> channel configuration (programs are shared between widths with
         the same one); default the backbone's.
       reduce_once: keep per-device partial gradients between programs (one reduction per
-        iteration in ``accumulate`` mode); default: whenever ``device_local_groups`` allows.
-        False reduces in every program (for comparison; same results to float32 rounding).
+        iteration in ``accumulate`` mode); default: in ``accumulate`` mode whenever
+        ``device_local_groups`` allows, never in ``per_width`` mode (which reduces at every
+        update, and sends fewer bytes reducing inside each program). False reduces in every
+        program (same results to float32 rounding).
       first_sub_step: the first iteration that trains sub-networks (``sampling.
         first_sub_network_step``; None: none does), for ``decay_flags``.
     """
@@ -529,6 +531,12 @@ class Trainer:
         config with the BN/negative ``group_size``) and the program cache."""
         self.tx, self.mesh, self.lr_schedule, self.config_key = tx, mesh, lr_schedule, config_key
         local = device_local_groups(groups, batch_size, mesh.devices.size)
+        if reduce_once is None and getattr(groups, "update_mode", None) == "per_width":
+            # per_width reduces at every update anyway, and reducing inside each program sends
+            # only the slice a sub-network uses: kept per device, its gradient would travel
+            # full-size and zero-padded (ImageNet ResNet-50, widths 1/0.5/0.25 on 8 devices:
+            # 208 MiB per iteration against 379 MiB, from the compiled programs).
+            reduce_once = False
         if reduce_once and not local:
             raise ValueError(
                 f"reduce_once needs whole BN/negative groups on every device: group_size="
