@@ -26,11 +26,12 @@ calibration (docs/fidelity.md).
 
 ``resnet50,official`` is the official code's ResNet-50 config
 (``recipes.us3l_cifar_resnet50_official``): lr 0.25 (8 x 64 images), no dynamic sampling,
-and intermediate-feature distillation (``method.feature_distill``, weight 1.0, the bn2
-outputs of blocks layer2_3, layer3_5, layer4_2; docs/fidelity.md), which the paper does not
-describe. Which recipe produced the paper's R-50 row cannot be known for sure: that row
-(72.6 ... 67.4) equals its Table 8 "dynamic sampling + group reg" row, so the paper claims
-dynamic sampling, while the shipped official config has none and adds feature distillation.
+and intermediate-feature distillation (``method.feature_distill``, weight 1.0, on
+relu(bn2) of blocks layer2_3, layer3_5, layer4_2: what the official bn2 hook holds after
+the in-place ReLU; docs/fidelity.md), which the paper does not describe. Which recipe
+produced the paper's R-50 row cannot be known for sure: that row (72.6 ... 67.4) equals its
+Table 8 "dynamic sampling + group reg" row, so the paper claims dynamic sampling, while the
+shipped official config has none and adds feature distillation.
 ``resnet50`` keeps the paper's description; both are compared against the same row.
 
 Needs CIFAR-100 prepared for TFDS (``python -m us3l_jax.data.prepare cifar100``); about 2.5x

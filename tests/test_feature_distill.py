@@ -1,9 +1,11 @@
 """Intermediate-feature distillation (official ResNet-50 configs; docs/fidelity.md): hooked
-features, proj_conv, the teacher's features, the cross-view MSE in the sub-network loss, its
-gradients, decay and a few training steps.
+features (against a numpy re-statement of both official blocks), proj_conv, the teacher's
+features, the cross-view MSE in the sub-network loss, its gradients, decay and a few
+training steps.
 
 One tiny bottleneck ResNet (base width 16, stages (1, 2, 1, 1), 16 px) and one module-scoped
-trainer in the official ``per_width`` mode, so each program compiles once.
+trainer in the official ``per_width`` mode, so each program compiles once; the block test
+also builds the basic-block (ResNet-18) variant.
 """
 import functools
 
@@ -13,10 +15,12 @@ import numpy as np
 import pytest
 
 from us3l_jax import mesh as mesh_lib
-from us3l_jax import models, optim
+from us3l_jax import models, optim, slim
 from us3l_jax.method import MethodConfig
 from us3l_jax.models.heads import SSLModel, hooked_layers
+from us3l_jax.models.resnet import STAGE_STRIDES
 from us3l_jax.train import Trainer
+from tests.helpers import jit_init
 
 BATCH, SIZE, GROUP = 16, 16, 8
 LAYERS = ("layer2_1", "layer3_0", "layer4_0")  # the last block of stages 2-4
@@ -68,13 +72,79 @@ def views():
                  for _ in range(2))
 
 
-def bn2_outputs(model, params, x, width):
-    """The hooked maps computed independently of ``encode_features``: flax's own capture of
-    every ``bn2`` call of the backbone alone (the same BN groups: the batch is one view)."""
+def hooked_outputs(model, params, x, width):
+    """The hooked maps computed independently of ``encode_features`` (this bottleneck model):
+    flax's own capture of every ``bn2`` call of the backbone alone (the same BN groups: the
+    batch is one view), through the ReLU that the official code runs in place on it."""
     _, state = model.backbone.apply({"params": params["backbone"]}, x, width=width, train=True,
                                     capture_intermediates=True, mutable=["intermediates"])
     inter = state["intermediates"]
-    return {n: np.asarray(inter[n]["bn2"]["__call__"][0]) for n in LAYERS}
+    return {n: np.maximum(np.asarray(inter[n]["bn2"]["__call__"][0]), 0) for n in LAYERS}
+
+
+# ------------------------------------------------------------------ numpy re-statement
+# The official blocks (models/OFA/us_cifar_resnet.py, models/OFA/us_resnet.py), in numpy with
+# their in-place ops, and the tensor the official forward hook on ``bn2`` keeps a reference to
+# (utils/forward_hook.py): a view of bn2's output, changed by the ops that follow it.
+
+
+def np_conv(x, kernel, stride):
+    """NHWC x HWIO convolution, symmetric padding k // 2 (PyTorch's ``padding=k // 2``)."""
+    k = kernel.shape[0]
+    pad = k // 2
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h = (x.shape[1] + 2 * pad - k) // stride + 1
+    w = (x.shape[2] + 2 * pad - k) // stride + 1
+    out = np.zeros((x.shape[0], h, w, kernel.shape[-1]), np.float64)
+    for i in range(k):
+        for j in range(k):
+            patch = xp[:, i:i + stride * h:stride, j:j + stride * w:stride, :]
+            out += np.einsum("bhwc,cd->bhwd", patch, kernel[i, j])
+    return out
+
+
+def np_bn(x, p, group):
+    """Training-mode BatchNorm over groups of ``group`` consecutive examples (biased var)."""
+    c = x.shape[-1]
+    xg = x.reshape((x.shape[0] // group, -1, c))
+    mean = xg.mean(axis=1, keepdims=True)
+    var = ((xg - mean) ** 2).mean(axis=1, keepdims=True)
+    y = ((xg - mean) / np.sqrt(var + 1e-5)).reshape(x.shape)
+    return y * np.asarray(p["scale"])[:c] + np.asarray(p["bias"])[:c]
+
+
+def np_slim_conv(x, p, cout, stride):
+    return np_conv(x, np.asarray(p["kernel"], np.float64)[:, :, : x.shape[-1], :cout], stride)
+
+
+def np_block_hooked(kind, p, x, width, stride, planes, group):
+    """The official block's forward on ``x`` at ``width``; returns (what the ``bn2`` hook
+    holds after the forward, the block output)."""
+    expansion = 4 if kind == "bottleneck" else 1
+    mid, cout = slim.channels(planes, width), slim.channels(planes * expansion, width)
+    relu_ = lambda a: np.maximum(a, 0, out=a)  # nn.ReLU(inplace=True)
+    identity = x
+    if kind == "basic":
+        out = relu_(np_bn(np_slim_conv(x, p["conv1"], mid, stride), p["bn1"], group))
+        out = np_bn(np_slim_conv(out, p["conv2"], mid, 1), p["bn2"], group)
+        hooked = out  # the forward hook's reference to bn2's output
+        if "downsample_conv" in p:
+            identity = np_bn(np_slim_conv(x, p["downsample_conv"], cout, stride),
+                             p["downsample_bn"], group)
+        out += identity
+        out = relu_(out)
+    else:
+        out = relu_(np_bn(np_slim_conv(x, p["conv1"], mid, 1), p["bn1"], group))
+        out = np_bn(np_slim_conv(out, p["conv2"], mid, stride), p["bn2"], group)
+        hooked = out
+        out = relu_(out)
+        out = np_bn(np_slim_conv(out, p["conv3"], cout, 1), p["bn3"], group)
+        if "downsample_conv" in p:
+            identity = np_bn(np_slim_conv(x, p["downsample_conv"], cout, stride),
+                             p["downsample_bn"], group)
+        out += identity
+        out = relu_(out)
+    return hooked, out
 
 
 def proj_conv_numpy(params, feats):
@@ -119,14 +189,48 @@ def test_hooks_and_proj_conv_shapes(state0, views):
     width = 0.25
     z, feats = jax.jit(lambda p, x: model.apply({"params": p}, x, width,
                                                 method=SSLModel.encode_features))(p, views[0])
-    ref = bn2_outputs(model, p, views[0], width)
+    ref = hooked_outputs(model, p, views[0], width)
     for n in LAYERS:
         np.testing.assert_allclose(feats[n], ref[n], rtol=1e-5, atol=1e-5)
-        assert feats[n].min() < 0  # pre-ReLU
+        assert feats[n].min() == 0 and (feats[n] > 0).any()  # after the ReLU
     # The forward without hooks gives the same projection.
     np.testing.assert_allclose(
         z, model.apply({"params": p}, views[0], width, method=SSLModel.encode), rtol=1e-5,
         atol=1e-6)
+
+
+@pytest.mark.parametrize("name,kind", [("cifar_resnet18", "basic"),
+                                       ("cifar_resnet50", "bottleneck")])
+def test_hooked_features_are_what_the_official_bn2_hook_holds(name, kind):
+    """Each hooked map equals the numpy official block's ``bn2`` output after the block's
+    in-place ops (basic: the block output; bottleneck: relu(bn2)), fed the block's input."""
+    bb = models.create(name, base_width=16, stage_sizes=(1, 2, 1, 1), bn_group_size=GROUP)
+    model = SSLModel(bb, proj_hidden=32, proj_out=16, feature_layers=LAYERS,
+                     bn_group_size=GROUP)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(BATCH, SIZE, SIZE, 3)), jnp.float32)
+    params = jit_init(model, jax.random.key(0), x)["params"]
+    pb = jax.tree.map(np.asarray, params["backbone"])
+    blocks = [f"layer{i + 1}_{j}" for i, n in enumerate(bb.stage_sizes) for j in range(n)]
+    for width in (1.0, 0.5):
+        def run(p, x, width=width):
+            _, feats = model.apply({"params": p}, x, width, method=SSLModel.encode_features)
+            _, state = bb.apply({"params": p["backbone"]}, x, width=width, train=True,
+                                capture_intermediates=True, mutable=["intermediates"])
+            return feats, {b: state["intermediates"][b]["__call__"][0] for b in blocks}
+
+        feats, outs = jax.jit(run)(params, x)
+        for n in LAYERS:
+            stage, j = int(n[5]) - 1, int(n.split("_")[1])
+            block_in = np.asarray(outs[blocks[blocks.index(n) - 1]], np.float64)
+            hooked, out = np_block_hooked(kind, pb[n], block_in, width,
+                                          STAGE_STRIDES[stage] if j == 0 else 1,
+                                          bb.stage_planes[stage], GROUP)
+            np.testing.assert_allclose(out, outs[n], rtol=1e-4, atol=1e-4)  # the same block
+            np.testing.assert_allclose(feats[n], hooked, rtol=1e-4, atol=1e-4)
+            assert hooked.shape[-1] == slim.channels(bb.stage_planes[stage], width)
+            assert hooked.min() == 0 and (hooked > 0).any()  # after the in-place ReLU
+            if kind == "basic":
+                np.testing.assert_array_equal(feats[n], outs[n])  # the block output
 
 
 def test_bad_layers_and_backbones_are_rejected():
@@ -173,8 +277,8 @@ def test_teacher_features_come_from_the_ema_params_at_full_width(tr, views, base
                  after.ema_params, expected_ema)
     assert len(targets) == 3
     for feats, v in zip(targets[2], views):
-        ref = bn2_outputs(tr.model, after.ema_params, v, 1.0)
-        online = bn2_outputs(tr.model, before.params, v, 1.0)
+        ref = hooked_outputs(tr.model, after.ema_params, v, 1.0)
+        online = hooked_outputs(tr.model, before.params, v, 1.0)
         for n, c in zip(LAYERS, CHANNELS):
             assert feats[n].shape[-1] == c
             np.testing.assert_allclose(feats[n], ref[n], rtol=1e-4, atol=1e-4)
@@ -189,7 +293,7 @@ def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
     zero = {"loss/total": jnp.float32(0), "loss/feature": jnp.float32(0)}
     width = 0.5
     new, total, raw, _ = run(tr, "sub_update", state, zero, targets, *views, width=width)
-    s1, s2 = (proj_conv_numpy(params, bn2_outputs(tr.model, params, v, width)) for v in views)
+    s1, s2 = (proj_conv_numpy(params, hooked_outputs(tr.model, params, v, width)) for v in views)
     t1, t2 = ({n: np.asarray(f[n]) for n in LAYERS} for f in targets[2])
     expected = cross_view_mse_numpy(s1, s2, t1, t2)
     np.testing.assert_allclose(float(total["loss/feature"]), expected, rtol=1e-4)

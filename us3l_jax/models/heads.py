@@ -149,7 +149,8 @@ class SSLModel(nn.Module):
     [, proj_conv]}``; the momentum teacher is a copy of ``{backbone, projector}``.
 
     ``feature_layers`` (non-empty: intermediate-feature distillation) names the backbone
-    blocks whose ``bn2`` outputs ``encode_features`` returns, and adds their ``proj_conv``.
+    blocks whose features ``encode_features`` returns (``ResNet.feature_hook``), and adds
+    their ``proj_conv``.
     """
     backbone: nn.Module
     proj_hidden: int = 2048
@@ -197,18 +198,22 @@ class SSLModel(nn.Module):
 
     def encode_features(self, x: jax.Array, width: float
                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """``encode`` and, from the same forward, the hooked features ``{block: its bn2
-        output}`` (pre-ReLU, batch statistics). They are recorded by a method interceptor,
-        like PyTorch forward hooks, so the backbone's own forward stays unchanged."""
-        path = {("backbone", name, self.backbone.FEATURE_MODULE): name
-                for name in self.feature_layers}
+        """``encode`` and, from the same forward, the hooked features ``{block: feature}``
+        (batch statistics): what the official ``bn2`` forward hook holds once the block has
+        run, i.e. after the in-place ops that follow bn2 (``ResNet.feature_hook``: the basic
+        block's output, the bottleneck's ``relu(bn2)``). They are recorded by a method
+        interceptor, like PyTorch forward hooks, so the backbone's own forward stays
+        unchanged."""
+        sub, post = self.backbone.feature_hook()
+        path = {("backbone", name, *sub): name for name in self.feature_layers}
+        depth = 2 + len(sub)
         feats: dict[str, jax.Array] = {}
 
         def hook(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
-            name = path.get(tuple(context.module.path[-3:]))
+            name = path.get(tuple(context.module.path[-depth:]))
             if name is not None and context.method_name == "__call__":
-                feats[name] = out
+                feats[name] = out if post is None else post(out)
             return out
 
         with nn.intercept_methods(hook):

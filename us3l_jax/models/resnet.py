@@ -5,7 +5,7 @@ Submodule names mirror the PyTorch ones (``conv1``, ``bn1``, ``layer1_0``, ``fc`
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,10 @@ class BasicBlock(nn.Module):
     conv_kw: dict[str, Any]
     bn_kw: dict[str, Any]
     expansion = 1
+    # What feature distillation takes (``ResNet.feature_hook``): the official hook keeps a
+    # reference to bn2's output, which ``out += identity`` and the in-place ReLU then
+    # overwrite, so it distils the block's output.
+    HOOKED = ((), None)
 
     @nn.compact
     def __call__(self, x, width: float, train: bool):
@@ -44,6 +48,8 @@ class Bottleneck(nn.Module):
     conv_kw: dict[str, Any]
     bn_kw: dict[str, Any]
     expansion = 4
+    # The official in-place ReLU after bn2 overwrites the tensor its hook keeps: relu(bn2).
+    HOOKED = (("bn2",), nn.relu)
 
     @nn.compact
     def __call__(self, x, width: float, train: bool):
@@ -116,9 +122,13 @@ class ResNet(nn.Module):
             cfg += (slim.switch_index(self.switchable_widths, width),)
         return cfg
 
-    # Intermediate-feature distillation hooks the ``FEATURE_MODULE`` output of named blocks
-    # (see ``us3l_jax.models.heads.SSLModel.encode_features``); the forward is unchanged.
-    FEATURE_MODULE = "bn2"
+    def feature_hook(self) -> tuple[tuple[str, ...], Callable | None]:
+        """What intermediate-feature distillation records in a hooked block (see
+        ``us3l_jax.models.heads.SSLModel.encode_features``; the forward is unchanged): the
+        output of the submodule at this path below the block (``()``: the block itself) and a
+        function applied to it (None: none). What the official ``bn2`` hook ends up holding:
+        the block output for the basic block, ``relu(bn2)`` for the bottleneck."""
+        return BLOCKS[self.block].HOOKED
 
     def feature_layers(self) -> tuple[str, ...]:
         """The blocks hooked by default: the last block of stages 2-4 (ResNet-50:
@@ -127,8 +137,8 @@ class ResNet(nn.Module):
         return tuple(f"layer{i + 1}_{self.stage_sizes[i] - 1}" for i in (1, 2, 3))
 
     def feature_channels(self, layer: str) -> int:
-        """Full-width channels of block ``layer``'s ``bn2`` output (pre-ReLU): its stage's
-        planes, for the bottleneck's middle BN and the basic block's second BN alike."""
+        """Full-width channels of block ``layer``'s hooked feature: its stage's planes, for the
+        bottleneck's ``relu(bn2)`` and the basic block's output alike."""
         blocks = {f"layer{i + 1}_{j}": planes
                   for i, (n, planes) in enumerate(zip(self.stage_sizes, self.stage_planes))
                   for j in range(n)}
