@@ -132,6 +132,7 @@ def _vit_demo(c):
         c[section] = v[section]
     c.model = v.model
     c.model.dtype = "float32"
+    c.model.stop_grad_patch = False  # as when docs/results.md's demo figures were measured
     c.model.dim, c.model.depth, c.model.heads, c.model.patch_size = 64, 4, 4, 4
     c.heads.proj_hidden, c.heads.proj_out, c.heads.head_hidden = 128, 64, 128
     c.sampler.schedule = "A"

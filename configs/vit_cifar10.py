@@ -12,6 +12,12 @@ official slicing (only the block Linears shrink, on their input side), AdamW lr 
 of CIFAR-10 (BYOL augmentations, CIFAR mean/std). ``--config.model.slicing=embed`` runs the
 paper text's variant (the embedding dimension shrinks in every layer).
 
+Every variant freezes the patch embedding at its random initialisation
+(``model.stop_grad_patch``), as both official launch scripts pass ``--stop-grad-conv1``:
+``ViT_experiments/run.sh`` (MoCo v3 at one width) and ``run_ofa.sh`` (the slimmable
+``main_moco_ofa_ddp.py``, which builds US3L and, with ``--baseline``, US+MoCo v3). The paper
+does not mention it; ``--config.model.stop_grad_patch=False`` trains the embedding.
+
 Table 3 (linear evaluation top-1 %, widths 1.0 / 0.75 / 0.5 / 0.25) to reach:
 
     ViT-Tiny   MoCo v3 (individual)  82.6 79.5 75.8 68.0

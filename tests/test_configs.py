@@ -285,6 +285,29 @@ def test_vit_cifar10_variants():
         config_lib.validate(c)
 
 
+@pytest.mark.parametrize("arg", [f"{arch},{variant}" for arch in ("tiny", "small")
+                                 for variant in ("us3l", "us_mocov3", "mocov3@1.0",
+                                                 "mocov3@0.75", "mocov3@0.5", "mocov3@0.25")])
+def test_vit_paper_rows_freeze_the_patch_embedding(arg):
+    """Both official ViT launch scripts pass --stop-grad-conv1: every Table 3 row freezes the
+    patch embedding; the paper's description (a trained one) stays an override."""
+    module = load_config_module("configs/vit_cifar10.py")
+    c = module.get_config(arg)
+    assert c.eval.paper_row.startswith("table3/")
+    config_lib.validate(c)
+    assert c.model.stop_grad_patch is True
+    assert build.backbone(c).frozen_params() == (("patch_embed",),)
+    c.model.stop_grad_patch = False
+    config_lib.validate(c)
+    assert build.backbone(c).frozen_params() == ()
+
+
+def test_vit_demo_keeps_a_trained_patch_embedding():
+    # docs/results.md's demo figures were measured with it trained.
+    c = load_config_module("configs/demo.py").get_config("vit")
+    assert c.model.stop_grad_patch is False
+
+
 def test_us3l_cifar100_resnet50_official_is_the_official_code_recipe():
     mod = load_config_module("configs/us3l_cifar100.py")
     c = mod.get_config("resnet50,official")

@@ -445,10 +445,13 @@ def mocov3_vit(arch: str = "tiny", variant: str = "us3l") -> ml_collections.Conf
     """Slimmable ViTs with MoCo v3 on CIFAR-10 (paper Table 3), as the official ViT code ran:
 
     * MoCo v3: ViT with the fixed sin-cos position embedding, official slicing (block Linears
-      slimmed on their input side); 3-layer projector (hidden 2048, out 256, last BN without
-      affine), 2-layer predictor; momentum encoder at width 1.0 with the cosine ramp from
-      0.99; contrastive loss with tau 0.2 (x 2 tau) against keys from the whole batch
-      (all-gathered in the official code; BN statistics over the whole batch too, SyncBN).
+      slimmed on their input side), a frozen patch embedding (``--stop-grad-conv1`` in both
+      official launch scripts, ViT_experiments/run.sh and run_ofa.sh; the paper does not
+      mention it, and ``model.stop_grad_patch=False`` trains it); 3-layer projector (hidden
+      2048, out 256, last BN without affine), 2-layer predictor; momentum encoder at width
+      1.0 with the cosine ramp from 0.99; contrastive loss with tau 0.2 (x 2 tau) against
+      keys from the whole batch (all-gathered in the official code; BN statistics over the
+      whole batch too, SyncBN).
     * AdamW, lr 1.5e-4 x 512/256 = 3e-4, weight decay 0.1, 40 warm-up epochs then cosine to
       300 epochs, per iteration; batch 512; one update per width (``per_width``); 224-px views
       of CIFAR-10 with the asymmetric BYOL augmentations and CIFAR mean/std; bfloat16 compute
@@ -466,6 +469,7 @@ def mocov3_vit(arch: str = "tiny", variant: str = "us3l") -> ml_collections.Conf
     c.model.name = _arch(arch, VIT_ARCHS)
     c.model.dtype = "bfloat16"
     c.model.slicing = "official"
+    c.model.stop_grad_patch = True
     c.heads.proj_style = "mocov3"
     c.heads.proj_hidden = 2048
     c.heads.proj_out = 256
