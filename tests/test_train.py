@@ -410,8 +410,12 @@ def test_one_and_eight_devices_agree():
     count. A batch of 64 in groups of 8 puts whole groups on each of 8 devices, so partial
     gradients stay on their device and are reduced once per iteration; compared with 1 device
     and with reducing in every program (the pre-redesign path, also the fallback when groups
-    span devices). Two iterations agree to 1e-5; the tiny model's 1x1-pixel last stage (BN
-    over 8 values per group) amplifies float32 reassociation beyond that.
+    span devices). Losses of both iterations and parameters after the first agree to 1e-5
+    (float32 reassociation only). Parameters after the second agree to 1e-3: one pre-ReLU
+    activation of this tiny model sits within rounding of 0 (2e-6, ``layer3_0.bn1``), so the
+    first update's reassociation can flip its sign, which moves one channel's gradient by ~2%
+    (seen with JAX 0.11.2 on 1 device: 3e-4 in the parameters). A wrong reduction, BN group or
+    optimizer state across iterations moves them by far more.
 
     The compiled programs prove the communication (``bench_step.iteration_collectives``): one
     gradient all-reduce of one parameter set per iteration, against one per program when every
@@ -431,14 +435,15 @@ def test_one_and_eight_devices_agree():
             tr = make_trainer(mesh=mesh, reduce_once=once, batch=64)
             images = jax.device_put(make_images(batch=64), mesh_lib.batch_sharding(mesh))
             state = tr.init_state(jax.random.key(0), images)
-            losses = []
+            losses, params = [], []
             for ws in [(1.0, 0.5, 0.25), (1.0, 0.5, 0.25)]:
                 state, m = tr.step(state, images, ws)
                 losses.append(float(m["loss/total"]))
+                params.append([np.asarray(x).ravel()[:50].tolist()
+                               for x in jax.tree.leaves(state.params)])
             assert len(state.params["backbone"]["conv1"]["kernel"].sharding.device_set) == n
             c = bench.iteration_collectives(tr, state, images, ws) if n == 8 else None
-            out[name] = dict(losses=losses, sharded=tr.sharded, collectives=c, params=[
-                np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)])
+            out[name] = dict(losses=losses, sharded=tr.sharded, collectives=c, params=params)
         print(json.dumps(out))
     """)
     env = dict(os.environ, XLA_FLAGS=xla_flags(8),
@@ -458,8 +463,10 @@ def test_one_and_eight_devices_agree():
     for a, b in [("8", "1"), ("8", "8/every")]:
         np.testing.assert_allclose(out[a]["losses"], out[b]["losses"], rtol=1e-5, atol=1e-5,
                                    err_msg=f"{a} vs {b}")
-        for x, y in zip(out[a]["params"], out[b]["params"]):
-            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=f"{a} vs {b}")
+        for it, tol in enumerate([1e-5, 1e-3]):
+            for x, y in zip(out[a]["params"][it], out[b]["params"][it]):
+                np.testing.assert_allclose(x, y, rtol=tol, atol=tol,
+                                           err_msg=f"{a} vs {b}, iteration {it + 1}")
 
 
 def test_reduce_once_needs_device_local_groups():
@@ -471,8 +478,11 @@ def test_reduce_once_needs_device_local_groups():
 
 def test_bfloat16_trains_close_to_float32_and_stores_views_in_bf16(images):
     """bf16 compute end to end: the views handed between programs are bf16, parameters stay
-    float32, and over 4 iterations the losses stay within 5% of float32 (3.4% measured at
-    the 4th; bf16 keeps 8 bits of mantissa, and lr 0.1 on 16 examples amplifies it)."""
+    float32, and the losses stay close to float32's: within 1% at the first iteration (same
+    parameters, only the compute dtype differs; 0.02-0.3% measured over 5 seeds), within 10%
+    over the next 3, once bf16's 8-bit mantissa has steered the updates apart (lr 0.1 on 16
+    examples). That gap is chaotic: at the 4th iteration 3.4-6.6% for this seed across JAX
+    0.10.2/0.11.2 and BN backward implementations, 0.3-16% over 5 seeds."""
     losses = {}
     for dtype in (jnp.float32, jnp.bfloat16):
         tr = make_trainer(dtype=dtype)
@@ -486,5 +496,6 @@ def test_bfloat16_trains_close_to_float32_and_stores_views_in_bf16(images):
             run.append(float(m["loss/total"]))
         assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
         losses[dtype] = np.array(run)
-    np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=0.05)
+    np.testing.assert_allclose(losses[jnp.bfloat16][0], losses[jnp.float32][0], rtol=0.01)
+    np.testing.assert_allclose(losses[jnp.bfloat16], losses[jnp.float32], rtol=0.1)
     assert not np.array_equal(losses[jnp.bfloat16], losses[jnp.float32])
