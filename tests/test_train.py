@@ -476,6 +476,16 @@ def test_reduce_once_needs_device_local_groups():
         make_trainer(MethodConfig(group_size=32), mesh=mesh, reduce_once=True)
 
 
+def test_per_width_reduces_inside_each_program_by_default():
+    """per_width reduces at every update, so its programs reduce the slice each width uses
+    instead of keeping zero-padded full-size partials per device; accumulate keeps partials
+    and reduces once. An explicit reduce_once still wins."""
+    per_width = MethodConfig(group_size=GROUP, update_mode="per_width")
+    assert make_trainer(MethodConfig(group_size=GROUP)).sharded
+    assert not make_trainer(per_width).sharded
+    assert make_trainer(per_width, reduce_once=True).sharded
+
+
 def test_bfloat16_trains_close_to_float32_and_stores_views_in_bf16(images):
     """bf16 compute end to end: the views handed between programs are bf16, parameters stay
     float32, and the losses stay close to float32's: within 1% at the first iteration (same
