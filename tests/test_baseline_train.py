@@ -10,6 +10,7 @@ import pytest
 from us3l_jax import checkpointing, pretrain, teacher as teacher_lib
 from tests.helpers import leaves_equal, tiny_baseline
 
+@pytest.mark.slow
 def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
     cfg = lambda steps: tiny_baseline(f"seed,0.5,{teacher_dir}", train__max_steps=steps,
                              train__checkpoint_every_steps=2)
@@ -39,6 +40,7 @@ def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
     assert all(np.isfinite(r["loss/total"]) for r in log)
 
 
+@pytest.mark.slow
 def test_seed_mse_and_mocov2_train(teacher_dir, tmp_path):
     s = pretrain.train(tiny_baseline(f"seed_mse,0.25,{teacher_dir}", train__max_steps=1),
                        str(tmp_path / "mse"))
@@ -50,6 +52,7 @@ def test_seed_mse_and_mocov2_train(teacher_dir, tmp_path):
     assert not leaves_equal(m.ema_params["projector"], m.params["projector"])
 
 
+@pytest.mark.slow
 def test_bad_teachers_give_one_clear_error(teacher_dir, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="teacher workdir .* does not exist"):
         pretrain.setup(tiny_baseline(f"seed,0.5,{tmp_path}/missing"))

@@ -85,6 +85,7 @@ def test_a_flipped_bit_anywhere_is_caught(trained):
     assert checkpointing.verify_checksums(step_dir) is None
 
 
+@pytest.mark.slow
 def test_resume_past_corrupt_latest_saves_that_step_again(trained, run_copy):
     """The issue's stuck run: the latest checkpoint is corrupt; the rerun resumes from the
     previous one, saves step 6 again (no 'already exists'), ends with bitwise the original
@@ -101,6 +102,7 @@ def test_resume_past_corrupt_latest_saves_that_step_again(trained, run_copy):
     assert steps == [1, 2, 4, 5, 6]  # 6 (logged before the corruption) once; 5: first resumed
 
 
+@pytest.mark.slow
 def test_all_metadata_garbage_refuses_instead_of_starting_over(run_copy):
     """No readable checkpoint: refused with one message naming them, nothing moved or
     overwritten (config.json included); start_over moves them aside and starts at step 0."""
@@ -118,6 +120,7 @@ def test_all_metadata_garbage_refuses_instead_of_starting_over(run_copy):
     assert sorted(os.listdir(ckpt_dir)) == ["2", "corrupt-2", "corrupt-4", "corrupt-6"]
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_unless_allowed(run_copy):
     config_json = open(os.path.join(run_copy, "config.json")).read()
     changed = tiny(optim__lr=0.1, seed=3)
@@ -142,6 +145,7 @@ def test_changed_config_is_refused_unless_allowed(run_copy):
     assert last["changes"] == {"train.log_every_steps": [2, 3]} and last["accepted"] is False
 
 
+@pytest.mark.slow
 def test_failed_background_save_stops_at_the_next_step(run_copy, monkeypatch):
     """A full disk while the save of step 8 finishes (simulated: ENOSPC from the last write
     of the save) is reported at the next step with the path and errno; 2, 4, 6 stay intact."""
@@ -161,6 +165,7 @@ def test_failed_background_save_stops_at_the_next_step(run_copy, monkeypatch):
                                                            str(s))) is None
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_stops_with_130(run_copy, monkeypatch):
     sample = sampling.sample_widths
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a pytest-xdist worker

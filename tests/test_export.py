@@ -71,6 +71,7 @@ def _plain_fn(plain, train):
 
 # Width 1.0 is test_width_one_is_identity_slice. MobileNetV2 compiles slowly: one width, the
 # one where make_divisible's 8-channel minimum and the full-size residual rule matter.
+@pytest.mark.slow
 @pytest.mark.parametrize("name,width", [
     ("cifar_resnet18", 0.75), ("cifar_resnet18", 0.3), ("cifar_resnet18", 0.25),
     ("resnet50", 0.3), ("resnet50", 0.25), ("cifar_mobilenet_v2", 0.25),

@@ -268,6 +268,7 @@ def base_step(tr, state0, views):
     return before, after, targets, metrics
 
 
+@pytest.mark.slow
 def test_teacher_features_come_from_the_ema_params_at_full_width(tr, views, base_step):
     before, after, targets, metrics = base_step
     # The EMA step came first, and the teacher forward used its result.
@@ -286,6 +287,7 @@ def test_teacher_features_come_from_the_ema_params_at_full_width(tr, views, base
     assert float(metrics["loss/feature"]) == 0.0  # the base network has no feature loss
 
 
+@pytest.mark.slow
 def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
     _, after, targets, _ = base_step
     state = jax.tree.map(jnp.copy, after)
@@ -318,6 +320,7 @@ def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
         np.testing.assert_array_equal(k1[used:], k0[used:])
 
 
+@pytest.mark.slow
 def test_training_with_feature_distillation_lowers_the_feature_loss(tr, state0, images):
     state = jax.tree.map(jnp.copy, state0)
     history = []

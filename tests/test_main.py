@@ -126,6 +126,7 @@ def uninterrupted(tmp_path_factory):
     return workdir, outs
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """Two local CPU processes (one device each, gloo collectives; the module's uninterrupted
     run) train on the same global batch as one process: bitwise the same parameters as one
@@ -176,6 +177,7 @@ def _preempt(workdir, schedule):
     return stopped
 
 
+@pytest.mark.slow
 def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_path):
     """SIGTERM to one process only (as when one host of a pod is preempted first): both
     processes stop at the same step (the coordination service's agreement; a per-process

@@ -94,6 +94,7 @@ def us3l_vit():
     return trainer, state, images
 
 
+@pytest.mark.slow
 def test_us3l_vit_steps_decrease_the_losses(us3l_vit):
     trainer, state, images = us3l_vit
     p = state.params

@@ -4,6 +4,7 @@ import json
 import os
 
 import nbformat
+import pytest
 
 from tests.helpers import CACHE, REPO
 
@@ -18,6 +19,7 @@ def test_stored_without_outputs():
     assert all(c.outputs == [] and c.execution_count is None for c in code)
 
 
+@pytest.mark.slow
 def test_runs_end_to_end(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 

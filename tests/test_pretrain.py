@@ -67,6 +67,7 @@ def test_reference_run_writes_checkpoints_and_logs(reference):
     assert checkpointing.read_config(workdir).model.base_width == 16
 
 
+@pytest.mark.slow
 def test_resume_after_stop_at_random_step_is_exact(reference, tmp_path):
     ref_dir, ref_state = reference
     k = int(np.random.default_rng().integers(1, STEPS))
@@ -108,6 +109,7 @@ def _start_and_signal(workdir, step, sig):
     return proc
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_ends_with_identical_params(reference, tmp_path):
     ref_dir, ref_state = reference
     workdir = str(tmp_path / "run")
@@ -120,6 +122,7 @@ def test_kill_9_then_rerun_ends_with_identical_params(reference, tmp_path):
     assert_bitwise_equal(final_params(workdir), ref_state.params)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
     ref_dir, ref_state = reference
     workdir = str(tmp_path / "run")
@@ -188,6 +191,7 @@ def test_identity_covers_the_state_structure_and_accepts_older_records(reference
         ckpt.close()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = smoke()
     c.optim.lr = 1e12
@@ -203,6 +207,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_streaming_imagenet_path_trains_and_resumes_exactly(tmp_path):
     """ImageNet goes through the streaming pipeline (host decode + crops, device colour ops);
     checked on tfds mock data at 16 px: steps run, and a resumed run equals an uninterrupted
@@ -237,6 +242,7 @@ def test_streaming_imagenet_path_trains_and_resumes_exactly(tmp_path):
     assert_bitwise_equal(resumed.params, ref.params)
 
 
+@pytest.mark.slow
 def test_training_loop_makes_no_implicit_transfers(tmp_path, monkeypatch):
     """Under ``train.transfer_guard='disallow'`` every step (batch, programs, the metric fetch
     at log steps) runs without an implicit host<->device copy, through stage 1 and into the
@@ -254,6 +260,7 @@ def test_training_loop_makes_no_implicit_transfers(tmp_path, monkeypatch):
         pretrain.train(c, str(tmp_path / "implicit"))
 
 
+@pytest.mark.slow
 def test_bfloat16_digits_run_trains_like_float32(reference, tmp_path):
     """``model.dtype=bfloat16`` end to end on digits: the run trains (the loss falls from its
     first value) and its logged losses stay within 5% of the float32 reference run's."""
@@ -268,6 +275,7 @@ def test_bfloat16_digits_run_trains_like_float32(reference, tmp_path):
         assert bf16[step] == pytest.approx(f32[step], rel=0.05), step
 
 
+@pytest.mark.slow
 def test_eta_knows_the_schedule_and_program_counts_print_when_they_change(tmp_path, caplog):
     """Stage 1 (base width only) costs one unit per step; the steps with two sub-networks
     cost more, but less than 2.5 units (teacher + 3 x base when every width were 1.0). The

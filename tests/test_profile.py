@@ -48,6 +48,7 @@ def test_paper_convention_needs_bn_and_fc():
     assert r["pool_macs"] == (49 + 1) * 2048
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,widths,params", [
     ("cifar_resnet18", (1.0, 0.75, 0.5, 0.3, 0.25),
      (11_168_832, 6_284_592, 2_795_040, 1_027_352, 700_176)),
@@ -142,6 +143,7 @@ def _xla_setup(name, width):
     return forward, variables, x, layers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,width", [(n, w) for n, _, _, w in XLA_CASES])
 def test_conv_and_fc_macs_match_xla_exactly(name, width):
     """XLA's HloCostAnalysis counts 2 flops per multiply-add, skipping taps on zero padding
@@ -160,6 +162,7 @@ def test_conv_and_fc_macs_match_xla_exactly(name, width):
     assert _unpadded_conv_macs(layers) < counts["conv_macs"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,width", [(n, w) for n, _, _, w in XLA_CASES])
 def test_macs_bound_compiled_xla_flops(name, width):
     """The compiled forward's flops (``.compile().cost_analysis()``) also count elementwise

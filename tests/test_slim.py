@@ -226,6 +226,7 @@ def _autodiff_bn(x, scale, bias, group_size, eps=1e-5):
     return ((xg - mean) / jnp.sqrt(var + eps)).reshape(x.shape) * scale + bias
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_size,dtype", [(None, jnp.float32), (2, jnp.float32),
                                               (2, jnp.bfloat16)])
 def test_batchnorm_closed_form_gradient_equals_autodiff(group_size, dtype):
@@ -258,6 +259,7 @@ def test_batchnorm_closed_form_gradient_equals_autodiff(group_size, dtype):
     assert mean.shape == var.shape == (6 // (group_size or 6), 8)
 
 
+@pytest.mark.slow
 def test_batchnorm_module_gradient_without_affine():
     """SimSiam's last projector BN has no scale/bias: gradients reach the input only."""
     bn = slim.SlimBatchNorm(8, affine=False, group_size=2)

@@ -78,6 +78,7 @@ def test_cross_entropy_equals_numpy(smoothing):
                                rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_inplace_distillation_uses_the_detached_largest_width_predictions():
     model = tiny()
     params = init(model)
@@ -131,6 +132,7 @@ def test_inplace_distillation_uses_the_detached_largest_width_predictions():
 # ------------------------------------------------------------------------------ S-Net BN
 
 
+@pytest.mark.slow
 def test_s_net_widths_have_private_batchnorm_parameters_and_statistics():
     model = tiny(S_NET)
     params = init(model)
@@ -208,6 +210,7 @@ def test_s_net_sampler_trains_the_whole_list_every_step():
 # ------------------------------------------------------------------------------ training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switchable,update_mode,distill", [
     ((), "accumulate", True),           # US-Net: sandwich widths, one summed update
     (S_NET, "per_width", False),        # S-Net: every width on the labels, one update each
@@ -248,6 +251,7 @@ def test_top1_accuracy_by_hand():
         top1_accuracy(logits, np.array([1, 0]))
 
 
+@pytest.mark.slow
 def test_evaluator_top1_is_the_classifier_accuracy_on_the_test_split():
     # Base width 8 cannot run at 0.25x (8 channels round up to 9): train range [0.5, 1].
     c = demo_config("supervised_us", model__base_width=8, data__image_size=8,

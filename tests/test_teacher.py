@@ -39,6 +39,7 @@ def from_file(path, variant="seed,0.5", **kw):
     return override(c, **kw)
 
 
+@pytest.mark.slow
 def test_official_layout_keys(teacher_file):
     sd = export.load_safetensors(teacher_file)
     assert all(k.startswith("module.encoder_q.") for k in sd)
@@ -53,6 +54,7 @@ def test_official_layout_keys(teacher_file):
     assert sd["module.encoder_q.conv1.weight"].shape == (16, 3, 3, 3)
 
 
+@pytest.mark.slow
 def test_state_dict_teacher_equals_workdir_teacher(teacher_dir, teacher_file, tmp_path):
     """The same network loaded from either source: equal parameters and embeddings (so a
     student learns the same from either); a student trains from the file, whose record names
@@ -100,6 +102,7 @@ def test_round_trip_with_statistics_mobilenet():
     assert leaves_equal(params, v["params"]) and leaves_equal(stats, v["batch_stats"])
 
 
+@pytest.mark.slow
 def test_stored_statistics_run_the_teacher_in_eval_mode(teacher_dir, tmp_path):
     """``teacher.bn='stored'``: the state dict's running statistics, eval mode: an example's
     embedding no longer depends on the rest of its batch (it does with batch statistics),
@@ -150,6 +153,7 @@ def test_stored_statistics_run_the_teacher_in_eval_mode(teacher_dir, tmp_path):
     assert teacher_lib.read_record(str(tmp_path / "student"))["bn"] == "stored"
 
 
+@pytest.mark.slow
 def test_calibrated_teacher_statistics(teacher_dir, tmp_path):
     """``teacher.bn='calibrated'`` (the SEED-MSE default): every BN of backbone and projector
     gets running averages (momentum 0.1 from mean 0 / var 1) over the configured number of
@@ -181,6 +185,7 @@ def test_calibrated_teacher_statistics(teacher_dir, tmp_path):
         teacher_lib.record(d, more)
 
 
+@pytest.mark.slow
 def test_bad_state_dict_teachers_give_one_clear_error(teacher_dir, teacher_file, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="state dict .* does not exist"):
         pretrain.setup(from_file(str(tmp_path / "missing.safetensors")))

@@ -151,6 +151,7 @@ def test_plain_weight_decay_groups_are_every_used_parameter():
         MethodConfig(decay_rule="l1")
 
 
+@pytest.mark.slow
 def test_plain_weight_decay_shrinks_a_predictor_without_gradient(acc, images):
     """Issue: baselines never decayed the predictor. With zero gradients an update is the
     decay alone: weight_decay shrinks the predictor by lr * 2 lambda * p (first update),
@@ -185,6 +186,7 @@ def test_plain_weight_decay_shrinks_a_predictor_without_gradient(acc, images):
     np.testing.assert_array_equal(gr.params["predictor"]["fc1"]["kernel"], p0)
 
 
+@pytest.mark.slow
 def test_per_width_plain_decay_reaches_the_head_in_later_base_updates(images):
     """The programs apply the rule: with the head first trained in iteration 1, the base-only
     update of iteration 2 decays it (group_reg would not)."""
@@ -247,6 +249,7 @@ def test_ema_is_updated_once_per_iteration_before_the_teacher_forward(acc, image
     assert int(state2.step) == 2
 
 
+@pytest.mark.slow
 def test_accumulate_is_one_update_with_summed_gradients(acc, images):
     """Paper Algorithm 1: loss = base + sum of distill losses, one backward, one step."""
     state0 = acc.init_state(jax.random.key(1), images)
@@ -277,6 +280,7 @@ def test_accumulate_is_one_update_with_summed_gradients(acc, images):
                                rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_per_width_is_sequential_single_updates(images):
     """Official code: one SGD step per width, sharing momentum; later widths see the updated
     parameters; targets fixed by the base step."""
@@ -324,6 +328,7 @@ def test_unused_head_is_untouched_until_first_used(acc, images):
                            head0["fc2"]["kernel"])
 
 
+@pytest.mark.slow
 def test_base_loss_is_infonce_against_the_teacher(acc, images):
     """US3L base loss: NT-Xent of online z against the other view's teacher z."""
     state = acc.init_state(jax.random.key(4), images)
@@ -344,6 +349,7 @@ def test_base_loss_is_infonce_against_the_teacher(acc, images):
                                float(objectives.embedding_std(z1)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_without_distillation_subnetworks_train_like_the_base(images):
     """Table 7 case 1 (SimSiam on every width): a sub-network's loss is the SimSiam loss of
     its own predictor outputs against its own stop-gradient projections."""
@@ -367,6 +373,7 @@ def test_without_distillation_subnetworks_train_like_the_base(images):
     assert -1.0 <= float(metrics["loss/sub0"]) <= 1.0  # a negative cosine
 
 
+@pytest.mark.slow
 def test_metrics_and_bounded_programs(images):
     tr = make_trainer()
     state = tr.init_state(jax.random.key(6), images)
@@ -388,6 +395,7 @@ def test_metrics_and_bounded_programs(images):
     assert tr.num_programs == 1 + 1 + len(subs) + 1 <= 3 + len(grid)
 
 
+@pytest.mark.slow
 def test_compile_ahead_programs_are_used(images):
     tr = make_trainer()
     state = tr.init_state(jax.random.key(7), images)
@@ -404,6 +412,7 @@ def test_compile_ahead_programs_are_used(images):
     assert_trees_close(a.params, b.params, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree():
     """The same steps on 1 and 8 devices (forced CPU devices) give the same losses and
     parameters: BN statistics and negatives are defined by the group size, not by the device
@@ -486,6 +495,7 @@ def test_per_width_reduces_inside_each_program_by_default():
     assert make_trainer(per_width, reduce_once=True).sharded
 
 
+@pytest.mark.slow
 def test_bfloat16_trains_close_to_float32_and_stores_views_in_bf16(images):
     """bf16 compute end to end: the views handed between programs are bf16, parameters stay
     float32, and the losses stay close to float32's: within 1% at the first iteration (same

@@ -56,6 +56,7 @@ def test_eval_view_matches_resize_then_center_crop(resize, crop, interpolation):
     assert np.abs(out - ref).max() <= 1.5 * LEVEL
 
 
+@pytest.mark.slow
 def test_crop_area_fraction_within_scale_over_many_draws():
     keys = jax.random.split(jax.random.key(0), 2000)
     top, left, h, w = jax.vmap(lambda k: augment.rrc_box(k, 64, 80, (0.2, 1.0),
@@ -107,6 +108,7 @@ def views():
             augment.ssl_views(key, images, SMALL_BYOL2, SMALL_BYOL2))
 
 
+@pytest.mark.slow
 def test_views_are_deterministic_per_key(views):
     (a1, a2), (b1, b2), (c1, _), _ = views
     np.testing.assert_array_equal(np.asarray(a1), np.asarray(b1))
@@ -118,6 +120,7 @@ def test_views_are_deterministic_per_key(views):
     assert len(np.unique(np.round(per_image, 4))) > 12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,cfg", [(0, SMALL_SSL), (3, SMALL_BYOL2)])
 def test_views_finite_and_in_range(views, which, cfg):
     for v in views[which]:

@@ -184,6 +184,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_eight_devices_shard_data_and_batches():
     env = dict(os.environ, XLA_FLAGS=xla_flags(8),
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

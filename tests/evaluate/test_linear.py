@@ -63,6 +63,7 @@ def _params_and_toy_data(backbone, n):
     return params, feeding.DeviceDataset(toy, mesh_lib.make_mesh())
 
 
+@pytest.mark.slow
 def test_only_the_classifier_changes():
     backbone = models.create("cifar_resnet18", base_width=8, stage_sizes=(1, 1, 1, 1),
                              bn_group_size=None)
@@ -130,6 +131,7 @@ def test_normal_init_statistics_and_zero_bias():
         linear.init_classifier(jax.random.key(3), 4, 4, 2, "xavier")
 
 
+@pytest.mark.slow
 def test_vit_recipe_trains_a_head_on_a_frozen_vit():
     """A ViT has no BN statistics ({}); the head starts N(0, 0.01) with zero bias."""
     backbone = models.create("vit_tiny", dim=32, depth=1, heads=2, patch_size=4, image_size=8)

@@ -56,6 +56,7 @@ def sweep(run, tmp_path_factory):
     return out, records
 
 
+@pytest.mark.slow
 def test_sweep_writes_json_markdown_and_png(run, sweep):
     out, records = sweep
     with open(os.path.join(out, "sweep.json")) as f:
@@ -87,6 +88,7 @@ def test_sweep_writes_json_markdown_and_png(run, sweep):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_fast_probe_is_well_above_chance_at_every_width(sweep):
     _, records = sweep
     fast = {r["width"]: r["accuracy"] for r in records if r["protocol"] == "fast"}
@@ -94,6 +96,7 @@ def test_fast_probe_is_well_above_chance_at_every_width(sweep):
     assert min(fast.values()) > THRESHOLD, fast
 
 
+@pytest.mark.slow
 def test_statistics_are_stored_per_width_and_reused(run, sweep, tmp_path):
     _, first = sweep
     for w in WIDTHS:
@@ -112,6 +115,7 @@ def test_statistics_are_stored_per_width_and_reused(run, sweep, tmp_path):
     assert calib.load_stats(calib.stats_path(run, STEP, 1.0))[1] == other[1]
 
 
+@pytest.mark.slow
 def test_official_calibration_procedures(run, tmp_path):
     """Named official procedures reach the calibration: EMA, 128-image batches and the
     linear-eval crops (CIFAR); the SSL views and the per-device batch (ImageNet)."""
@@ -129,6 +133,7 @@ def test_official_calibration_procedures(run, tmp_path):
         run_sweep(run, [0.5], "fast", out=str(tmp_path / "x"), calibration="exact", echo=None)
 
 
+@pytest.mark.slow
 def test_online_evaluator_matches_the_sweep_knn(run, sweep):
     _, records = sweep
     params = checkpointing.load_pretrained(run).params
@@ -143,6 +148,7 @@ def test_online_evaluator_matches_the_sweep_knn(run, sweep):
         OnlineEvaluator(checkpointing.read_config(run), protocol="paper")
 
 
+@pytest.mark.slow
 def test_bad_inputs_raise_clear_errors(run, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no run in .*config.json not found"):
         run_sweep(str(tmp_path / "missing"), echo=None)
@@ -186,6 +192,7 @@ def read_events(logdir):
     return out
 
 
+@pytest.mark.slow
 def test_sweep_goes_to_tensorboard(sweep):
     out, records = sweep
     events = read_events(os.path.join(out, "tb"))
@@ -197,6 +204,7 @@ def test_sweep_goes_to_tensorboard(sweep):
     assert texts["sweep"].splitlines()[2].startswith("| width | params | MACs | fast top-1")
 
 
+@pytest.mark.slow
 def test_evaluate_never_overwrites_a_report(run, sweep):
     """The CLI writes each evaluation to a new folder; the run's own sweep stays as it was."""
     run_sweep(run, [1.0], "fast", echo=None)  # the run's own sweep, as pretraining writes it
@@ -242,6 +250,7 @@ def test_cli_help_lists_flags_and_protocols():
                                    "e.g. --workdir=/tmp/us3l_demo")
 
 
+@pytest.mark.slow
 def test_cli_exits_nonzero_with_one_line(run):
     proc = evaluate_cli(f"--workdir={run}", "--widths=1.0,0.1", "--protocol=fast")
     assert proc.returncode == 2
@@ -250,6 +259,7 @@ def test_cli_exits_nonzero_with_one_line(run):
                       "range [0.25, 1.0] (config.sampler.width_range)"], proc.stderr
 
 
+@pytest.mark.slow
 def test_transfer_dataset_through_the_loaders(run, sweep, tmp_path):
     import tensorflow_datasets as tfds
 

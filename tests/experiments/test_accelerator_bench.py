@@ -30,6 +30,7 @@ def result(tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow
 def test_cases_and_variants(result):
     r, stdout = result
     assert r["complete"] and r["smoke"] and r["device"]["platform"] == "cpu"
@@ -71,6 +72,7 @@ def test_cases_and_variants(result):
     assert "cifar_r18_bf16" in stdout and "a full run takes about" in stdout
 
 
+@pytest.mark.slow
 def test_projections_follow_the_step_times(result):
     r, _ = result
     case = next(c for c in r["cases"] if c["name"] == "cifar_r18_bf16")

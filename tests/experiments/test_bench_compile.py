@@ -8,6 +8,7 @@ from tests.helpers import demo_config, load_experiment
 bench = load_experiment("bench_compile")
 
 
+@pytest.mark.slow
 def test_programs_of_a_run_and_their_extrapolation():
     """The demo run (stage 1 then sub-networks in [0.25, 1]) compiles views, base, two apply
     variants and one program per distinct sub-network configuration; with

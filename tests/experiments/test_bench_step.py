@@ -27,6 +27,7 @@ def run(tmp_path_factory):
     return records, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_records_schema_and_ratios(run):
     records, saved = run
     assert saved == json.loads(json.dumps(records))
@@ -53,6 +54,7 @@ def test_records_schema_and_ratios(run):
     assert sub["flop_ratio"] > 1.0
 
 
+@pytest.mark.slow
 def test_programs_compiled_per_case(run):
     """accumulate: views, base, apply without head decay, then one sub program and the apply
     with head decay; per_width: views, base+update, finish, then one sub program."""
@@ -62,6 +64,7 @@ def test_programs_compiled_per_case(run):
     assert all(r["compile_s"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_breakdown_covers_every_program(run):
     records, _ = run
     assert set(records[1]["program_s"]) == {"views", "base@1", "sub@0.5", "apply"}
@@ -162,6 +165,7 @@ def test_vit_flop_model_uses_profiler_per_slicing(slicing):
         bench.make_config("vit_tiny", 8, 8, width=3)
 
 
+@pytest.mark.slow
 def test_vit_embed_run_records_slicing_and_profiler_ratio(tmp_path):
     argv = ["--model", "vit_tiny", "--batch", "8", "--image-size", "8", "--patch-size", "4",
             "--vit-dim", "32", "--vit-depth", "1", "--vit-heads", "2", "--slicing", "embed",

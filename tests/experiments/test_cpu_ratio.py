@@ -11,6 +11,9 @@ from tests.helpers import load_experiment
 pytest.importorskip("torch", reason="cpu_ratio.py times the official step in PyTorch, which "
                                     "is not installed")
 
+# Every test shares one run of the experiment (the module fixture): the whole file is slow.
+pytestmark = pytest.mark.slow
+
 # Base width 8 cannot run at 0.25x (the official rounding gives 9 channels): widths 1.0, 0.5.
 TINY = ["--base-width", "8", "--image-size", "8", "--batch", "4", "--steps", "1",
         "--widths", "1.0,0.5", "--conv-steps", "1"]

@@ -9,9 +9,10 @@ from us3l_jax.export.fold import fold_batchnorm
 from tests.export.test_fold import _backbone
 
 
-@pytest.mark.parametrize("name, width", [("cifar_resnet18", 1.0), ("cifar_resnet18", 0.25),
-                                         ("cifar_mobilenet_v2", 0.5),
-                                         ("cifar_mobilenet_v2", 0.25)])
+@pytest.mark.parametrize("name, width", [
+    pytest.param("cifar_resnet18", 1.0, marks=pytest.mark.slow), ("cifar_resnet18", 0.25),
+    pytest.param("cifar_mobilenet_v2", 0.5, marks=pytest.mark.slow),
+    pytest.param("cifar_mobilenet_v2", 0.25, marks=pytest.mark.slow)])
 def test_onnx_and_stablehlo_match_the_jax_model(name, width):
     model, x, variables = _backbone(name)
     folded, fv = fold_batchnorm(*export.slice_module(model, variables, width))

@@ -39,6 +39,7 @@ def exported(tiny_run, tmp_path_factory):
     return out, card
 
 
+@pytest.mark.slow
 def test_every_artifact_matches_the_jax_model(tiny_run, exported):
     out, card = exported
     assert sorted(os.listdir(out)) == ["model.msgpack", "model.onnx", "model.safetensors",
@@ -68,6 +69,7 @@ def test_every_artifact_matches_the_jax_model(tiny_run, exported):
     assert max(card["max_abs_diff_vs_jax"].values()) <= tol
 
 
+@pytest.mark.slow
 def test_model_card_describes_the_export(tiny_run, exported):
     out, card = exported
     with open(os.path.join(out, "model_card.json")) as f:
@@ -91,6 +93,7 @@ def test_model_card_describes_the_export(tiny_run, exported):
         assert card["files"][name]["bytes"] == os.path.getsize(os.path.join(out, name))
 
 
+@pytest.mark.slow
 def test_torch_file_loads_into_a_torch_resnet(exported):
     torch = pytest.importorskip("torch")
     from torch import nn
@@ -141,6 +144,7 @@ def test_torch_file_loads_into_a_torch_resnet(exported):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.slow
 def test_budgets_pick_the_widest_width_that_fits(tiny_run, tmp_path):
     """Through the CLI; ``test_widths`` checks budgets on both sides of every width's cost."""
     backbone = build.backbone(checkpointing.read_config(tiny_run))
@@ -265,6 +269,7 @@ def test_image_size_defaults_to_the_evaluation_crop_and_out_must_be_new_or_empty
     assert command.check_out(str(tmp_path / "a" / "b")) == str(tmp_path / "a" / "b")
 
 
+@pytest.mark.slow
 def test_training_only_proj_conv_is_left_out(tiny_run, exported):
     """The run trained with intermediate-feature distillation, so its checkpoint holds
     ``proj_conv`` next to the backbone; the export holds the backbone only (and matched the

@@ -16,7 +16,8 @@ def _backbone(name):
                                               "batch_stats": variables["batch_stats"]}
 
 
-@pytest.mark.parametrize("name", ["cifar_resnet18", "cifar_mobilenet_v2"])
+@pytest.mark.parametrize("name", ["cifar_resnet18",
+                                  pytest.param("cifar_mobilenet_v2", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("width", [1.0, 0.5, 0.25])
 def test_folded_network_matches_eval_mode(name, width):
     model, x, variables = _backbone(name)

@@ -43,6 +43,7 @@ def test_byol_and_simsiam_styles():
     assert "bias" not in sim["projector"]["fc3"] and "bn3" not in sim["projector"]
 
 
+@pytest.mark.slow
 def test_projector_reads_the_slimmed_feature():
     bb = models.create("cifar_resnet18", base_width=16, stage_sizes=(1, 1, 1, 1))
     m = SSLModel(bb, proj_hidden=32, proj_out=8, use_distill_head=True)

@@ -68,6 +68,7 @@ def test_channel_config_matches_traced_shapes():
         assert set(m.channel_config(w)) == traced, w
 
 
+@pytest.mark.slow
 def test_init_and_forward_at_several_widths():
     m = models.create("cifar_mobilenet_v2", num_classes=10)
     x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))

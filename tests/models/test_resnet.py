@@ -102,6 +102,7 @@ def test_slimmed_forward_uses_leading_channels_only(tiny):
     assert not np.allclose(m.apply(v2, x, width=1.0), m.apply(v, x, width=1.0))
 
 
+@pytest.mark.slow
 def test_bn_group_size_equals_separate_batches(tiny):
     m, v, x = tiny
     mg = m.clone(bn_group_size=2, num_classes=None)

@@ -82,6 +82,7 @@ def test_official_slicing_equals_hand_sliced_reference(images, width):
     assert model.feature_dim(width) == 32  # the residual stream never shrinks
 
 
+@pytest.mark.slow
 def test_embed_slicing_equals_compact_vit(images):
     model, v = _init("embed")
     outs = {}
@@ -139,6 +140,7 @@ def test_position_table_and_initialisation():
     np.testing.assert_array_equal(np.asarray(p["norm"]["scale"]), 1.0)
 
 
+@pytest.mark.slow
 def test_embed_vit_feeds_the_default_projector_at_every_width(images):
     """Embed slicing keeps whole heads (dim 96, 6 heads of 16: 32 features at 0.25x where the
     layer rounding of 96 * 0.25 gives 24; 80 at 0.75x against 72), which the projector's first
