@@ -3,23 +3,24 @@
 accelerator benchmark, the official step in PyTorch at the same batch / widths / dtype, and a
 profile of one US3L iteration. Everything goes under one output folder.
 
-    # here, with network: the wheels the image lacks, for its Python (3.12), ~11 MiB
+    # on a machine with network: the wheels the image lacks, for its Python (3.12), ~11 MiB
     python experiments/device_check.py --download-wheels .whl
-    # there, from the repository root, no network:
+    # on the device machine, from the repository root, no network:
     python3 experiments/device_check.py --out OUT --wheels .whl [--budget-s 330]
-    # here, the CPU path of the same script (tiny shapes, ~3 minutes):
+    # the CPU path of the same script (tiny shapes, a few minutes):
     python experiments/device_check.py --out /tmp/dc --smoke
 
-Steps, each timed and logged; a step that fails is recorded and the next one runs:
+Steps, in this order, each timed and logged; a step that fails is recorded and the next runs:
 
 1. ``install``: ``pip install --no-deps --no-index`` of the wheel folder and of this project
-   into ``<out>/../site`` (nothing of the image is replaced), then every module imports;
+   into ``<work>/site`` (``<out>.work`` by default; nothing of the image is replaced), then
+   every module imports from there;
 2. ``versions``: Python, JAX, jaxlib, flax, optax, orbax, chex, numpy, torch; devices;
-3. ``tests`` (after ``ab`` when that runs): a subset of the test suite on the default backend (``JAX_PLATFORMS`` unset),
-   within ``--tests-s``;
-4. ``ab`` (only with ``--before DIR``, a copy of ``us3l_jax`` before a change): the CIFAR
+3. ``ab`` (only with ``--before DIR``, a copy of ``us3l_jax`` before a change): the CIFAR
    ResNet-18 bf16 US3L step from that copy and from this checkout, each in a fresh process
    (``ab.json``: before / after step times and the speed-up);
+4. ``tests``: a subset of the test suite on the default backend (``JAX_PLATFORMS`` unset),
+   within ``--tests-s`` (an error if it fails or runs out of time);
 5. ``bench``: ``accelerator_bench.py`` within what is left of ``--budget-s`` (its JSON and
    table);
 6. ``torch``: ``official_step_torch.py`` at the CIFAR case's batch and stage-4 widths, in
