@@ -70,27 +70,28 @@ def _bench():
     return sys.modules["bench_step"]
 
 
+def _official():
+    """experiments/official_step_torch.py, loaded once (it imports torch only when run)."""
+    if "official_step_torch" not in sys.modules:
+        sys.modules["official_step_torch"] = _load(os.path.join(HERE, "official_step_torch.py"),
+                                                   "official_step_torch")
+    return sys.modules["official_step_torch"]
+
+
 def _floats(text: str) -> tuple[float, ...]:
-    try:
-        out = tuple(float(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        out = ()
-    if not out or not all(0 < w <= 1 for w in out) or out[0] != 1.0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated widths in (0, 1], base 1.0 "
-                                         f"first, got {text!r}")
+    """The official driver's width list, with the base width 1.0 first (our step needs it)."""
+    out = _official()._floats(text)
+    if out[0] != 1.0:
+        raise argparse.ArgumentTypeError(f"the base width 1.0 comes first, got {text!r}")
     return out
-
-
-def _clock() -> tuple[float, float]:
-    return time.perf_counter(), time.process_time()
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[float, float]:
     """(wall s, CPU s of this process) of ``fn()``, which must wait for its own results."""
-    w, c = _clock()
+    start = _bench()._clock()
     fn()
-    w2, c2 = _clock()
-    return w2 - w, c2 - c
+    wall, cpu = _bench()._clock() - start
+    return float(wall), float(cpu)
 
 
 def make_config(batch: int, image_size: int, base_width: int, widths: Sequence[float]):
@@ -120,7 +121,7 @@ def step_ratio(args, torch) -> dict[str, Any]:
     import jax
     import numpy as np
     bench = _bench()
-    official = _load(os.path.join(HERE, "official_step_torch.py"), "official_step_torch")
+    official = _official()
     from us3l_jax import mesh as mesh_lib
 
     config = make_config(args.batch, args.image_size, args.base_width, args.widths)

@@ -119,6 +119,8 @@ def run_cmd(log: Log, cmd: Sequence[str], timeout: float, env: dict[str, str] | 
 
 
 def write_json(path: str, obj: Any) -> None:
+    """Atomic JSON write. Not ``us3l_jax.fileio``: this process must not import the package,
+    whose copy (installed, checkout or ``--src``) each step chooses for itself."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=str)
