@@ -7,14 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from us3l_jax import checkpointing, pretrain, teacher as teacher_lib
+from us3l_jax import build, checkpointing, pretrain, teacher as teacher_lib
 from tests.helpers import leaves_equal, tiny_baseline
 
 @pytest.mark.slow
 def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
     cfg = lambda steps: tiny_baseline(f"seed,0.5,{teacher_dir}", train__max_steps=steps,
                              train__checkpoint_every_steps=2)
-    before = checkpointing.load_pretrained(teacher_dir).params
+    before = checkpointing.load_pretrained(teacher_dir, abstract_state=build.abstract_state).params
     straight = pretrain.train(cfg(4), str(tmp_path / "a"))
     # The same run stopped at step 2: its workdir without the last checkpoint, resumed.
     shutil.copytree(tmp_path / "a", tmp_path / "b")
@@ -28,7 +28,7 @@ def test_seed_teacher_frozen_recorded_and_resume_exact(teacher_dir, tmp_path):
     # The queue holds unit-norm teacher embeddings, not the random initial keys any more.
     np.testing.assert_allclose(np.linalg.norm(straight.queue["keys"], axis=1), 1, rtol=1e-5)
     # The teacher is unchanged (bitwise) and recorded in the student's workdir.
-    after = checkpointing.load_pretrained(teacher_dir).params
+    after = checkpointing.load_pretrained(teacher_dir, abstract_state=build.abstract_state).params
     assert leaves_equal(before, after)
     rec = teacher_lib.read_record(str(tmp_path / "a"))
     teacher_cfg = checkpointing.read_config(teacher_dir)

@@ -10,13 +10,15 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from us3l_jax import build, checkpointing, pretrain, sampling
-from tests.helpers import demo_config, load_experiment
+from tests.helpers import REPO, demo_config, load_experiment
 
 STEPS = 6
 
@@ -232,3 +234,20 @@ def test_intact_checkpoint_of_another_state_structure_is_refused_not_moved(train
         ckpt.restore_latest(other, move_corrupt=True)
     ckpt.close()
     assert sorted(os.listdir(os.path.join(trained[0], "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_checkpointing_imports_no_builder():
+    """Checkpointing builds nothing: importing it loads none of ``build``, ``teacher``,
+    ``export``, ``evaluate`` (``load_pretrained`` takes ``abstract_state`` from its caller).
+    The config schema it reads and writes is stood in for by an empty module: what
+    ``config.py`` imports is that module's own matter (issue 21, item 3)."""
+    code = ("import sys, types\n"
+            "sys.modules['us3l_jax.config'] = types.ModuleType('us3l_jax.config')\n"
+            "import us3l_jax.checkpointing\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('us3l_jax'))))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO), check=True)
+    loaded = set(out.stdout.split())
+    assert "us3l_jax.checkpointing" in loaded
+    builders = ("us3l_jax.build", "us3l_jax.teacher", "us3l_jax.export", "us3l_jax.evaluate")
+    assert not {m for m in loaded if m.startswith(builders)}, loaded

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from us3l_jax import checkpointing
+from us3l_jax import build, checkpointing
 from tests.helpers import run_main, xla_flags
 
 
@@ -140,7 +140,8 @@ def test_two_processes_match_one_process(uninterrupted, tmp_path):
     assert "process 0 of 2, 1 local / 2 global devices" in outs[0]
     assert "step 2/" in outs[0] and "step 2/" not in outs[1]  # only process 0 logs
 
-    load = lambda w: jax.tree.leaves(checkpointing.load_pretrained(w).params)
+    load = lambda w: jax.tree.leaves(checkpointing.load_pretrained(
+        w, abstract_state=build.abstract_state).params)
     for x, y in zip(load(two_devices), load(multi)):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
     assert _losses(two_devices) == _losses(multi)
@@ -190,6 +191,7 @@ def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_pa
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     assert f"resuming {workdir} from step {stopped}" in outs[0]
-    final = lambda w: jax.tree.leaves(checkpointing.load_pretrained(w).params)
+    final = lambda w: jax.tree.leaves(checkpointing.load_pretrained(
+        w, abstract_state=build.abstract_state).params)
     for x, y in zip(final(uninterrupted[0]), final(workdir)):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

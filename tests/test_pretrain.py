@@ -31,7 +31,7 @@ def smoke(transfer_guard="allow", **overrides):
 
 
 def final_params(workdir):
-    return checkpointing.load_pretrained(workdir).params
+    return checkpointing.load_pretrained(workdir, abstract_state=build.abstract_state).params
 
 
 def assert_bitwise_equal(a, b):

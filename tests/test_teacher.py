@@ -20,7 +20,7 @@ from tests.helpers import REPO, leaves_equal, override, tiny_baseline
 def teacher_file(teacher_dir, tmp_path_factory):
     """The ``teacher_dir`` run's online encoder as an official checkpoint's state dict, no
     statistics."""
-    params = checkpointing.load_pretrained(teacher_dir).params
+    params = checkpointing.load_pretrained(teacher_dir, abstract_state=build.abstract_state).params
     cfg = checkpointing.read_config(teacher_dir)
     sd = teacher_lib.to_official_state_dict(
         cfg.model.name, {"params": {k: params[k] for k in ("backbone", "projector")}},
@@ -109,7 +109,7 @@ def test_stored_statistics_run_the_teacher_in_eval_mode(teacher_dir, tmp_path):
     and it equals the forward computed by hand from those statistics at the projector's
     first BN."""
     params = jax.device_get(teacher_lib.teacher_subset(
-        checkpointing.load_pretrained(teacher_dir).params))
+        checkpointing.load_pretrained(teacher_dir, abstract_state=build.abstract_state).params))
     cfg = checkpointing.read_config(teacher_dir)
     model = build.model(cfg)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, 1.0, False,

@@ -28,13 +28,14 @@ import os
 import re
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from us3l_jax import build, config as config_lib
+from us3l_jax import config as config_lib
 from us3l_jax.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -463,10 +464,12 @@ class Pretrained:
     params: dict[str, Any]  # {backbone, projector[, predictor][, distill_head]}
 
 
-def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
+def load_pretrained(workdir: str, step: int | None = None, *,
+                    abstract_state: Callable[[ml_collections.ConfigDict], Any]) -> Pretrained:
     """Config and parameters of a pretraining run (the latest readable checkpoint, or ``step``).
 
-    Restores only the parameters (a partial restore against their abstract shapes), not the
+    ``abstract_state(config)`` gives the run's train state as shapes (e.g.
+    ``build.abstract_state``); only its ``params`` are restored (a partial restore), not the
     optimizer state or the teacher. Raises ``CheckpointError`` with a clear message when the
     workdir has no run or no checkpoint (or not ``step``).
     """
@@ -479,7 +482,7 @@ def load_pretrained(workdir: str, step: int | None = None) -> Pretrained:
         if step is not None and step not in steps:
             raise CheckpointError(f"no checkpoint for step {step} in {workdir!r}; "
                                   f"available: {steps}")
-        params = {"params": build.abstract_state(config).params}
+        params = {"params": abstract_state(config).params}
         found = ckpt.restore_latest(params, steps=[step] if step is not None else None,
                                     partial=True)
         if found is None:

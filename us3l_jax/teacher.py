@@ -226,7 +226,8 @@ def _from_workdir(config: ml_collections.ConfigDict):
     workdir = os.path.abspath(t.workdir)
     if not os.path.isdir(workdir):
         raise checkpointing.CheckpointError(f"teacher workdir {workdir!r} does not exist")
-    pre = checkpointing.load_pretrained(workdir, step=t.step)
+    pre = checkpointing.load_pretrained(workdir, step=t.step,
+                                       abstract_state=build.abstract_state)
     tc = pre.config
     if tc.heads.proj_out != config.heads.proj_out:
         raise checkpointing.CheckpointError(

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from us3l_jax import checkpointing, pretrain, profile
+from us3l_jax import build, checkpointing, pretrain, profile
 from us3l_jax.data import datasets
 from us3l_jax.evaluate import calibrate as calib, paper
 from us3l_jax.evaluate.online import OnlineEvaluator
@@ -136,7 +136,7 @@ def test_official_calibration_procedures(run, tmp_path):
 @pytest.mark.slow
 def test_online_evaluator_matches_the_sweep_knn(run, sweep):
     _, records = sweep
-    params = checkpointing.load_pretrained(run).params
+    params = checkpointing.load_pretrained(run, abstract_state=build.abstract_state).params
     online = OnlineEvaluator(checkpointing.read_config(run), widths=(1.0, 0.25))
     metrics = online(params, STEP)
     knn = {r["width"]: r["accuracy"] for r in records if r["protocol"] == "knn"}

@@ -23,7 +23,7 @@ ALL = "onnx,stablehlo,torch,flax"
 def _reference(workdir, width, x):
     """The slimmable backbone of the checkpoint in eval mode at ``width``, with the stored
     calibrated statistics: what every export must compute."""
-    pre = checkpointing.load_pretrained(workdir)
+    pre = checkpointing.load_pretrained(workdir, abstract_state=build.abstract_state)
     stats, meta = calib.load_stats(calib.stats_path(workdir, pre.step, width))
     backbone = build.backbone(pre.config)
     y = backbone.apply({"params": pre.params["backbone"], "batch_stats": stats}, x,
@@ -274,7 +274,7 @@ def test_training_only_proj_conv_is_left_out(tiny_run, exported):
     """The run trained with intermediate-feature distillation, so its checkpoint holds
     ``proj_conv`` next to the backbone; the export holds the backbone only (and matched the
     JAX model: ``test_every_artifact_matches_the_jax_model``)."""
-    params = checkpointing.load_pretrained(tiny_run).params
+    params = checkpointing.load_pretrained(tiny_run, abstract_state=build.abstract_state).params
     assert set(params["proj_conv"]) == {"layer2_0", "layer3_0", "layer4_0"}
     out, _ = exported
     sd = export.load_safetensors(os.path.join(out, "model.safetensors"))

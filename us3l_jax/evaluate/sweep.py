@@ -106,7 +106,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
         if held:
             raise ValueError(f"{out} already holds a sweep ({', '.join(held)}); choose another "
                              "--out, or leave it out for a new folder under <workdir>/eval/")
-    pre = checkpointing.load_pretrained(workdir, step)
+    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     settings = calibration_settings(config, calibration_batches, dataset)
     t_load = time.perf_counter()
     ev = Evaluator(config, dataset, mesh=mesh)

@@ -195,7 +195,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
     if width is not None:
         check_width(config, width)
     size = image_size(config, size)
-    pre = checkpointing.load_pretrained(workdir, step)
+    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     backbone = _backbone(config)
     params = pre.params["backbone"]
     width, picked = _resolve_width(config, backbone, params, width, budget, size, batch,
@@ -316,7 +316,7 @@ def width_table(workdir: str, out: str | None = None, batch: int = 1, size: int 
     out = out or workdir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is an existing file; give a directory")
-    pre = checkpointing.load_pretrained(workdir, step)
+    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     backbone = _backbone(config)
     accuracy = widths_lib.sweep_accuracy(backbone, read_sweep(workdir))
     rows = widths_lib.table(backbone, pre.params["backbone"], config.sampler.width_range[0],
