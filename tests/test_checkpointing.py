@@ -211,13 +211,13 @@ def test_an_unreadable_file_counts_as_corrupt(trained, monkeypatch):
     """(Tests run as root, which reads files whatever their mode: the PermissionError an
     ordinary user gets is injected.)"""
     step_dir = os.path.join(trained[0], "checkpoints", "2")
-    crc = checkpointing._crc32
+    crc = checkpointing.crc32_of_file
 
     def denied(path):
         if path.endswith("_METADATA"):
             raise PermissionError(errno.EACCES, "Permission denied", path)
         return crc(path)
-    monkeypatch.setattr(checkpointing, "_crc32", denied)
+    monkeypatch.setattr(checkpointing, "crc32_of_file", denied)
     assert checkpointing.verify_checksums(step_dir) == (
         "state/_METADATA cannot be checked (PermissionError: [Errno 13] Permission denied: "
         f"'{step_dir}/state/_METADATA')")
@@ -234,6 +234,49 @@ def test_intact_checkpoint_of_another_state_structure_is_refused_not_moved(train
         ckpt.restore_latest(other, move_corrupt=True)
     ckpt.close()
     assert sorted(os.listdir(os.path.join(trained[0], "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_save_errors_take_errno_from_the_exception_chain_not_from_messages():
+    """The error number comes from an ``OSError`` that carries one, wherever it is in the
+    chain (raised from, or while handling); a message that only mentions an errno (as
+    tensorstore's ``ValueError``s do) is reported as it is, with no number."""
+    def chained(cause, explicit):
+        try:
+            try:
+                raise cause
+            except OSError as inner:
+                if explicit:
+                    raise RuntimeError("save thread failed") from inner
+                raise RuntimeError("save thread failed")
+        except RuntimeError as outer:
+            return outer
+    for explicit in (True, False):
+        e = checkpointing.CheckpointSaveError(8, "/run/checkpoints/8", chained(
+            OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), explicit))
+        assert e.errno_value == errno.ENOSPC and isinstance(e, OSError)
+        assert str(e) == ("saving checkpoint 8 to /run/checkpoints/8 failed (errno 28 ENOSPC: "
+                          "No space left on device)")
+    denied = PermissionError(errno.EACCES, "Permission denied", "/run/x")
+    assert checkpointing.find_os_error(chained(denied, True)) is denied
+    text = "RESOURCE_EXHAUSTED: Failed writing: No space left on device [os_error_code='28']"
+    e = checkpointing.CheckpointSaveError(8, "/run/checkpoints/8", ValueError(text))
+    assert e.errno_value is None and str(e).endswith(f"failed (ValueError: {text})")
+    assert checkpointing.find_os_error(ValueError("[Errno 28] No space left on device")) is None
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(trained, run_copy, monkeypatch):
+    """Less free space than the newest checkpoint takes: refused with ENOSPC and the sizes,
+    nothing written (a tensorstore write failing half-way is reported without a number)."""
+    usage = shutil.disk_usage(run_copy)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    ckpt = checkpointing.Checkpointer(run_copy, tiny())
+    with pytest.raises(checkpointing.CheckpointSaveError,
+                       match=r"saving checkpoint 8 to .*/8 failed \(errno 28 ENOSPC: No space "
+                             r"left on device: 0.0 MB free, checkpoint 6 takes [0-9.]+ MB\)") as e:
+        ckpt.save(8, trained[1])
+    assert e.value.errno_value == errno.ENOSPC
+    ckpt.close()
+    assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["2", "4", "6"]
 
 
 def test_checkpointing_imports_no_builder():

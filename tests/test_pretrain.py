@@ -184,9 +184,9 @@ def test_identity_covers_the_state_structure_and_accepts_older_records(reference
             ckpt.restore_latest(build.abstract_state(smoke()))
         older = {k: v for k, v in checkpointing.identity(smoke()).items()
                  if k != "method.feature_distill"}
-        ckpt._check_identity({"identity": older}, 30)  # no error
+        ckpt.check_identity({"identity": older}, 30)  # no error
         with pytest.raises(checkpointing.CheckpointError, match="model.base_width"):
-            ckpt._check_identity({"identity": dict(older, **{"model.base_width": 8})}, 30)
+            ckpt.check_identity({"identity": dict(older, **{"model.base_width": 8})}, 30)
     finally:
         ckpt.close()
 

@@ -10,22 +10,25 @@ orbax writes each checkpoint into a temporary directory and renames it when comp
 checkpoint is either complete or absent, also after ``kill -9``.
 
 Integrity: before that rename, process 0 writes ``us3l_checksums.json`` into the checkpoint
-(size and CRC-32 of every file; orbax's own formats checksum only the shard index, so a flipped
-bit in array data would load silently). Restoring verifies it first. A checkpoint that fails
-the check or cannot be read is corrupt: training falls back to the newest good one and moves
-each newer corrupt one to ``checkpoints/corrupt-<step>/`` (saying so), so the run can save that
-step again. Nothing is deleted. If checkpoints exist but none is readable, training refuses to
-start a new run over them (``NoReadableCheckpointError``) unless told to start over.
+(size and CRC-32 of every file of its items ``state`` and ``meta``; orbax's own formats
+checksum only the shard index, so a flipped bit in array data would load silently).
+Restoring verifies it first. A checkpoint that fails the check or cannot be read is corrupt:
+training falls back to the newest good one and moves each newer corrupt one to
+``checkpoints/corrupt-<step>/`` (saying so), so the run can save that step again. Nothing is
+deleted. If checkpoints exist but none is readable, training refuses to start a new run over
+them (``NoReadableCheckpointError``) unless told to start over.
+
+Only orbax's public API is used; this module builds nothing: ``load_pretrained`` takes the
+function that gives a config's abstract train state from its caller.
 """
 from __future__ import annotations
 
 import dataclasses
 import errno as errno_lib
-import glob
 import json
 import logging
 import os
-import re
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -34,6 +37,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 from us3l_jax import config as config_lib
 from us3l_jax.fileio import atomic_write_text
@@ -44,9 +48,12 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 CHECKSUM_FILE = "us3l_checksums.json"
 CORRUPT_PREFIX = "corrupt-"
-# orbax rewrites its step metadata (commit time) after the checksums are taken; it holds no
-# array data and a damaged copy makes the restore fail by itself.
-_UNCHECKED = ("_CHECKPOINT_METADATA",)
+# The items of a checkpoint: the checksums cover their files. (orbax's own files beside them,
+# such as its step metadata, are rewritten after the checksums are taken and hold no data.)
+ITEMS = ("state", "meta")
+# How orbax makes a save atomic: its default for the file system (the checkpoint folder and
+# the post-finalization callback must agree on it).
+ATOMICITY = ocp.options.AtomicityOptions()
 # Fields that decide the shapes of the saved state: a checkpoint restores only into a config
 # with the same values. Fields added later are compared only when the checkpoint records them.
 IDENTITY_FIELDS = ("model.name", "model.base_width", "model.stage_sizes", "sampler.width_range",
@@ -67,14 +74,20 @@ class NoReadableCheckpointError(CheckpointError):
 
 
 class CheckpointSaveError(OSError):
-    """Writing a checkpoint failed (e.g. the disk is full); older checkpoints are intact."""
+    """Writing a checkpoint failed (e.g. the disk is full); older checkpoints are intact.
+
+    ``errno_value`` is the error number of the ``OSError`` behind ``cause`` (``find_os_error``),
+    else None: tensorstore reports its write errors (a full disk included) as a ``ValueError``
+    with the OS's words in its message and no error number, and the message then carries
+    that text."""
 
     def __init__(self, step: int, path: str, cause: BaseException):
         self.step, self.path = step, path
-        self.errno_value = _find_errno(cause)
-        name = errno_lib.errorcode.get(self.errno_value, "") if self.errno_value else ""
-        detail = (f"errno {self.errno_value} {name}: {os.strerror(self.errno_value)}"
-                  if self.errno_value else f"{type(cause).__name__}: {_first_line(cause)}")
+        os_error = find_os_error(cause)
+        self.errno_value = os_error.errno if os_error else None
+        detail = (f"errno {os_error.errno} {errno_lib.errorcode.get(os_error.errno, '')}: "
+                  f"{os_error.strerror or os.strerror(os_error.errno)}" if os_error else
+                  f"{type(cause).__name__}: {_first_line(cause, 1000)}")
         super().__init__(self.errno_value, f"saving checkpoint {step} to {path} failed "
                          f"({detail})")
 
@@ -82,32 +95,26 @@ class CheckpointSaveError(OSError):
         return self.args[1]
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 300) -> str:
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+    return text.splitlines()[0][:limit] if text else ""
 
 
-def _find_errno(e: BaseException | None) -> int | None:
-    """The OS error number behind ``e``: an ``OSError`` in its cause/context chain, or the
-    ``[Errno N]`` / strerror text that tensorstore puts into its messages."""
+def find_os_error(e: BaseException | None) -> OSError | None:
+    """The first ``OSError`` with an error number (``PermissionError``, ``FileNotFoundError``,
+    ...) among ``e`` and the exceptions it was raised from or while handling (``__cause__``,
+    else ``__context__``); None if there is none. Messages are never parsed: an error number
+    is taken only from an exception that carries one."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno:
-            return e.errno
-        text = str(e)
-        m = re.search(r"\[Errno (\d+)\]|errno[ =:]+(\d+)", text)
-        if m:
-            return int(m.group(1) or m.group(2))
-        for code in (errno_lib.ENOSPC, errno_lib.EDQUOT, errno_lib.EROFS, errno_lib.EACCES,
-                     errno_lib.EIO):
-            if os.strerror(code) in text:
-                return code
+            return e
         e = e.__cause__ or e.__context__
     return None
 
 
-def _crc32(path: str) -> int:
+def crc32_of_file(path: str) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -115,17 +122,17 @@ def _crc32(path: str) -> int:
     return crc
 
 
+def _item_files(root: str):
+    for item in ITEMS:
+        for dirpath, _, files in os.walk(os.path.join(root, item)):
+            yield from (os.path.join(dirpath, name) for name in files)
+
+
 def file_checksums(root: str) -> dict[str, list[int]]:
-    """``{relative path: [size, crc32]}`` of every file under ``root`` (the checksum file and
-    orbax's step metadata excepted)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, root)
-            if rel != CHECKSUM_FILE and rel not in _UNCHECKED:
-                out[rel] = [os.path.getsize(path), _crc32(path)]
-    return dict(sorted(out.items()))
+    """``{relative path: [size, crc32]}`` of every file of the checkpoint's items under
+    ``root``."""
+    return {os.path.relpath(path, root): [os.path.getsize(path), crc32_of_file(path)]
+            for path in sorted(_item_files(root))}
 
 
 def write_checksums(root: str) -> None:
@@ -158,7 +165,7 @@ def verify_checksums(root: str) -> str | None:
                     f"{rel} is not a regular file"
             if os.path.getsize(full) != size:
                 return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
-            if _crc32(full) != crc:
+            if crc32_of_file(full) != crc:
                 return f"{rel} fails its CRC-32 check (its data changed after the save)"
         except (OSError, ValueError, TypeError) as e:
             return f"{rel} cannot be checked ({type(e).__name__}: {_first_line(e)})"
@@ -285,19 +292,26 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=self._keep, enable_async_checkpointing=self._async,
-                async_options=async_options, cleanup_tmp_directories=True),
-            item_names=("state", "meta"))
+                async_options=async_options, cleanup_tmp_directories=True,
+                atomicity_options=ATOMICITY),
+            item_names=ITEMS)
 
     def _seal(self) -> None:
         """orbax's post-finalization callback (background thread, after every file of the
         save is written, before the temporary folder is renamed to its step): writes the
         checksums into it, so a checkpoint never exists without them. Process 0 only (on
         several hosts the folder is shared)."""
-        if jax.process_index() != 0 or self._saving is None:
-            return
-        tmp = sorted(glob.glob(os.path.join(self.directory,
-                                            f"{self._saving}.orbax-checkpoint-tmp*")))
-        write_checksums(tmp[-1] if tmp else self.step_dir(self._saving))
+        if jax.process_index() == 0 and self._saving is not None:
+            write_checksums(self.temporary_dir(self._saving))
+
+    def temporary_dir(self, step: int) -> str:
+        """The folder that checkpoint ``step`` is written into until it is complete, as orbax
+        names it (its temporary path for this folder and ``ATOMICITY``: on a local file
+        system ``<step>.orbax-checkpoint-tmp``, renamed to ``<step>`` at the end)."""
+        final = epath.Path(self.step_dir(step))
+        kind = ocp.path.atomicity_defaults.get_default_temporary_path_class(
+            final, atomicity_options=ATOMICITY)
+        return os.fspath(kind.from_final(final).get())
 
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -307,8 +321,9 @@ class Checkpointer:
 
     def save(self, step: int, state: Any) -> None:
         """Starts saving (asynchronously); ``wait`` blocks until it is on disk. Raises
-        ``CheckpointSaveError`` if this or the previous save failed."""
+        ``CheckpointSaveError`` if this or the previous save failed, or this one cannot fit."""
         self.wait()  # orbax's save waits for the previous one too; this names its step
+        self._check_room(step)
         meta = {"step": int(step), "identity": identity(self.config)}
         self._saving = int(step)
         try:
@@ -321,6 +336,23 @@ class Checkpointer:
             # A synchronous save has no post-finalization callback: seal the finished folder
             # (a kill just before this leaves a checkpoint restored unverified, not lost).
             write_checksums(self.step_dir(step))
+
+    def _check_room(self, step: int) -> None:
+        """Refuses (``CheckpointSaveError``, ENOSPC) a save that cannot fit: on one process,
+        when the file system has less free space than the newest checkpoint takes (every save
+        has the same size, and orbax removes old ones only once the new one is complete).
+        Failing here leaves nothing half-written, and keeps the failure out of tensorstore,
+        whose other writes in flight then report into orbax's closed event loop."""
+        steps = self.all_steps()
+        if jax.process_count() > 1 or not steps:
+            return
+        need = sum(os.path.getsize(p) for p in _item_files(self.step_dir(steps[-1])))
+        free = shutil.disk_usage(self.directory).free
+        if free < need:
+            self._failed = True
+            raise CheckpointSaveError(step, self.step_dir(step), OSError(
+                errno_lib.ENOSPC, f"{os.strerror(errno_lib.ENOSPC)}: {free / 1e6:.1f} MB free, "
+                f"checkpoint {steps[-1]} takes {need / 1e6:.1f} MB"))
 
     def check_saved(self) -> None:
         """Raises ``CheckpointSaveError`` if the last background save failed (cheap: it
@@ -390,7 +422,7 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001 - any unreadable file means "corrupt"
                     problem = f"{type(e).__name__}: {_first_line(e)}"
             if problem is None:
-                self._check_identity(meta, step)
+                self.check_identity(meta, step)
                 try:
                     restore = (ocp.args.PyTreeRestore(
                         abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(
@@ -444,7 +476,9 @@ class Checkpointer:
         self.manager.close()
         self.manager = self._open()
 
-    def _check_identity(self, meta: dict[str, Any], step: int) -> None:
+    def check_identity(self, meta: dict[str, Any], step: int) -> None:
+        """Raises ``CheckpointError`` if the identity recorded in a checkpoint's ``meta``
+        differs from this config's in a field it records (``IDENTITY_FIELDS``)."""
         want = identity(self.config)
         got = meta.get("identity", {})
         diff = {k: (got[k], v) for k, v in want.items() if k in got and got[k] != v}
