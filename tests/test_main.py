@@ -2,13 +2,15 @@
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from us3l_jax import build, checkpointing
-from tests.helpers import run_main, xla_flags
+from tests.helpers import REPO, run_main, xla_flags
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -36,6 +38,41 @@ def test_missing_config_file_and_workdir(tmp_path):
     assert out.returncode == 2 and "No such file or directory: 'configs/nope.py'" in out.stdout
     out = run_main("configs/demo.py:smoke", "")
     assert out.returncode == 2 and "--workdir is required" in out.stdout
+
+
+# main.run() with pretrain.train replaced by one that raises the named error.
+RAISE_IN_TRAIN = (
+    "import sys\n"
+    "from us3l_jax import errors, main, pretrain\n"
+    "kind = {'ValueError': ValueError, 'UsageError': errors.UsageError}[sys.argv.pop(1)]\n"
+    "def train(*args, **kwargs):\n"
+    "    raise kind('raised inside train')\n"
+    "pretrain.train = train\n"
+    "main.run()\n")
+
+
+@pytest.mark.parametrize("kind,code", [("ValueError", 1), ("UsageError", 2)])
+def test_only_user_errors_are_one_line(tmp_path, kind, code):
+    """A ``ValueError`` from inside the library is a bug: its traceback and exit 1. A
+    ``UsageError`` (something the user can fix) is one line and exit 2."""
+    out = subprocess.run(
+        [sys.executable, "-c", RAISE_IN_TRAIN, kind, "--config=configs/demo.py:smoke",
+         f"--workdir={tmp_path / 'w'}", "--config.eval.final_sweep=False"], cwd=REPO,
+        capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                 PYTHONPATH=REPO))
+    assert out.returncode == code, out.stderr[-3000:]
+    if kind == "ValueError":
+        assert "Traceback (most recent call last)" in out.stderr
+        assert out.stderr.rstrip().endswith("ValueError: raised inside train")
+    else:
+        assert out.stderr.strip() == "error: raised inside train"
+
+
+def test_coordinator_without_process_count_is_a_usage_error(tmp_path):
+    out = run_main("configs/demo.py:smoke", str(tmp_path / "w"),
+                   "--coordinator_address=localhost:1")
+    assert out.returncode == 2 and "Traceback" not in out.stdout
+    assert "error: --coordinator_address needs --num_processes and --process_id" in out.stdout
 
 
 def test_help_exits_0_and_lists_configs_and_protocols():

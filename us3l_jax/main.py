@@ -20,7 +20,7 @@ Exit codes: 0 finished; 2 bad config / data / checkpoint / workdir, or the workd
 (one-line message); 3 non-finite loss (the last good checkpoint is kept); 4 I/O error, e.g. a
 full disk during a save (one line with the path and errno; older checkpoints are intact);
 130 interrupted by Ctrl-C (SIGINT) after saving; 143 preempted by SIGTERM after saving (rerun
-to resume).
+to resume). Any other error is a bug or a fault of the machine: its traceback, exit 1.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from us3l_jax import cli, fileio
+from us3l_jax.errors import UsageError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.",
@@ -55,7 +56,11 @@ log = logging.getLogger("us3l")
 
 
 def setup_logging() -> None:
-    """Our progress lines on stdout; library chatter (orbax, absl) only when it matters."""
+    """Our progress lines on stdout; library chatter (orbax, absl) only when it matters.
+
+    A failed checkpoint save (e.g. a full disk) is reported in one line with exit code 4;
+    orbax also logs that failure, with tracebacks, from each of its threads: those records
+    are dropped here, in the command line only (``US3L_DEBUG=1`` keeps them)."""
     from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger().setLevel(logging.WARNING)
@@ -65,28 +70,8 @@ def setup_logging() -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     if not os.environ.get("US3L_DEBUG"):
-        _quiet_save_failure_noise()
-
-
-def _quiet_save_failure_noise() -> None:
-    """A failed checkpoint save (e.g. a full disk) is reported in one line with exit code 4.
-    orbax also logs that failure, with tracebacks, from each of its threads, and tensorstore's
-    callbacks print "Event loop is closed" tracebacks once orbax's event loops are gone (over
-    300 lines for one full disk). Both are dropped here, in the command line only;
-    ``US3L_DEBUG=1`` keeps them."""
-    logging.getLogger("absl").addFilter(
-        lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
-    closed_loop = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
-    previous, previous_unraisable = sys.excepthook, sys.unraisablehook
-
-    def hook(kind, value, tb):
-        if not closed_loop(value):
-            previous(kind, value, tb)
-
-    def unraisable(info):  # tensorstore's callbacks report through here (no object named)
-        if not closed_loop(info.exc_value):
-            previous_unraisable(info)
-    sys.excepthook, sys.unraisablehook = hook, unraisable
+        logging.getLogger("absl").addFilter(
+            lambda r: r.levelno < logging.ERROR or "orbax" not in r.pathname)
 
 
 def init_distributed() -> None:
@@ -102,7 +87,7 @@ def init_distributed() -> None:
             "JAX_NUM_PROCESSES")
         pid = _PROCESS_ID.value if _PROCESS_ID.value is not None else env.get("JAX_PROCESS_ID")
         if n is None or pid is None:
-            raise ValueError("--coordinator_address needs --num_processes and --process_id "
+            raise UsageError("--coordinator_address needs --num_processes and --process_id "
                              "(or JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
         kwargs.update(num_processes=int(n), process_id=int(pid))
     jax.distributed.initialize(**kwargs)
@@ -166,9 +151,9 @@ def _run(config, workdir: str) -> None:
                 from us3l_jax import evaluate
                 evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
                                    protocol=config.eval.sweep_protocol)
-    except (config_lib.ConfigError, DatasetNotFoundError, checkpointing.CheckpointError,
-            workdir_lock.WorkdirLockedError, ValueError) as e:
-        _fail(str(e), 2)
+    except (UsageError, config_lib.ConfigError, DatasetNotFoundError,
+            checkpointing.CheckpointError, workdir_lock.WorkdirLockedError) as e:
+        _fail(str(e), 2)  # errors the user can fix; any other keeps its traceback
     except pretrain.NonFiniteLossError as e:
         _fail(str(e), 3)
     except checkpointing.CheckpointSaveError as e:

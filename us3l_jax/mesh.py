@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from us3l_jax.errors import UsageError
+
 DATA_AXIS = "data"
 
 
@@ -29,11 +31,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, group_size: int | None = None) -> None:
-    """Raises ``ValueError`` unless ``batch_size`` splits evenly over the mesh's devices; the
-    suggested size is also a multiple of ``group_size`` (the loss's sample groups)."""
+    """Raises ``UsageError`` (a ``ValueError``) unless ``batch_size`` splits evenly over the
+    mesh's devices; the suggested size is also a multiple of ``group_size`` (the loss's sample
+    groups)."""
     n = mesh.devices.size
     if batch_size <= 0 or batch_size % n:
         step = math.lcm(n, group_size or 1)
-        raise ValueError(
+        raise UsageError(
             f"batch size {batch_size} must be a positive multiple of the number of devices "
             f"({n}); use a batch size such as {max(step, round(batch_size / step) * step)}")
