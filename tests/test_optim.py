@@ -160,6 +160,68 @@ def test_lr_schedule():
     assert float(lr(110)) == pytest.approx(0.0, abs=1e-7)
 
 
+def formula_lr(base_lr, total, warmup, steps_per_epoch, step):
+    """The learning rate as computed before it was built from optax pieces (float32)."""
+    t = jnp.asarray(step, jnp.int32)
+    t = (t // steps_per_epoch if steps_per_epoch else t).astype(jnp.float32)
+    frac = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
+    lr = base_lr * jnp.square(jnp.cos(0.5 * math.pi * frac))
+    if warmup:
+        lr = jnp.where(t < warmup, base_lr * (t + 1) / warmup, lr)
+    return lr.astype(jnp.float32)
+
+
+def formula_alpha(alpha, t, warmup, total):
+    """α_t as computed before it was built from optax pieces (float32)."""
+    half = total // 2
+    t = jnp.asarray(t, jnp.float32)
+    if warmup >= half:
+        return jnp.where(t < warmup, 0.0, alpha).astype(jnp.float32)
+    ramp = alpha * (t - warmup) / (half - warmup)
+    return jnp.where(t < warmup, 0.0, jnp.where(t < half, ramp, alpha)).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("base_lr,total,warmup,steps_per_epoch", [
+    (0.5, 800, 0, 4),          # official per-epoch cosine, 800 epochs
+    (0.5, 400, 10, 3),         # per epoch with a warm-up
+    (0.06, 30, 2, 11),         # the digits demo's shape
+    (0.1, 78000, 0, None),     # per step, 200 epochs x 390
+    (6e-4, 117000, 15600, None),  # per step with a 40-epoch warm-up
+])
+def test_lr_schedule_equals_the_formula_at_every_step(base_lr, total, warmup, steps_per_epoch):
+    steps = jnp.arange(total * (steps_per_epoch or 1) + 5)  # past the end too
+    lr = optim.cosine_lr(base_lr, total, steps_per_epoch=steps_per_epoch, warmup=warmup)
+    formula = lambda s: formula_lr(base_lr, total, warmup, steps_per_epoch, s)
+    # Op by op and compiled (XLA may round a fused expression differently from op-by-op).
+    for got, want in ((lr(steps), formula(steps)), (jax.jit(lr)(steps), jax.jit(formula)(steps))):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("alpha,warmup,total", [
+    (0.05, 0, 400), (0.05, 10, 400), (0.05, 200, 400), (0.05, 300, 400), (0.05, 0, 78000),
+    (0.05, 3, 20)])
+def test_alpha_schedule_equals_the_formula(alpha, warmup, total):
+    ours = lambda t: optim.alpha_schedule(alpha, t, warmup, total)
+    formula = lambda t: formula_alpha(alpha, t, warmup, total)
+    for t in (jnp.arange(total + 5), jnp.linspace(0.0, total + 1.0, 4001)):  # steps or epochs
+        for got, want in ((ours(t), formula(t)), (jax.jit(ours)(t), jax.jit(formula)(t))):
+            assert got.dtype == jnp.float32
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-7, atol=0)
+
+
+def test_cosine_keeps_its_relative_precision_near_the_end():
+    """Why the cosine is base·cos²(π/2·frac) and not ``optax.cosine_decay_schedule``'s
+    base·½(1 + cos): the same numbers to about one float32 step of the base rate, but the
+    small rates of the last epochs stay close to the float64 value relative to themselves."""
+    epochs = np.arange(800)
+    lr = np.asarray(optim.cosine_lr(0.5, 800)(jnp.asarray(epochs)))
+    want = 0.5 * 0.5 * (1 + np.cos(np.pi * epochs / 800))
+    np.testing.assert_allclose(lr, want, rtol=1e-4)
+    library = np.asarray(optax.cosine_decay_schedule(0.5, 800)(jnp.asarray(epochs)))
+    np.testing.assert_allclose(library, lr, rtol=0, atol=2e-7 * 0.5)
+
+
 def test_sgd_momentum_steps_by_hand():
     # torch.optim.SGD(lr=lr(e), momentum=0.9, weight_decay=2λ): b = 0.9 b + g + 2λ p; p -= lr·b.
     tx, lr = optim.make_optimizer(0.5, 4, steps_per_epoch=1, reg_lambda=LAM, reg_alpha=0.0)
@@ -241,34 +303,47 @@ def test_bad_arguments():
 
 def test_freeze_keeps_parameters_bitwise_under_decay_and_momentum():
     """A frozen parameter (e.g. MoCo v3's fixed patch embedding) never changes, even with
-    weight decay and momentum, as a PyTorch parameter with requires_grad=False; the others
-    train as before; the optimizer state keeps its structure (checkpoints unaffected)."""
-    params = {"backbone": {"patch_embed": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+    weight decay and momentum, and has no optimizer state, as a PyTorch parameter with
+    requires_grad=False; the others train exactly as without freezing, ``decay_mask=``
+    included (it reaches the wrapped optimizer masked like the parameters)."""
+    params = {"backbone": {"patch_embed": {"kernel": jnp.ones((2, 5)), "bias": jnp.ones(5)},
                            "block": {"kernel": jnp.ones((3, 3))}},
               "projector": {"kernel": jnp.ones((3, 2))}}
+    frozen_shapes = {(2, 5), (5,)}
     grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
     grads["backbone"]["patch_embed"] = jax.tree.map(jnp.zeros_like,
                                                     params["backbone"]["patch_embed"])
+    decay_mask = {"backbone": jax.tree.map(lambda _: True, params["backbone"]),
+                  "projector": {"kernel": False}}
     for tx, _ in (optim.make_adamw(1e-2, 10, weight_decay=0.1),
                   optim.make_optimizer(0.1, 10, momentum=0.9, reg_lambda=1e-2)):
         frozen = optim.freeze(tx, [("backbone", "patch_embed")])
         state, ref_state = frozen.init(params), tx.init(params)
-        assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+        shapes = lambda st: [np.shape(x) for x in jax.tree.leaves(st)]
+        assert not frozen_shapes & set(shapes(state))  # no moments for frozen parameters
+        assert sorted(s for s in shapes(ref_state) if s not in frozen_shapes) == sorted(
+            shapes(state))
+        update = jax.jit(frozen.update)
         p, ref = params, params
         for step in range(3):
-            u, state = frozen.update(grads, state, p, step=step)
+            u, state = update(grads, state, p, step=step, decay_mask=decay_mask)
             p = optax.apply_updates(p, u)
-            ru, ref_state = tx.update(grads, ref_state, ref, step=step)
+            ru, ref_state = tx.update(grads, ref_state, ref, step=step, decay_mask=decay_mask)
             ref = optax.apply_updates(ref, ru)
         for a, b in zip(jax.tree.leaves(p["backbone"]["patch_embed"]),
                         jax.tree.leaves(params["backbone"]["patch_embed"])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         # Without freezing, decay alone would have moved it.
         assert not np.allclose(ref["backbone"]["patch_embed"]["kernel"], 1.0)
-        for k in ("block",):
-            np.testing.assert_array_equal(np.asarray(p["backbone"][k]["kernel"]),
-                                          np.asarray(ref["backbone"][k]["kernel"]))
+        for path in (("backbone", "block"), ("projector",)):
+            a, b = p[path[0]], ref[path[0]]
+            if len(path) > 1:
+                a, b = a[path[1]], b[path[1]]
+            np.testing.assert_array_equal(np.asarray(a["kernel"]), np.asarray(b["kernel"]))
         assert not np.allclose(p["projector"]["kernel"], 1.0)
+    # Nothing frozen: tx itself, with its own state.
+    assert jax.tree.structure(optim.freeze(tx, []).init(params)) == jax.tree.structure(
+        tx.init(params))
 
 
 def test_vit_stop_grad_patch_freezes_the_patch_embedding_in_the_built_optimizer():
