@@ -143,8 +143,13 @@ def test_bad_arguments():
             obj.nt_xent(a, b, tau)
         with pytest.raises(ValueError, match="tau must be > 0"):
             obj.infonce_distill(a, b, a, b, tau)
-    with pytest.raises(ValueError, match="same shape"):
+    # Arrays of the wrong rank or shape are a caller's bug: chex assertions, traced or not.
+    with pytest.raises(AssertionError, match=r"\(4, 16\).*nt_xent takes two arrays of the same"):
         obj.nt_xent(a, b[:4], 0.5)
+    with pytest.raises(AssertionError, match=r"rank 1 .*\[neg_cosine takes \(batch, dim\)"):
+        jax.jit(obj.neg_cosine)(a, b, a[0], b[0])
+    with pytest.raises(AssertionError, match="embedding_std takes"):
+        obj.embedding_std(a[None])
 
 
 def test_embedding_std():
@@ -168,7 +173,39 @@ def test_feature_mse_is_the_cross_view_mean_over_layers():
     assert float(obj.feature_mse(s1, s2, s2, s1)) == 0.0  # zero when each view matches
     bf16 = {k: jnp.asarray(v, jnp.bfloat16) for k, v in s1.items()}
     assert obj.feature_mse(bf16, bf16, bf16, bf16).dtype == jnp.float32
-    with pytest.raises(ValueError, match="layer 'a' has student shape"):
+    with pytest.raises(AssertionError, match=r"\(2, 2, 4, 3\).*layer 'a', student and teach"):
         obj.feature_mse({**s1, "a": s1["a"][:, :2]}, s2, t1, t2)
     with pytest.raises(ValueError, match="same non-empty layers"):
         obj.feature_mse({"a": s1["a"]}, s2, t1, t2)
+
+
+def official_vicreg(x, y, sim=25.0, std=25.0, cov=1.0):
+    """numpy port (float64) of the official VICReg forward (facebookresearch/vicreg,
+    main_vicreg.py): MSE, hinge on the unbiased std, squared off-diagonal covariances / D."""
+    repr_loss = np.mean((x - y) ** 2)
+    x, y = x - x.mean(0), y - y.mean(0)
+    std_x, std_y = (np.sqrt(z.var(0, ddof=1) + 1e-4) for z in (x, y))
+    std_loss = np.mean(np.maximum(1 - std_x, 0)) / 2 + np.mean(np.maximum(1 - std_y, 0)) / 2
+    n, d = x.shape
+    off = ~np.eye(d, dtype=bool)
+    cov_loss = sum(np.sum(((z.T @ z) / (n - 1))[off] ** 2) / d for z in (x, y))
+    return sim * repr_loss + std * std_loss + cov * cov_loss
+
+
+def test_vicreg_matches_the_official_computation():
+    rng = np.random.default_rng(4)
+    # Half the dimensions spread less than 1 so the variance hinge is active; correlated
+    # dimensions so the covariance term is not ~0.
+    x = rng.standard_normal((16, 8)) * np.r_[[0.3] * 4, [2.0] * 4]
+    x[:, 1] += x[:, 0]
+    y = x + 0.5 * rng.standard_normal((16, 8))
+    assert float(obj.vicreg(x, y)) == pytest.approx(official_vicreg(x, y), rel=1e-5)
+    assert float(obj.vicreg(x, y, weights=(1.0, 0.0, 0.0))) == pytest.approx(
+        np.mean((x - y) ** 2), rel=1e-6)
+    # Groups of 4: the mean of the official loss over each group of consecutive examples.
+    groups = np.mean([official_vicreg(x[i:i + 4], y[i:i + 4]) for i in range(0, 16, 4)])
+    assert float(obj.vicreg(x, y, group_size=4)) == pytest.approx(groups, rel=1e-5)
+    with pytest.raises(ValueError, match="at least 2 examples per group, got group size 1"):
+        obj.vicreg(x, y, group_size=1)
+    with pytest.raises(AssertionError, match="vicreg takes two arrays of the same shape"):
+        obj.vicreg(x, y[:, :4])

@@ -74,5 +74,8 @@ def test_bad_temperature_and_shapes(arrays):
     s, t, queue = arrays
     with pytest.raises(ValueError, match="temperature tau must be > 0, got 0"):
         objectives.seed_distill(s, t, queue, 0.5, 0)
-    with pytest.raises(ValueError, match="seed_distill needs two"):
+    with pytest.raises(AssertionError, match="seed_distill takes two arrays of the same shape"):
         objectives.seed_distill(s, t[:4], queue, 0.5, 0.1)
+    # The official buffer's (dim, K) layout: a message that names the layout, not einsum's.
+    with pytest.raises(AssertionError, match=r"key queue is \(size, dim\)"):
+        objectives.moco_infonce(s, t, queue.T, 0.2)

@@ -12,12 +12,17 @@ so ``group_size=128`` reproduces it on any number of devices; ``None`` uses the 
 
 Nothing here stops gradients: callers pass ``jax.lax.stop_gradient(teacher)`` where the
 official code detaches (momentum-teacher outputs, SimSiam/BYOL targets).
+
+Arguments a config sets (temperatures, group sizes) raise ``ValueError``; arrays of the wrong
+rank or shape are a bug in the caller and fail chex assertions (``AssertionError``), checked
+when the step is traced.
 """
 from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -47,9 +52,8 @@ def _check_tau(tau: float) -> None:
 
 
 def _check_pair(a: Array, b: Array, what: str) -> None:
-    if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(
-            f"{what} needs two (batch, dim) arrays of the same shape, got {a.shape} and {b.shape}")
+    chex.assert_rank([a, b], 2, custom_message=f"{what} takes (batch, dim) embeddings")
+    chex.assert_equal_shape([a, b], custom_message=f"{what} takes two arrays of the same shape")
 
 
 def _groups(batch: int, group_size: int | None) -> int:
@@ -165,9 +169,8 @@ def feature_mse(s1: Mapping[str, Array], s2: Mapping[str, Array], t1: Mapping[st
     terms = []
     for name in s1:
         for s, t in ((s1[name], t2[name]), (s2[name], t1[name])):
-            if s.shape != t.shape:
-                raise ValueError(f"feature_mse: layer {name!r} has student shape {s.shape} "
-                                 f"but teacher shape {t.shape}")
+            chex.assert_equal_shape([s, t], custom_message=f"feature_mse: layer {name!r}, "
+                                    f"student and teacher maps differ")
             d = jnp.asarray(s, jnp.float32) - jnp.asarray(t, jnp.float32)
             terms.append(jnp.mean(jnp.square(d)))
     return sum(terms) / len(terms)
@@ -180,13 +183,15 @@ def embedding_std(z: Array) -> Array:
     outputs collapse to one vector. Population std (ddof 0).
     """
     z = jnp.asarray(z)
-    if z.ndim != 2:
-        raise ValueError(f"embedding_std needs a (batch, dim) array, got shape {z.shape}")
+    chex.assert_rank(z, 2, custom_message="embedding_std takes (batch, dim) embeddings")
     return jnp.mean(jnp.std(l2_normalize(z), axis=0))
 
 
 def _queue_logits(x: Array, pos: Array, queue: Array, tau: float) -> Array:
     """[x·pos, x·queue_1, ..., x·queue_K] / tau for L2-normalised rows (B, 1 + K)."""
+    chex.assert_shape(queue, (None, x.shape[-1]), custom_message=(
+        "the key queue is (size, dim), one key a row (the official MoCo buffer, (dim, size), "
+        "transposed)"))
     l_pos = jnp.sum(x * pos, axis=-1, keepdims=True)
     l_neg = jnp.einsum("nd,kd->nk", x, jnp.asarray(queue, jnp.float32),
                        precision=jax.lax.Precision.HIGHEST)
@@ -219,3 +224,32 @@ def moco_infonce(q: Array, k: Array, queue: Array, tau: float) -> Array:
     _check_pair(jnp.asarray(q), jnp.asarray(k), "moco_infonce")
     logits = _queue_logits(l2_normalize(q), l2_normalize(k), queue, tau)
     return -jnp.mean(jax.nn.log_softmax(logits, axis=-1)[:, 0])
+
+
+def vicreg(za: Array, zb: Array, group_size: int | None = None,
+           weights: tuple[float, float, float] = (25.0, 25.0, 1.0)) -> Array:
+    """VICReg (Bardes et al., 2022): ``sim * invariance + var * variance + cov * covariance``
+    of two (batch, dim) embeddings, float32. Invariance: the mean squared difference;
+    variance: the hinge ``relu(1 - sqrt(var + 1e-4))`` per dimension, averaged, for each
+    branch (mean of the two); covariance: the squared off-diagonal covariances divided by
+    the dimension, summed over the branches. Statistics are per group of ``group_size``
+    consecutive examples (the mean over groups), as the other losses' negatives."""
+    _check_pair(za, zb, "vicreg")
+    b, d = za.shape
+    g = _groups(b, group_size)
+    if g < 2:  # the unbiased variance and covariance of one example divide by zero
+        raise ValueError(f"vicreg needs at least 2 examples per group, got group size {g}")
+    za, zb = (jnp.asarray(z, jnp.float32).reshape(b // g, g, d) for z in (za, zb))
+    invariance = jnp.mean(jnp.square(za - zb))
+
+    def regularizers(z):
+        z = z - jnp.mean(z, axis=1, keepdims=True)
+        std = jnp.sqrt(jnp.var(z, axis=1, ddof=1) + 1e-4)
+        cov = jnp.einsum("ngi,ngj->nij", z, z) / (g - 1)
+        off = jnp.sum(jnp.square(cov), axis=(1, 2)) - jnp.sum(
+            jnp.square(jnp.diagonal(cov, axis1=1, axis2=2)), axis=1)
+        return jnp.mean(jax.nn.relu(1.0 - std)), jnp.mean(off) / d
+
+    (va, ca), (vb, cb) = regularizers(za), regularizers(zb)
+    sim, var, cov = weights
+    return sim * invariance + var * (va + vb) / 2 + cov * (ca + cb)
