@@ -26,8 +26,8 @@ from flax import linen as nn
 from flax import traverse_util
 
 from us3l_jax import profile as profile_lib, slim
-from us3l_jax.export import slice_module
 from us3l_jax.export.fold import fold_batchnorm
+from us3l_jax.models.plain import slice_module
 
 # Budget kinds: the CLI flag and the row key they bound.
 BUDGETS = {"max_macs": "macs", "max_params": "params", "max_latency_ms": "latency_ms"}

@@ -3,7 +3,7 @@
 ``plain_network(model, width)`` reads the per-layer channel counts of a slimmable backbone at
 ``width`` on the host and returns an ordinary network with exactly those channels. Its
 submodules carry the slimmable model's names, so its variables are the slimmable variables
-sliced to leading channels (``us3l_jax.export.slice_to_width``).
+sliced to leading channels (``slice_to_width`` / ``slice_module``).
 
 The layers are the slimmable layers with slimming switched off (``slim_in/slim_out/slim=False``),
 not ``nn.Conv``/``nn.BatchNorm``: they have the same padding, the same (grouped, two-pass)
@@ -12,13 +12,17 @@ rounding in train and eval mode.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
-from us3l_jax import slim
+from us3l_jax import models, slim
 from us3l_jax.models import mobilenet_v2 as mbv2
 from us3l_jax.models.mobilenet_v2 import MobileNetV2
 from us3l_jax.models.resnet import STAGE_STRIDES, ResNet
@@ -214,3 +218,121 @@ def plain_network(model: nn.Module, width: float) -> nn.Module:
         return plain_vit(model, width)
     raise TypeError(f"no plain counterpart for {type(model).__name__}; expected a slimmable "
                     "ResNet or MobileNetV2 from us3l_jax.models.create")
+
+
+# ------------------------------------------------------------------------------------------
+# Variables at a width
+# ------------------------------------------------------------------------------------------
+
+COLLECTIONS = ("params", "batch_stats")
+# Stem / classifier layers per family (our names).
+_STEM = {"resnet": "conv1", "mobilenet_v2": "stem_conv", "vit": "patch_embed"}
+_HEAD = {"resnet": "fc", "mobilenet_v2": "classifier", "vit": "head"}
+# Shape-only probe input: large enough for every stride pattern (ImageNet ResNet: 32 -> 1).
+_PROBE_SIZE = 32
+
+Variables = dict[str, Any]
+
+
+def family(model: nn.Module) -> str:
+    """'resnet', 'mobilenet_v2' or 'vit', for a slimmable or a plain network."""
+    if isinstance(model, VisionTransformer):
+        return "vit"
+    return "mobilenet_v2" if isinstance(model, (MobileNetV2, PlainMobileNetV2)) else "resnet"
+
+
+def create_with_head(name: str, model_kw: Mapping[str, Any],
+                     head_out: Callable[[str], int | None]) -> nn.Module:
+    """``models.create(name, **model_kw)``; ``num_classes`` defaults to ``head_out(family)``,
+    the classes found in the weights at hand (None when they have no classifier)."""
+    kw = dict(model_kw)
+    explicit = "num_classes" in kw
+    num_classes = kw.pop("num_classes", None)
+    model = models.create(name, **kw)
+    return model.clone(num_classes=num_classes if explicit else head_out(family(model)))
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_variables(module: nn.Module, in_channels: int,
+                       width: float | None = None) -> Variables:
+    """Shapes of ``module``'s params and batch_stats (traced, nothing allocated; cached, as
+    linen modules compare and hash by their attributes). Do not mutate the result."""
+    call_kw = {} if width is None else {"width": width}
+    x = jax.ShapeDtypeStruct((1, _PROBE_SIZE, _PROBE_SIZE, in_channels), jnp.float32)
+    return jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False, **call_kw),
+                          x)
+
+
+def check_keys(what: str, got, expected) -> None:
+    """Raises ``ValueError`` listing missing and unexpected keys (paths or strings)."""
+    def fmt(ks: list) -> str:
+        names = [k if isinstance(k, str) else "/".join(k) for k in ks]
+        more = f" (+{len(names) - 8} more)" if len(names) > 8 else ""
+        return ", ".join(names[:8]) + more
+
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    parts = ([f"missing {fmt(missing)}"] if missing else []) + \
+            ([f"unexpected {fmt(extra)}"] if extra else [])
+    if parts:
+        raise ValueError(f"{what}: {'; '.join(parts)}")
+
+
+def _flat(tree: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
+    return traverse_util.flatten_dict(dict(tree)) if tree else {}
+
+
+def slice_to_width(name: str, variables: Mapping[str, Any], width: float,
+                   **model_kw: Any) -> tuple[nn.Module, Variables]:
+    """The plain network of ``width`` and its variables, sliced from slimmable ``variables``.
+
+    ``variables`` are the full-size variables of ``models.create(name, **model_kw)``: ``params``
+    and optionally ``batch_stats`` (calibrated statistics for this width); the result has the
+    same collections. ``num_classes`` defaults to the classifier size found in ``variables``.
+    ``plain.apply(sliced, x, train=t)`` equals ``model.apply(variables, x, width=width,
+    train=t)``. Raises ``ValueError`` for an unknown name, a width outside the model's range,
+    unknown collections, or missing/extra/misshaped variables (naming them).
+    """
+    variables = _check_collections(variables)
+    params = _flat(variables["params"])
+    model = create_with_head(name, model_kw, lambda fam: (
+        int(np.shape(params[(_HEAD[fam], "kernel")])[1]) if (_HEAD[fam], "kernel") in params
+        else None))
+    return _slice(name, model, variables, width)
+
+
+def slice_module(model: nn.Module, variables: Mapping[str, Any],
+                 width: float) -> tuple[nn.Module, Variables]:
+    """``slice_to_width`` for a slimmable ``model`` already built (e.g. by
+    ``build.backbone``), so its exact keywords (dtype, BN group size) carry over."""
+    return _slice(type(model).__name__, model, _check_collections(variables), width)
+
+
+def _check_collections(variables: Mapping[str, Any]) -> Variables:
+    variables = dict(variables)
+    unknown = sorted(set(variables) - set(COLLECTIONS))
+    if unknown or "params" not in variables:
+        raise ValueError(f"variables must hold 'params' and optionally 'batch_stats'; got "
+                         f"collections {sorted(variables)}")
+    return variables
+
+
+def _slice(name: str, model: nn.Module, variables: Variables,
+           width: float) -> tuple[nn.Module, Variables]:
+    plain = plain_network(model, width)
+    stem = _flat(variables["params"]).get((_STEM[family(model)], "kernel"))
+    in_ch = 3 if stem is None else int(np.shape(stem)[2])
+    full = abstract_variables(model, in_ch, width=1.0)
+    target = abstract_variables(plain, in_ch)
+    out = {}
+    for col, tree in variables.items():
+        got, exp = _flat(tree), _flat(full[col])
+        check_keys(f"{name} {col}", got, exp)
+        for k, v in got.items():
+            if tuple(np.shape(v)) != exp[k].shape:
+                raise ValueError(f"{name} {col} {'/'.join(k)}: shape {tuple(np.shape(v))}, "
+                                 f"the model expects {exp[k].shape} (check model_kw)")
+        tgt = _flat(target[col])
+        out[col] = traverse_util.unflatten_dict(
+            {k: slim.slice_leading(v, tgt[k].shape) for k, v in got.items()})
+    return plain, out
