@@ -23,7 +23,7 @@ Expected linear accuracy (paper Table 2, %) at 1.0 0.9 0.8 0.7 0.6 0.5 0.4 0.3 0
 
 ResNet-50: byol 67.0 ... 61.2, us_simclr 70.1 ... 65.5, us_simsiam 54.7 ... 54.0; MobileNetV2:
 byol 61.2 ... 51.9, us_simclr 56.2 ... 52.2, us_simsiam collapses (all in
-``us3l_jax/evaluate/paper.py``). Recipes: ``us3l_jax.recipes.individual_cifar`` and
+``us3l_jax/paper.py``). Recipes: ``us3l_jax.recipes.individual_cifar`` and
 ``us_baseline_cifar``, as the official configs: BYOL/SimSiam lr 0.05 (appendix Table 11
 says 0.1: ``--config.optim.lr=0.1``), US baselines with 3 widths per iteration (the paper's
 cost column says 4: ``--config.sampler.num_samples=4``), plain weight decay on every

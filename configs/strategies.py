@@ -22,7 +22,7 @@ Arguments and expected linear accuracy at 1.0x / 0.25x (%):
   6 G4 0.1 68.0/60.6; 7 G16 0.025 68.7/60.1; 8 G16 0.05 67.9/60.5; 9 G8 -0.05 67.4/60.1.
 
 All other settings are ``us3l_jax.recipes.us3l_cifar``; full rows in
-``us3l_jax/evaluate/paper.py``.
+``us3l_jax/paper.py``.
 """
 from us3l_jax import recipes
 

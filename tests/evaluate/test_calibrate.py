@@ -9,8 +9,7 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from us3l_jax import models, slim
-from us3l_jax.evaluate import calibrate as calib
+from us3l_jax import calibration as calib, models, slim
 from us3l_jax.slim import SlimBatchNorm
 from tests.helpers import jit_init
 

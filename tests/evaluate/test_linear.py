@@ -8,9 +8,9 @@ import optax
 import pytest
 
 from tests.helpers import demo_config, load_config_module, jit_init
-from us3l_jax import config as config_lib, mesh as mesh_lib, models
+from us3l_jax import calibration as calib, config as config_lib, mesh as mesh_lib, models
 from us3l_jax.data import augment, datasets, feeding
-from us3l_jax.evaluate import calibrate as calib, linear
+from us3l_jax.evaluate import linear
 
 
 def test_cifar_schedule_is_30_then_3_at_60_then_0_3_at_80():

@@ -1,7 +1,7 @@
 """The transcribed paper numbers: rows the paper prints twice must agree."""
 import pytest
 
-from us3l_jax.evaluate import paper
+from us3l_jax import paper
 
 
 def values(key, widths):

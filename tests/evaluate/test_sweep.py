@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from us3l_jax import build, checkpointing, pretrain, profile
+from us3l_jax import build, calibration as calib, checkpointing, paper, pretrain, profile
 from us3l_jax.data import datasets
-from us3l_jax.evaluate import calibrate as calib, paper
 from us3l_jax.evaluate.online import OnlineEvaluator
 from us3l_jax.evaluate.sweep import run_sweep
 

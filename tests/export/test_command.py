@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from us3l_jax import build, checkpointing, export
-from us3l_jax.evaluate import calibrate as calib, report
+from us3l_jax import build, calibration as calib, checkpointing, export
+from us3l_jax.evaluate import report
 from us3l_jax.export import artifacts, command, widths
 from us3l_jax.export.__main__ import main
 from tests import helpers

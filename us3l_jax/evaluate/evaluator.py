@@ -22,12 +22,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from us3l_jax import build, mesh as mesh_lib, slim
+from us3l_jax import build, calibration as calib, eval_names, mesh as mesh_lib, slim
 from us3l_jax.data import datasets, feeding
-from us3l_jax.evaluate import calibrate as calib, features, knn, linear, probe, transforms
+from us3l_jax.evaluate import features, knn, linear, probe, transforms
 
 log = logging.getLogger(__name__)
-PROTOCOLS = ("fast", "knn", "paper", "top1")
+PROTOCOLS = eval_names.PROTOCOLS
 PyTree = Any
 
 

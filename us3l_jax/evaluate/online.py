@@ -14,10 +14,11 @@ from typing import Any
 
 import ml_collections
 
+from us3l_jax import eval_names
 from us3l_jax.evaluate.evaluator import (Evaluator, calibration_settings, check_protocol,
                                          check_width)
 
-ONLINE_PROTOCOLS = ("knn", "fast")
+ONLINE_PROTOCOLS = eval_names.ONLINE_PROTOCOLS
 
 
 class OnlineEvaluator:

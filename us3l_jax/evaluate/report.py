@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from us3l_jax import fileio
-from us3l_jax.evaluate.paper import PaperRow
+from us3l_jax.paper import PaperRow
 
 FILES = ("sweep.json", "sweep.md", "sweep.png")
 Record = dict[str, Any]

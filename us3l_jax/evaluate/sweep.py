@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from us3l_jax import build, checkpointing, config as config_lib, profile as profile_lib
+from us3l_jax import build, calibration as calib, checkpointing, config as config_lib
+from us3l_jax import paper as paper_lib, profile as profile_lib
 from us3l_jax.data import datasets
-from us3l_jax.evaluate import calibrate as calib, paper as paper_lib, report
+from us3l_jax.evaluate import report
 from us3l_jax.evaluate.evaluator import (Evaluator, calibration_settings, check_protocol,
                                          check_width, timed)
 
@@ -77,7 +78,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
       epochs: paper protocol epochs instead of the recipe's (milestones scale with it).
       calibration_batches: instead of ``config.eval.calibration_batches``.
       recalibrate: ignore stored statistics.
-      calibration: a BN calibration procedure (``calibrate.PRESETS``) instead of
+      calibration: a BN calibration procedure (``calibration.PRESETS``) instead of
         ``config.eval.calibration``.
       paper_row: a ``paper.ROWS`` key drawn beside ours (default ``config.eval.paper_row``).
       echo: where the table and timings are printed (None: silent).

@@ -22,18 +22,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import safetensors.numpy
 from flax import linen as nn
 from flax import traverse_util
 
-from us3l_jax import build, checkpointing, config as config_lib, fileio
-from us3l_jax.evaluate import calibrate as calib, transforms
+from us3l_jax import build, calibration as calib, checkpointing, config as config_lib, fileio
+from us3l_jax.evaluate import transforms
 from us3l_jax.evaluate.evaluator import Evaluator, calibration_settings, check_width
-from us3l_jax.export import (artifacts, plain_from_torch_state_dict, plain_to_torch_state_dict,
-                             safetensors_bytes, slice_module)
+from us3l_jax.export import artifacts
 from us3l_jax.export import widths as widths_lib
 from us3l_jax.export.fold import fold_batchnorm
-from us3l_jax.models.plain import plain_network
+from us3l_jax.models.plain import plain_network, slice_module
+from us3l_jax.torch_layout import (plain_from_torch_state_dict, plain_to_torch_state_dict,
+                                   safetensors_bytes, safetensors_from_bytes)
 
 log = logging.getLogger(__name__)
 CARD = "model_card.json"
@@ -152,7 +152,7 @@ def _serialize(formats: Sequence[str], folded: nn.Module, folded_vars: Any, plai
         files["torch"] = safetensors_bytes(plain_to_torch_state_dict(plain, sliced),
                                            {"model": name})
         torch_vars = plain_from_torch_state_dict(
-            plain, safetensors.numpy.load(files["torch"]))
+            plain, safetensors_from_bytes(files["torch"]))
         outputs["torch"] = np.asarray(plain.apply(torch_vars, x, train=False))
     return files, outputs
 
