@@ -174,7 +174,7 @@ def default_data_dir() -> str:
 
 def _fixed_size_fn(size: int | None) -> Callable[[np.ndarray], np.ndarray]:
     if size is None:
-        return host_transforms._as_rgb
+        return host_transforms.as_rgb
     return lambda img: host_transforms.resize_center_crop(img, size, size, "bilinear")
 
 

@@ -62,7 +62,7 @@ def resized_crop(image: np.ndarray, box: Box, size: int,
     """``F.resized_crop`` on a PIL image: crop ``box`` then resize to ``size x size``."""
     check_interpolation(interpolation)
     top, left, h, w = box
-    pil = Image.fromarray(_as_rgb(image)).crop((left, top, left + w, top + h))
+    pil = Image.fromarray(as_rgb(image)).crop((left, top, left + w, top + h))
     return np.asarray(pil.resize((size, size), INTERPOLATIONS[interpolation]))
 
 
@@ -70,7 +70,7 @@ def resize_shorter(image: np.ndarray, size: int, interpolation: str = "bilinear"
     """``transforms.Resize(size)`` with an int: the shorter side becomes ``size``, the longer
     ``int(size * long / short)`` (torchvision's truncation)."""
     check_interpolation(interpolation)
-    image = _as_rgb(image)
+    image = as_rgb(image)
     h, w = image.shape[:2]
     if min(h, w) == size:
         return image
@@ -96,7 +96,7 @@ def resize_center_crop(image: np.ndarray, resize: int, crop: int,
     return center_crop(resize_shorter(image, resize, interpolation), crop)
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
+def as_rgb(image: np.ndarray) -> np.ndarray:
     """Grey (H, W) or (H, W, 1) images become 3 equal channels; uint8 contiguous."""
     image = np.asarray(image)
     if image.ndim == 2:

@@ -168,7 +168,7 @@ class StreamingDataset:
         idx, mask = self.example_indices(step)
         ex = self.source[int(idx[slot])]
         rng = np.random.default_rng([self.seed, step, self.local_slice.start + slot])
-        image = self.transform(host_transforms._as_rgb(ex["image"]), rng)
+        image = self.transform(host_transforms.as_rgb(ex["image"]), rng)
         return {"image": image, "label": np.int32(ex["label"]), "mask": mask[slot]}
 
 
