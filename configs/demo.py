@@ -39,6 +39,13 @@ slimmable ViT of dim 64, depth 4, 4 heads, patch 4 on the 16-px digits (16 patch
 slicing, MoCo v3 loss (tau 0.2) with InfoNCE distillation through a copy of the predictor,
 AdamW, per-width updates, sandwich rule with dynamic sampling "A", then the same sweep.
 
+``vicreg`` is a method neither the paper nor the official code has, VICReg made slimmable
+with the paper's guidelines (``us3l_jax.methods.vicreg``: VICReg's loss against the momentum
+teacher for the base network, US3L's distillation through the auxiliary head for the
+sub-networks), with the same sweep:
+
+    python -m us3l_jax.main --config=configs/demo.py:vicreg --workdir=/tmp/us3l_demo_vicreg
+
 Supervised slimmable training (paper Table 1) on the same data, model and number of steps
 (12 epochs, 264 steps), ending with a top-1 sweep of the trained classifier per width:
 
@@ -91,10 +98,15 @@ def get_config(arg: str | None = None):
         c.eval.sweep_widths = (1.0, 0.25)
     elif arg == "vit":
         _vit_demo(c)
+    elif arg == "vicreg":
+        # VICReg's loss (us3l_jax.methods.vicreg) for the base network, US3L's distillation
+        # for the sub-networks; its loss is ~25x InfoNCE's scale, hence the smaller lr.
+        c.method.base_loss = "vicreg"
+        c.optim.lr = 0.05
     elif arg in ("supervised_us", "s_net"):
         _supervised(c, s_net=arg == "s_net")
     elif arg:
-        raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke', 'vit', "
+        raise ValueError(f"unknown demo variant {arg!r}; valid: 'smoke', 'vit', 'vicreg', "
                          f"'supervised_us', 's_net', "
                          f"{', '.join(repr(b) for b in BASELINES)} or none")
     return c

@@ -9,7 +9,7 @@ sub-network program per distinct channel configuration in the range, since conti
 map onto those) and a grid of ``--grid-step`` (deduplicated by configuration). Each runs in a
 fresh process with an empty persistent compilation cache:
 
-* ``cold``: ``Trainer.compile_ahead`` of every program (2 compile threads, as a run does);
+* ``cold``: ``Engine.compile_ahead`` of every program (2 compile threads, as a run does);
   wall time and the summed per-program time;
 * ``cached``: the same after ``jax.clear_caches()`` with a new trainer, so every program is
   traced again and read from the persistent cache.

@@ -8,7 +8,7 @@
         --patch-size 4 --slicing official|embed [--vit-dim 192 --vit-depth 12 --vit-heads 6] \
         --out vit.json
 
-For each update mode (a fresh ``train.Trainer`` per mode, built from ``config.get_default()``
+For each update mode (a fresh ``engine.Engine`` per mode, built from ``config.get_default()``
 as ``build.trainer`` does) it times, on whatever devices JAX sees (or the first
 ``--devices``; on CPU this script forces that many host devices):
 
@@ -81,8 +81,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from us3l_jax import build, config as config_lib, mesh as mesh_lib, models, profile  # noqa: E402
-from us3l_jax.method import UPDATE_MODES  # noqa: E402
-from us3l_jax.train import Trainer  # noqa: E402
+from us3l_jax.engine import UPDATE_MODES, Engine  # noqa: E402
 
 DEFAULT_WIDTHS = ((1.0, 0.5, 0.25), (1.0, 0.75, 0.25))
 GOAL = 0.15  # issue 4: time ratio within 15% of the FLOP ratio
@@ -139,10 +138,11 @@ def iteration_macs(config, widths: Sequence[float], image_size: int,
     """MACs per image and view of one iteration with ``widths`` (``widths[0]`` the base):
     the teacher forward at full width plus 3 x the online forward of every width.
     ``forward`` is ``forward_macs`` or a cached stand-in with its signature."""
-    method = build.method(config)
-    if method.base_loss != "infonce" or method.aux_head != "new":
+    kind, method = build.method_and_kind(config)
+    m = config.method
+    if kind != "us3l" or m.base_loss != "infonce" or m.aux_head != "new":
         raise ValueError("the FLOP model covers the US3L loss design (base_loss='infonce', "
-                         f"aux_head='new'), got {method.base_loss!r}/{method.aux_head!r}")
+                         f"aux_head='new'), got {m.base_loss!r}/{m.aux_head!r}")
     teacher = forward(config, config.sampler.width_range[1], image_size, head=False)
     out = {"teacher": teacher["total"] if method.uses_teacher else 0,
            "base": 3 * forward(config, widths[0], image_size, head=False)["total"]}
@@ -255,7 +255,7 @@ def _breakdown(trainer, state, images, widths):
         times[label(key)] += _clock() - t
         return out
 
-    state, _ = trainer._iteration(timed, state, images, widths)
+    state, _ = trainer.iteration(timed, state, images, widths)
     jax.block_until_ready(state)
     return state, dict(times)
 
@@ -268,10 +268,10 @@ class _Mode:
         config.method.update_mode = mode
         self.mode = mode
         tx, lr = build.optimizer(config, steps_per_epoch=100)
-        self.trainer = Trainer(build.model(config), build.method(config), tx,
-                               build.views_fn(config), mesh, batch_size=config.optim.batch_size,
-                               total_steps=config.optim.epochs * 100, lr_schedule=lr,
-                               reduce_once=reduce_once)
+        self.trainer = Engine(build.training_method(config, steps_per_epoch=100), tx, mesh,
+                              batch_size=config.optim.batch_size,
+                              group_size=config.method.group_size, update_mode=mode,
+                              lr_schedule=lr, reduce_once=reduce_once)
         self.state = self.trainer.init_state(jax.random.key(0), images)
         self.images = images
 

@@ -9,7 +9,7 @@ In one process, on this machine's CPU cores, it builds
 * the official iteration (``official_step_torch.make_iteration``, PyTorch, float32, NCHW,
   oneDNN convolutions): EMA, teacher forward, then per width forward, loss, backward and one
   SGD update;
-* our step (``us3l_jax.train.Trainer`` from ``configs/us3l_cifar100.py:resnet18``, the
+* our step (``us3l_jax.engine.Engine`` from ``configs/us3l_cifar100.py:resnet18``, the
   ``cifar_resnet18`` at ``--base-width``, float32, ``update_mode='per_width'``: the official
   one update per width; BN/negatives groups of min(128, batch)) at the fixed widths
   ``--widths`` (default: dynamic-sampling stage 4, base 1.0 with sub-widths 0.5 and 0.25),

@@ -69,8 +69,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
 
 # Fast test files that run the slimmable layers (BatchNorm's gradient included), the ResNets,
 # the losses and the width sampler on the device: 109 tests, about 100 s on an H200 with
-# JAX 0.11.2 (most of it compiling). tests/test_train.py adds 19 slower ones (about 2 more
-# minutes there): pass it with --test-files when the window allows.
+# JAX 0.11.2 (most of it compiling). tests/engine/test_engine.py adds the engine's slower
+# ones (about 2 more minutes there, measured for its predecessor): pass it with --test-files when the window allows.
 DEVICE_TESTS = ("tests/test_slim.py", "tests/test_objectives.py", "tests/test_sampling.py",
                 "tests/models/test_resnet.py")
 

@@ -36,7 +36,8 @@ def test_us3l_cifar100_is_the_paper_recipe():
     assert (c.optim.reg_alpha, c.optim.reg_groups) == (0.05, 8)
     assert (c.method.tau, c.method.ema_momentum) == (0.5, 0.99)
     assert (c.heads.proj_out, c.heads.proj_hidden) == (256, 2048)
-    assert build.method(c) == recipes.table7_method(13, group_size=128, update_mode="per_width")
+    assert build.method(c) == recipes.table7_method(13, group_size=128)
+    assert c.method.update_mode == "per_width"
     s = build.sampler(c)
     assert (s.num_samples, s.sandwich, s.schedule, s.width_range) == (3, True, "A", (0.25, 1.0))
     assert load_config_module("configs/us3l_cifar100.py").get_config(
@@ -51,7 +52,7 @@ def test_table7_cases_set_the_flags():
         assert (m.base_loss, m.distill_loss, m.aux_head, m.momentum_base,
                 m.momentum_sub) == flags
         assert c.sampler.schedule == "none" and c.optim.reg_alpha == 0.0
-        assert (m.decay_rule, m.update_mode) == ("weight_decay", "per_width")
+        assert (m.decay_rule, c.method.update_mode) == ("weight_decay", "per_width")
     with pytest.raises(ValueError, match="Table 7 has cases 1-17, got 0"):
         mod.get_config("0")
 
@@ -100,9 +101,14 @@ def test_paper_table_configs_run_the_official_step(path):
     module = load_config_module(path)
     for arg in documented_args(path):
         c = module.get_config(arg or None)
-        m = build.method(c)
-        assert m.update_mode == "per_width", (path, arg)
-        assert m.decay_rule == ("weight_decay" if c.optim.reg_alpha == 0 else "group_reg"), arg
+        kind, m = build.method_and_kind(c)
+        assert c.method.update_mode == "per_width", (path, arg)
+        rule = "weight_decay" if c.optim.reg_alpha == 0 else "group_reg"
+        assert c.method.decay_rule == rule, arg
+        if kind == "us3l":
+            assert m.decay_rule == rule, arg
+        else:  # SEED / MoCo v2 decay every parameter group (plain weight decay)
+            assert kind in ("seed", "moco") and rule == "weight_decay", (path, arg)
 
 
 def test_plain_weight_decay_refuses_group_alpha():
@@ -172,8 +178,10 @@ def test_seed_configs_cover_table2_and_take_the_teacher_workdir():
         config_lib.validate(c)
         assert c.teacher.workdir == "runs/teacher_" + tag
         assert c.eval.paper_row == f"table2/{arch}/{loss}_byol_{tag}"
-        m = build.method(c)
-        assert (m.teacher, c.sampler.individual_width, c.heads.proj_out) == ("frozen", 0.5, 2048)
+        kind, m = build.method_and_kind(c)
+        assert (kind, c.method.teacher, c.sampler.individual_width, c.heads.proj_out) == (
+            "seed", "frozen", 0.5, 2048)
+        assert m.loss == ("mse" if loss == "seed_mse" else "seed")
         assert m.uses_predictor == (loss == "seed_mse")
         # Official teacher modes: SEED in train mode, SEED-MSE in eval mode.
         assert c.teacher.bn == ("batch" if loss == "seed" else "calibrated")
@@ -205,8 +213,9 @@ def test_seed_configs_cover_table2_and_take_the_teacher_workdir():
 def test_mocov2_is_the_official_cifar_config():
     c = load_config_module("configs/mocov2_cifar100.py").get_config("0.5")
     config_lib.validate(c)
-    m = build.method(c)
-    assert (m.base_loss, m.tau, m.ema_momentum, m.queue_size) == ("moco", 0.2, 0.999, 2048)
+    kind, m = build.method_and_kind(c)
+    assert (kind, c.method.base_loss, m.tau, m.ema_momentum, m.queue_size) == (
+        "moco", "moco", 0.2, 0.999, 2048)
     assert (c.heads.proj_style, c.heads.proj_hidden, c.heads.proj_out) == ("mocov2", 2048, 256)
     assert (c.optim.lr, c.optim.batch_size, c.method.group_size) == (0.3, 256, 64)
     assert 2 * c.optim.reg_lambda == pytest.approx(1e-4)
@@ -222,8 +231,8 @@ def test_byol_imagenet_table4():
         c = mod.get_config(f"us_byol,{arch}")
         config_lib.validate(c)
         assert build.method(c) == recipes.table7_method(
-            4, group_size=c.method.group_size, tau=0.5, update_mode="per_width",
-            decay_rule="weight_decay")
+            4, group_size=c.method.group_size, tau=0.5, decay_rule="weight_decay")
+        assert c.method.update_mode == "per_width"
         s = build.sampler(c)
         assert (s.num_samples, s.sandwich, s.schedule) == (3, True, None)
         assert c.eval.paper_row == f"table4/{arch}/us_byol" and c.optim.lr == 0.05
@@ -318,8 +327,9 @@ def test_us3l_cifar100_resnet50_official_is_the_official_code_recipe():
     s = build.sampler(c)
     assert (s.num_samples, s.sandwich, s.schedule) == (3, True, None)
     m = build.method(c)
-    assert m == recipes.table7_method(13, group_size=64, update_mode="per_width",
-                                      feature_distill=True, feature_distill_weight=1.0)
+    assert m == recipes.table7_method(13, group_size=64, feature_distill=True,
+                                      feature_distill_weight=1.0)
+    assert c.method.update_mode == "per_width"
     assert (m.tau, m.ema_momentum, c.heads.proj_out, c.heads.proj_hidden) == (0.5, 0.99, 256,
                                                                                2048)
     model = build.model(c)

@@ -168,7 +168,7 @@ def test_two_processes_match_one_process(uninterrupted, tmp_path):
     """Two local CPU processes (one device each, gloo collectives; the module's uninterrupted
     run) train on the same global batch as one process: bitwise the same parameters as one
     process with the same device layout (2 forced CPU devices). (One device against several
-    agrees to float32 reassociation: ``test_train.test_one_and_eight_devices_agree``.)"""
+    agrees to float32 reassociation: ``tests/engine/test_engine.py::test_one_and_eight_devices_agree``.)"""
     multi, outs = uninterrupted
     two_devices = str(tmp_path / "two_devices")
     out = run_main("configs/demo.py:smoke", two_devices, *PREEMPT_FLAGS,

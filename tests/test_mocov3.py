@@ -9,9 +9,9 @@ import pytest
 
 from us3l_jax import mesh as mesh_lib
 from us3l_jax import models, objectives, optim
-from us3l_jax.method import MethodConfig, ema_momentum
+from us3l_jax.engine import Engine
+from us3l_jax.methods import ema, us3l
 from us3l_jax.models.heads import SSLModel
-from us3l_jax.train import Trainer
 
 BATCH = 16
 
@@ -43,30 +43,30 @@ def test_moco_v3_loss_matches_reference():
 
 
 def test_cosine_momentum_ramp_end_points():
-    m = MethodConfig(base_loss="mocov3", ema_schedule="cosine", ema_momentum=0.99)
-    values = [float(ema_momentum(m, t, 100)) for t in (0, 50, 100)]
+    m = us3l.Config(base_loss="mocov3", ema_schedule="cosine", ema_momentum=0.99)
+    values = [float(ema.momentum(m.ema_momentum, m.ema_schedule, t, 100)) for t in (0, 50, 100)]
     np.testing.assert_allclose(values, [0.99, 0.995, 1.0], atol=1e-7)
 
 
 def test_method_flags():
-    us3l = MethodConfig(base_loss="mocov3", distill_loss="mocov3", aux_head="new",
-                        aux_head_init="copy", tau=0.2, decay_rule="weight_decay")
-    assert us3l.uses_predictor and us3l.uses_distill_head
+    us = us3l.Config(base_loss="mocov3", distill_loss="mocov3", aux_head="new",
+                     aux_head_init="copy", tau=0.2, decay_rule="weight_decay")
+    assert us.uses_predictor and us.uses_distill_head
     # AdamW's decay reaches every parameter with a gradient: the predictor at width 1.0, the
     # new head once sub-networks have trained.
-    assert us3l.decay_groups(sub=False) == {"backbone", "projector", "predictor"}
-    assert us3l.late_decay_groups() == {"distill_head"}
-    baseline = MethodConfig(base_loss="mocov3", distill_loss="mocov3", aux_head="shared")
+    assert us.decay_groups(sub=False) == {"backbone", "projector", "predictor"}
+    assert us.late_decay_groups() == {"distill_head"}
+    baseline = us3l.Config(base_loss="mocov3", distill_loss="mocov3", aux_head="shared")
     assert baseline.param_groups() == {"backbone", "projector", "predictor"}
     # Existing defaults keep their behaviour.
-    assert not MethodConfig().uses_predictor
-    assert MethodConfig().decay_groups(sub=False) == {"backbone", "projector"}
+    assert not us3l.Config().uses_predictor
+    assert us3l.Config().decay_groups(sub=False) == {"backbone", "projector"}
     with pytest.raises(ValueError, match="momentum_base"):
-        MethodConfig(base_loss="mocov3", momentum_base=False)
+        us3l.Config(base_loss="mocov3", momentum_base=False)
     with pytest.raises(ValueError, match="aux_head_init"):
-        MethodConfig(aux_head_init="clone")
+        us3l.Config(aux_head_init="clone")
     with pytest.raises(ValueError, match="copies the predictor"):
-        MethodConfig(aux_head_init="copy")
+        us3l.Config(aux_head_init="copy")
 
 
 def _views(key, images):
@@ -77,16 +77,16 @@ def _views(key, images):
 
 @pytest.fixture(scope="module")
 def us3l_vit():
-    method = MethodConfig(base_loss="mocov3", distill_loss="mocov3", aux_head="new",
-                          aux_head_init="copy", tau=0.2, update_mode="per_width",
-                          ema_schedule="cosine", group_size=None)
+    cfg = us3l.Config(base_loss="mocov3", distill_loss="mocov3", aux_head="new",
+                      aux_head_init="copy", tau=0.2, ema_schedule="cosine", group_size=None)
     bb = models.create("vit_tiny", dim=32, depth=1, heads=4, patch_size=4, image_size=8,
                        slicing="embed")
     model = SSLModel(bb, proj_hidden=32, proj_out=16, proj_style="mocov3", head_hidden=32,
                      use_predictor=True, use_distill_head=True)
     tx, lr = optim.make_adamw(1e-3, 40, warmup_steps=2, weight_decay=0.1)
-    trainer = Trainer(model, method, tx, _views, mesh_lib.make_mesh(jax.devices()[:1]),
-                      batch_size=BATCH, total_steps=40, lr_schedule=lr)
+    trainer = Engine(us3l.make(cfg, model, _views, total_steps=40), tx,
+                     mesh_lib.make_mesh(jax.devices()[:1]), batch_size=BATCH,
+                     group_size=cfg.group_size, update_mode="per_width", lr_schedule=lr)
     images = jax.device_put(np.random.default_rng(0).integers(
         0, 256, (BATCH, 8, 8, 3)).astype(np.uint8))
     state = trainer.init_state(jax.random.key(0), jax.ShapeDtypeStruct(images.shape,

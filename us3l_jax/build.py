@@ -18,12 +18,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from us3l_jax import mesh as mesh_lib, models, optim, sampling, slim, supervised
+from us3l_jax import engine as engine_lib, methods, mesh as mesh_lib, models, optim, sampling
+from us3l_jax import slim
 from us3l_jax.data import augment, datasets, feeding
-from us3l_jax.method import MethodConfig
 from us3l_jax.models.heads import SSLModel, hooked_layers
-from us3l_jax import train as train_lib
-from us3l_jax.train import Trainer, TrainState
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 Config = ml_collections.ConfigDict
@@ -72,8 +70,20 @@ def backbone(config: Config, num_classes: int | None = None, **overrides: Any):
                          **{**_model_kwargs(config), **overrides})
 
 
-def method(config: Config) -> MethodConfig:
-    return MethodConfig(**config.method.to_dict())
+def method_kind(config: Config) -> str:
+    """The method the config trains: us3l, vicreg, moco, seed or supervised."""
+    return method_and_kind(config)[0]
+
+
+def method(config: Config) -> Any:
+    """The method's own config (``us3l_jax.methods.<kind>.Config``)."""
+    return method_and_kind(config)[1]
+
+
+def method_and_kind(config: Config) -> tuple[str, Any]:
+    s = config.supervised
+    return methods.select(config.method.to_dict(), config.train.objective,
+                          dict(distill=s.distill, label_smoothing=s.label_smoothing))
 
 
 def model(config: Config) -> SSLModel:
@@ -232,13 +242,6 @@ def classifier(config: Config):
     return backbone(config, num_classes=datasets.NUM_CLASSES[config.data.dataset])
 
 
-def supervised_config(config: Config) -> supervised.SupervisedConfig:
-    s = config.supervised
-    return supervised.SupervisedConfig(
-        distill=s.distill, label_smoothing=s.label_smoothing,
-        group_size=config.method.group_size, update_mode=config.method.update_mode)
-
-
 def linear_train_view(config: Config) -> augment.ViewConfig:
     """The linear-evaluation training crops at the run's view size and normalisation
     (CIFAR-sized: RandomResizedCrop(S, (0.8, 1), bicubic) + flip; ImageNet-sized:
@@ -252,42 +255,51 @@ def linear_train_view(config: Config) -> augment.ViewConfig:
 IMAGENET_SIZED = 128  # views at least this large use the ImageNet recipes
 
 
+def training_method(config: Config, steps_per_epoch: int,
+                    frozen_teacher: Any = None) -> methods.Method:
+    """The ``Method`` the config trains. SEED / SEED-MSE need ``frozen_teacher``
+    (``us3l_jax.teacher.load(config)``, which builds models through this module and so is
+    loaded by the caller)."""
+    kind, cfg = method_and_kind(config)
+    if (kind == "seed") != (frozen_teacher is not None):
+        raise ValueError("a frozen teacher (us3l_jax.teacher.load(config)) is needed "
+                         "exactly when config.method.teacher='frozen'")
+    if kind == "supervised":
+        return methods.supervised.make(cfg, classifier(config), linear_train_view(config))
+    views = views_fn(config)
+    if kind == "seed":
+        return methods.seed.make(cfg, model(config), views, teacher_model=frozen_teacher.model,
+                                 teacher_variables=frozen_teacher.variables,
+                                 teacher_width=frozen_teacher.width)
+    kw = dict(total_steps=config.optim.epochs * steps_per_epoch,
+              teacher_width=teacher_width(config))
+    return getattr(methods, kind).make(cfg, model(config), views, **kw)
+
+
 def trainer(config: Config, mesh: Mesh, steps_per_epoch: int,
-            frozen_teacher: Any = None) -> Trainer:
-    """The run's trainer; supervised runs get ``SupervisedTrainer``, SEED / SEED-MSE /
-    MoCo v2 ``BaselineTrainer``, SEED with
-    ``frozen_teacher`` (``us3l_jax.teacher.load(config)``, which builds models through this
-    module and so is loaded by the caller)."""
+            frozen_teacher: Any = None) -> engine_lib.Engine:
+    """The run's engine running its method (``training_method``)."""
     tx, lr = optimizer(config, steps_per_epoch)
-    if is_supervised(config):
-        return supervised.SupervisedTrainer(
-            classifier(config), supervised_config(config), tx, linear_train_view(config),
-            mesh, batch_size=config.optim.batch_size, lr_schedule=lr)
-    m = method(config)
     total = config.optim.epochs * steps_per_epoch
-    kw = dict(batch_size=config.optim.batch_size, total_steps=total,
-              teacher_width=teacher_width(config), lr_schedule=lr,
-              first_sub_step=sampling.first_sub_network_step(sampler(config), steps_per_epoch,
-                                                             total))
-    if m.is_single_width_baseline:
-        from us3l_jax import baseline_train
-        if (m.teacher == "frozen") != (frozen_teacher is not None):
-            raise ValueError("a frozen teacher (us3l_jax.teacher.load(config)) is needed "
-                             "exactly when config.method.teacher='frozen'")
-        return baseline_train.BaselineTrainer(model(config), m, tx, views_fn(config), mesh,
-                                              teacher=frozen_teacher, **kw)
-    return Trainer(model(config), m, tx, views_fn(config), mesh, **kw)
+    first_sub = None if is_supervised(config) else sampling.first_sub_network_step(
+        sampler(config), steps_per_epoch, total)
+    return engine_lib.Engine(
+        training_method(config, steps_per_epoch, frozen_teacher), tx, mesh,
+        batch_size=config.optim.batch_size, group_size=config.method.group_size,
+        update_mode=config.method.update_mode, lr_schedule=lr, first_sub_step=first_sub)
 
 
-def abstract_state(config: Config, mesh: Mesh | None = None) -> TrainState:
+def abstract_state(config: Config, mesh: Mesh | None = None,
+                   frozen_teacher: Any = None) -> engine_lib.TrainState:
     """Shapes, dtypes and shardings of the TrainState a config trains (for restoring); needs
     no data (the optimizer's state does not depend on the schedule's length)."""
     mesh = mesh or mesh_lib.make_mesh()
-    tx, _ = optimizer(config, steps_per_epoch=1)
-    spec = image_spec(config, mesh)
-    if is_supervised(config):
-        view = jax.eval_shape(functools.partial(augment.view, cfg=linear_train_view(config)),
-                              jax.random.key(0), spec)
-        return supervised.abstract_state(classifier(config), tx, view, mesh)
-    view = jax.eval_shape(views_fn(config), jax.random.key(0), spec)[0]
-    return train_lib.abstract_state(model(config), method(config), tx, view, mesh)
+    if method_kind(config) == "seed" and frozen_teacher is None:
+        frozen_teacher = _shape_only_teacher(config)
+    return trainer(config, mesh, 1, frozen_teacher).abstract_state(image_spec(config, mesh))
+
+
+def _shape_only_teacher(config: Config):
+    """A stand-in for SEED's frozen teacher: the student's state does not depend on it."""
+    import types
+    return types.SimpleNamespace(model=model(config), variables={}, width=1.0)

@@ -5,7 +5,7 @@ locked, typed ``ml_collections.ConfigDict``: an override of a key that does not 
 the wrong type, fails in ``config_flags`` before anything runs; ``validate`` then checks every
 value (by building the objects it describes with ``us3l_jax.build``) and the constraints
 between fields, and raises ``ConfigError`` naming the field. The method's and the sampler's
-fields and defaults are stated once, by ``MethodConfig`` and ``SamplerConfig``.
+fields and defaults are stated once, by ``methods.SCHEMA`` and ``SamplerConfig``.
 """
 from __future__ import annotations
 
@@ -17,15 +17,12 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from us3l_jax import build, models, sampling, slim
+from us3l_jax import build, eval_names, methods, models, paper, sampling, slim
 from us3l_jax.build import DTYPES
 from us3l_jax.data import datasets
-from us3l_jax.evaluate import calibrate as calibrate_lib, linear, paper
-from us3l_jax.method import MethodConfig
 from us3l_jax.models import vit as vit_lib
 from us3l_jax.models.heads import PROJECTOR_STYLES, hooked_layers
 AUGMENT_PRESETS = ("cifar", "imagenet", "byol", "byol_cifar", "none")
-PROTOCOLS = ("fast", "knn", "paper", "top1")
 OBJECTIVES = ("ssl", "supervised")
 
 
@@ -36,15 +33,18 @@ class ConfigError(ValueError):
 def _from_dataclass(obj, exclude: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """A config section with a dataclass's fields and defaults (Optional fields become typed
     placeholders, so overrides are still type-checked)."""
+    return _section({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)
+                     if f.name not in exclude},
+                    {f.name: f.type for f in dataclasses.fields(obj)})
+
+
+def _section(defaults: dict[str, Any], types: dict[str, Any]) -> ml_collections.ConfigDict:
     section = ml_collections.ConfigDict()
-    for f in dataclasses.fields(obj):
-        if f.name in exclude:
-            continue
-        value = getattr(obj, f.name)
+    for name, value in defaults.items():
         if value is None:
-            kind = {"int | None": int, "float | None": float, "str | None": str}[f.type]
+            kind = {"int | None": int, "float | None": float, "str | None": str}[types[name]]
             value = config_dict.placeholder(kind)
-        section[f.name] = value
+        section[name] = value
     return section
 
 
@@ -76,15 +76,15 @@ def get_default() -> ml_collections.ConfigDict:
     c.heads.proj_style = "simclr"
     c.heads.head_hidden = 2048
 
-    # Supervised slimmable training (paper Table 1; us3l_jax.supervised). The objective
+    # Supervised slimmable training (paper Table 1; us3l_jax.methods.supervised). The objective
     # lives in train.objective; the update mode and BN groups are method.update_mode and
     # method.group_size, the widths come from the sampler as in SSL.
     c.supervised = ml_collections.ConfigDict()
     c.supervised.distill = True  # sub-networks learn the largest width's soft predictions
     c.supervised.label_smoothing = 0.0
 
-    c.method = _from_dataclass(MethodConfig())
-    # The official per-GPU batch on CIFAR (MethodConfig's default None is the whole batch).
+    c.method = _section(methods.SCHEMA, {"group_size": "int | None"})
+    # The official per-GPU batch on CIFAR (the schema's default None is the whole batch).
     c.method.group_size = 128
 
     c.sampler = _from_dataclass(sampling.SamplerConfig(), exclude=("grid", "seed", "fixed"))
@@ -164,7 +164,7 @@ def get_default() -> ml_collections.ConfigDict:
     c.eval.calibration_batches = 100
     c.eval.batch_size = 512
     c.eval.paper_row = config_dict.placeholder(str)  # e.g. "table2/resnet18/ours"
-    # BN calibration (us3l_jax.evaluate.calibrate): a named procedure, "official_cifar" or
+    # BN calibration (us3l_jax.calibration): a named procedure, "official_cifar" or
     # "official_imagenet" (what the paper's numbers used), or "custom": the fields below.
     c.eval.calibration = "custom"
     # "cumulative" = exact statistics over all calibration batches (US-Net); "ema" = the
@@ -236,13 +236,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice("optim.schedule_unit", config.optim.schedule_unit, ("epoch", "step"))
     _choice("train.transfer_guard", config.train.transfer_guard,
             ("allow", "log", "disallow", "log_explicit", "disallow_explicit"))
-    _choice("eval.online_protocol", config.eval.online_protocol, ("fast", "knn"))
-    _choice("eval.sweep_protocol", config.eval.sweep_protocol, PROTOCOLS)
-    _choice("eval.calibration", config.eval.calibration, calibrate_lib.PRESETS)
-    _choice("eval.calibration_mode", config.eval.calibration_mode, calibrate_lib.MODES)
+    _choice("eval.online_protocol", config.eval.online_protocol, eval_names.ONLINE_PROTOCOLS)
+    _choice("eval.sweep_protocol", config.eval.sweep_protocol, eval_names.PROTOCOLS)
+    _choice("eval.calibration", config.eval.calibration, eval_names.CALIBRATION_PRESETS)
+    _choice("eval.calibration_mode", config.eval.calibration_mode, eval_names.CALIBRATION_MODES)
     _choice("eval.calibration_augment", config.eval.calibration_augment,
-            calibrate_lib.AUGMENTS)
-    _choice("eval.linear_recipe", config.eval.linear_recipe, ("auto",) + tuple(linear.RECIPES))
+            eval_names.CALIBRATION_AUGMENTS)
+    _choice("eval.linear_recipe", config.eval.linear_recipe,
+            ("auto",) + eval_names.LINEAR_RECIPES)
     if config.eval.linear_epochs is not None:
         _positive("eval.linear_epochs", config.eval.linear_epochs)
     if config.eval.paper_row is not None:
@@ -290,7 +291,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _choice("model.slicing", config.model.slicing, vit_lib.SLICINGS)
     _validate_supervised(config)
     try:
-        method = build.method(config)
+        kind, method = build.method_and_kind(config)
     except ValueError as e:
         raise ConfigError(f"config.method: {e}") from None
     try:
@@ -311,7 +312,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f"{slim.channels(c, lo, ratio)} under the official rounding (multiples of 8, "
                 f"never 10% below), more than it has; use a larger model.base_width (16 or more "
                 f"for width 0.25) or a larger sampler.width_range[0]")
-    if method.feature_distill:
+    if getattr(method, "feature_distill", False):
         try:
             hooked_layers(backbone, method.feature_layers)
         except ValueError as e:
@@ -333,13 +334,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             except ValueError as e:
                 raise ConfigError(f"config.{path}: {e} (the trained range is "
                                   f"{tuple(config.sampler.width_range)})") from None
-    if method.decay_rule == "weight_decay" and config.optim.reg_alpha != 0:
+    if config.method.decay_rule == "weight_decay" and config.optim.reg_alpha != 0:
         raise ConfigError(
             f"config.method.decay_rule='weight_decay' is plain weight decay, but "
             f"config.optim.reg_alpha={config.optim.reg_alpha}: set reg_alpha=0, or use "
             f"decay_rule='group_reg' for group regularization")
-    _validate_baseline(config, method, sampler)
-    g = method.group_size
+    _validate_baseline(config, kind, sampler)
+    g = config.method.group_size
     if g is not None and config.optim.batch_size % g:
         raise ConfigError(f"config.optim.batch_size={config.optim.batch_size} is not a "
                           f"multiple of config.method.group_size={g}; use e.g. "
@@ -364,11 +365,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config: {e}") from None
 
 
-def _validate_baseline(config: ml_collections.ConfigDict, method: MethodConfig,
-                       sampler) -> None:
+def _validate_baseline(config: ml_collections.ConfigDict, kind: str, sampler) -> None:
     """SEED / SEED-MSE / MoCo v2: one width per run, a teacher run, whole batches per queue."""
-    if not method.is_single_width_baseline:
+    if kind not in methods.SINGLE_WIDTH:
         return
+    method = config.method
     if sampler.individual_width is None:
         raise ConfigError(f"config.method.base_loss={method.base_loss!r} with teacher="
                           f"{method.teacher!r} trains one width: set "
@@ -443,7 +444,7 @@ def _validate_supervised(config: ml_collections.ConfigDict) -> None:
                               "use fast, knn or paper")
         return
     try:
-        build.supervised_config(config)
+        build.method(config)
     except ValueError as e:
         raise ConfigError(f"config.supervised: {e}") from None
     if build.is_streaming(config):

@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from us3l_jax import (build, checkpointing, config as config_lib, mesh as mesh_lib, sampling, slim,
+from us3l_jax import (build, checkpointing, config as config_lib, mesh as mesh_lib, sampling,
                       workdir_lock)
 from us3l_jax.fileio import atomic_write_text
-from us3l_jax.train import Trainer, TrainState
+from us3l_jax.engine import Engine, TrainState, planning
 
 log = logging.getLogger("us3l")
 
@@ -53,10 +53,11 @@ class Run:
     config: ml_collections.ConfigDict
     mesh: Any
     data: build.Data
-    trainer: Trainer
+    trainer: Engine
     sampler: sampling.SamplerConfig
     steps_per_epoch: int
     total_steps: int
+    frozen_teacher: Any = None  # SEED's teacher (us3l_jax.teacher.FrozenTeacher)
 
     @property
     def image_spec(self) -> jax.ShapeDtypeStruct:
@@ -74,43 +75,25 @@ def setup(config, mesh=None) -> Run:
             f"config.optim.batch_size={config.optim.batch_size} is larger than the "
             f"{config.data.dataset} training split")
     frozen = None
-    if build.method(config).teacher == "frozen":  # SEED: another run's network
+    if build.method_kind(config) == "seed":  # SEED: another run's network
         from us3l_jax import teacher as teacher_lib
         frozen = teacher_lib.load(config, mesh)
     return Run(config=config, mesh=mesh, data=data,
                trainer=build.trainer(config, mesh, data.steps_per_epoch, frozen),
                sampler=build.sampler(config), steps_per_epoch=data.steps_per_epoch,
-               total_steps=config.optim.epochs * data.steps_per_epoch)
+               total_steps=config.optim.epochs * data.steps_per_epoch, frozen_teacher=frozen)
 
 
 def possible_sub_widths(run: Run) -> list[float]:
-    """One width per channel configuration the sampler can draw, widest first (the order in
-    which the schedule's stages need them). Continuous sampling maps every draw onto one of
-    the distinct configurations, so these are all the sub-network programs a run compiles."""
-    s = run.sampler
-    lo, hi = s.width_range
-    if s.individual_width is not None:
-        return []
-    key = run.trainer.config_key
-    ws = set(s.grid) if s.grid is not None else set(slim.distinct_widths(key, lo, hi))
-    ws |= {sampling.min_width(s, k, run.steps_per_epoch, run.total_steps)
-           for k in range(0, run.total_steps, max(1, run.steps_per_epoch))}
-    unique = {key(w): w for w in sorted(ws) if w < hi}  # a sub-width is below hi
-    return sorted(unique.values(), reverse=True)
+    """The sub-network widths a run can compile (``engine.planning.possible_sub_widths``)."""
+    return planning.possible_sub_widths(run.sampler, run.trainer.config_key,
+                                        run.steps_per_epoch, run.total_steps)
 
 
 def compile_width_sets(run: Run) -> list[tuple[float, ...]]:
-    """Width sets whose dry runs reach every program of the run: the base-only step of
-    stage 1 and a step with every possible sub-width (programs are per width, so one
-    iteration covering them all is enough); without the sandwich rule any sampled width can
-    also be the base."""
-    s = run.sampler
-    if s.individual_width is not None:
-        return [(s.individual_width,)]
-    hi = s.width_range[1]
-    subs = possible_sub_widths(run)
-    bases = [hi] if s.sandwich else [hi] + subs
-    return [(b,) for b in bases] + ([(hi, *subs)] if subs else [])
+    """Width sets whose dry runs reach every program (``engine.planning``)."""
+    return planning.compile_width_sets(run.sampler, run.trainer.config_key,
+                                       run.steps_per_epoch, run.total_steps)
 
 
 class ScheduleCost:
@@ -133,7 +116,7 @@ class ScheduleCost:
                                       convention="backbone", **kw)["macs"] for w in (lo, hi))
         macs = lambda w: m_lo + (m_hi - m_lo) * (w * w - lo * lo) / max(hi * hi - lo * lo,
                                                                         1e-12)
-        teacher = m_hi if build.method(c).uses_teacher and not build.is_supervised(c) else 0.0
+        teacher = m_hi if not build.is_supervised(c) and build.method(c).uses_teacher else 0.0
         self.stride = max(1, -(-end // max_samples))
         costs = [(teacher + 3 * sum(macs(w) for w in sampling.sample_widths(
             run.sampler, k, run.steps_per_epoch, run.total_steps))) / (teacher + 3 * m_hi)
@@ -307,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     try:
         if ckpt.all_steps():
             checkpointing.check_config_change(workdir, config, allow_config_change)
-        frozen = getattr(trainer, "teacher", None)
+        frozen = run.frozen_teacher
         if frozen is not None:  # SEED: record the teacher, or check it is the recorded one
             from us3l_jax import teacher as teacher_lib
             teacher_lib.record(workdir, frozen)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from us3l_jax import config as config_lib
-from us3l_jax.method import MethodConfig
+from us3l_jax.methods import us3l
 
 # Paper Table 7 (main text) as flags: case -> (base loss, distill loss, auxiliary distill head,
 # momentum target for the base network, for the sub-networks). The main table's rows are
@@ -37,11 +37,11 @@ TABLE7_CASES: dict[int, tuple[str, str, str, bool, bool]] = {
 TABLE7_FIELDS = ("base_loss", "distill_loss", "aux_head", "momentum_base", "momentum_sub")
 
 
-def table7_method(case: int, **overrides) -> MethodConfig:
+def table7_method(case: int, **overrides) -> us3l.Config:
     """The loss design of paper Table 7, case ``case`` (1-17); US3L is case 13."""
     if case not in TABLE7_CASES:
         raise ValueError(f"Table 7 has cases 1-17, got {case}")
-    return MethodConfig(**{**dict(zip(TABLE7_FIELDS, TABLE7_CASES[case])), **overrides})
+    return us3l.Config(**{**dict(zip(TABLE7_FIELDS, TABLE7_CASES[case])), **overrides})
 
 
 CIFAR_ARCHS = {"resnet18": "cifar_resnet18", "resnet50": "cifar_resnet50",

@@ -7,8 +7,9 @@ of a BYOL checkpoint. It comes from one of two places (``config.teacher``):
 * ``workdir``: another run of this project (its latest checkpoint, or ``step``);
 * ``state_dict``: a torch-layout state dict in a ``.safetensors`` file, e.g. the ``state_dict``
   of an official BYOL checkpoint (keys ``module.encoder_q.*``, the backbone under torchvision
-  names and the BYOL projector as ``fc.0``-``fc.6``; see :func:`from_official_state_dict`),
-  with its architecture in ``teacher.model``.
+  names and the BYOL projector as ``fc.0``-``fc.6``; read by
+  ``us3l_jax.torch_layout.from_official_state_dict``), with its architecture in
+  ``teacher.model``.
 
 Its embedding is the projector output, which must have the student's ``heads.proj_out``
 dimensions. Its BatchNorms (``teacher.bn``) use
@@ -36,28 +37,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from us3l_jax import build, checkpointing, config as config_lib, export, mesh as mesh_lib, models
+from us3l_jax import build, calibration as calib, checkpointing, config as config_lib
+from us3l_jax import mesh as mesh_lib, torch_layout
 from us3l_jax.data import datasets, feeding
-from us3l_jax.evaluate import calibrate as calib, transforms
 from us3l_jax.fileio import atomic_write_text
-from us3l_jax.method import teacher_subset
+from us3l_jax.methods.ema import teacher_subset
 from us3l_jax.models.heads import SSLModel
 
 TEACHER_FILE = "teacher.json"
 BN_MODES = config_lib.TEACHER_BN
-# The official checkpoint's prefixes of the online encoder (the rest is dropped, as there).
-OFFICIAL_PREFIXES = ("module.encoder_q.", "encoder_q.")
-# The BYOL projector inside the official encoder's ``fc`` (a Sequential): our layer -> index.
-_PROJECTOR = {"fc1": "fc.0", "bn1": "fc.1", "fc2": "fc.3", "bn2": "fc.4", "fc3": "fc.6"}
-_LEAF = {"kernel": "weight", "bias": "bias", "scale": "weight", "mean": "running_mean",
-         "var": "running_var"}
 
 Variables = dict[str, Any]
 log = logging.getLogger("us3l")
@@ -88,126 +82,6 @@ def fingerprint(params: Any) -> str:
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
         h.update(a.tobytes())
     return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------
-# The official layout: torchvision backbone names + the BYOL projector under ``fc``
-# ------------------------------------------------------------------------------------------
-
-
-def _family(name: str) -> str:
-    if name in models.VIT_NAMES:
-        raise ValueError(f"a torch-layout teacher must be a CNN (ResNet or MobileNetV2); "
-                         f"{name!r} is a ViT")
-    return "mobilenet_v2" if "mobilenet" in name else "resnet"
-
-
-def _projector_key(family: str, layer: str, leaf: str) -> str:
-    # The encoder's own classifier becomes the projector's first layer; MobileNetV2's is
-    # Sequential(Dropout, Linear), hence one more index.
-    base = "fc.0.1" if (layer == "fc1" and family == "mobilenet_v2") else _PROJECTOR[layer]
-    return f"{base}.{_LEAF[leaf]}"
-
-
-def _strip_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """The online encoder's entries: those under an official prefix (stripped) if any key
-    has one, else the whole dict (a bare encoder state dict)."""
-    for prefix in OFFICIAL_PREFIXES:
-        if any(k.startswith(prefix) for k in state_dict):
-            return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    return dict(state_dict)
-
-
-def _bn_layers(sd: Mapping[str, Any]) -> list[str]:
-    """Names of BN layers in a torch state dict: 1-D ``weight`` with a ``bias`` sibling."""
-    return [k[:-len(".weight")] for k, v in sd.items()
-            if k.endswith(".weight") and np.ndim(v) == 1 and k[:-len(".weight")] + ".bias" in sd]
-
-
-def from_official_state_dict(name: str, state_dict: Mapping[str, Any], **model_kw: Any
-                             ) -> tuple[dict[str, Any], dict[str, Any] | None, tuple[int, int]]:
-    """A BYOL-style encoder from a torch-layout state dict.
-
-    ``state_dict``: the official checkpoint's ``state_dict`` (``module.encoder_q.*`` or
-    ``encoder_q.*`` entries are used, the rest dropped, as the official teacher loader), or a
-    bare encoder dict: the backbone ``name`` under torchvision names (``conv1``,
-    ``layer1.0.conv1``, ``features.0.0``, ...) and the BYOL projector ``fc.0`` Linear(feat,
-    hidden, bias) (MobileNetV2: ``fc.0.1``), ``fc.1`` BN, ``fc.3`` Linear(hidden, hidden, no
-    bias), ``fc.4`` BN, ``fc.6`` Linear(hidden, out, bias). ``num_batches_tracked`` is ignored.
-
-    Returns ``(params, batch_stats, (hidden, out))``: params ``{backbone, projector}`` of the
-    slimmable model ``name`` at width 1.0 (``model_kw`` as ``models.create``), and the
-    running statistics of every BN, or None when the dict has none (a run that normalised
-    with batch statistics only). Raises ``ValueError`` naming missing, unexpected or
-    misshaped entries.
-    """
-    family = _family(name)
-    sd = {k: np.asarray(v) for k, v in _strip_prefix(state_dict).items()
-          if not k.endswith(".num_batches_tracked")}
-    head = {k: v for k, v in sd.items() if k.startswith("fc.")}
-    body = {k: v for k, v in sd.items() if not k.startswith("fc.")}
-    wanted = {_projector_key(family, layer, leaf): (layer, leaf) for layer, leaves in (
-        ("fc1", ("kernel", "bias")), ("bn1", ("scale", "bias")), ("fc2", ("kernel",)),
-        ("bn2", ("scale", "bias")), ("fc3", ("kernel", "bias"))) for leaf in leaves}
-    stat_keys = {_projector_key(family, bn, leaf): (bn, leaf) for bn in ("bn1", "bn2")
-                 for leaf in ("mean", "var")}
-    missing = sorted(set(wanted) - set(head))
-    extra = sorted(set(head) - set(wanted) - set(stat_keys))
-    if missing or extra:
-        raise ValueError(
-            f"the state dict's projector is not the official BYOL projector (Linear+bias, BN, "
-            f"ReLU, Linear without bias, BN, ReLU, Linear+bias under 'fc'): missing "
-            f"{missing or 'nothing'}, unexpected {extra or 'nothing'}")
-    has_stats = all(k in head for k in stat_keys) and all(
-        f"{p}.running_mean" in body and f"{p}.running_var" in body for p in _bn_layers(body))
-    if not has_stats:  # fill so that the backbone loads; the statistics are reported absent
-        for p in _bn_layers(body):
-            c = body[f"{p}.weight"].shape[0]
-            body.setdefault(f"{p}.running_mean", np.zeros((c,), np.float32))
-            body.setdefault(f"{p}.running_var", np.ones((c,), np.float32))
-    backbone = export.from_torch_state_dict(name, body, 1.0, **model_kw)
-    projector: dict[str, dict[str, np.ndarray]] = {}
-    for key, (layer, leaf) in wanted.items():
-        a = head[key].astype(np.float32)
-        projector.setdefault(layer, {})[leaf] = np.ascontiguousarray(a.T if a.ndim == 2 else a)
-    params = {"backbone": backbone["params"], "projector": projector}
-    stats = None
-    if has_stats:
-        stats = {"backbone": backbone["batch_stats"],
-                 "projector": {bn: {leaf: head[key].astype(np.float32)
-                                    for key, (b, leaf) in stat_keys.items() if b == bn}
-                               for bn in ("bn1", "bn2")}}
-    hidden, out = head[_projector_key(family, "fc1", "kernel")].shape[0], \
-        head[_projector_key(family, "fc3", "kernel")].shape[0]
-    return params, stats, (int(hidden), int(out))
-
-
-def to_official_state_dict(name: str, variables: Mapping[str, Any], **model_kw: Any
-                           ) -> dict[str, np.ndarray]:
-    """The inverse of :func:`from_official_state_dict`: ``{'params': {backbone, projector
-    (BYOL style)}}`` and optionally ``'batch_stats'`` of both, as an official checkpoint's
-    ``state_dict`` (``module.encoder_q.*`` keys; without statistics no running-statistics
-    entries are written). E.g. to run the official SEED code on this project's teacher."""
-    family = _family(name)
-    params, stats = variables["params"], variables.get("batch_stats")
-    bb = {"params": params["backbone"]}
-    if stats is not None:
-        bb["batch_stats"] = stats["backbone"]
-    sd = export.to_torch_state_dict(name, bb, 1.0, **model_kw)
-    if stats is None:
-        sd = {k: v for k, v in sd.items()
-              if not k.endswith((".running_mean", ".running_var", ".num_batches_tracked"))}
-    for layer, leaves in params["projector"].items():
-        for leaf, a in leaves.items():
-            a = np.asarray(jax.device_get(a), np.float32)
-            sd[_projector_key(family, layer, leaf)] = np.ascontiguousarray(
-                a.T if a.ndim == 2 else a)
-    if stats is not None:
-        for bn, leaves in stats["projector"].items():
-            for leaf, a in leaves.items():
-                sd[_projector_key(family, bn, leaf)] = np.asarray(jax.device_get(a), np.float32)
-            sd[f"{_PROJECTOR[bn]}.num_batches_tracked"] = np.zeros((), np.int64)
-    return {f"module.encoder_q.{k}": v for k, v in sd.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,7 +140,7 @@ def _from_state_dict(config: ml_collections.ConfigDict):
     if not os.path.isfile(path):
         raise checkpointing.CheckpointError(f"teacher state dict {path!r} does not exist")
     try:
-        sd = export.load_safetensors(path)
+        sd = torch_layout.load_safetensors(path)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one line
         raise checkpointing.CheckpointError(
             f"teacher state dict {path!r} is not a readable safetensors file ({e}); convert a "
@@ -281,7 +155,7 @@ def _from_state_dict(config: ml_collections.ConfigDict):
     _student_sized(tc, config)
     kw = build.architecture_kwargs(tc)
     try:
-        params, stats, (hidden, out) = from_official_state_dict(t.model, sd, **kw)
+        params, stats, (hidden, out) = torch_layout.from_official_state_dict(t.model, sd, **kw)
     except ValueError as e:
         raise checkpointing.CheckpointError(f"teacher state dict {path!r}: {e}") from None
     if out != config.heads.proj_out:
@@ -328,11 +202,10 @@ def calibration_settings(config: ml_collections.ConfigDict) -> calib.Calibration
 
 def _calibrate(model: SSLModel, params, width: float, tc: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict, mesh, settings) -> dict[str, Any]:
-    data = transforms.for_run(config)
-    train = datasets.load(data.dataset, data.train_split, data_dir=config.data.data_dir,
-                          image_size=data.load_size)  # the training split only
+    # The student's training split, stored as pretraining reads it (``build.data``).
+    train = datasets.load(config.data.dataset, "train", data_dir=config.data.data_dir,
+                          image_size=config.data.image_size)
     batches = calib.input_batches(feeding.DeviceDataset(train, mesh), settings,
-                                  data.train_view, data.eval_view,
                                   ssl_view=build.view_recipe(tc)[0])
     return calib.calibrate(model, params, width, batches, settings.mode, settings.momentum,
                            method=SSLModel.encode)

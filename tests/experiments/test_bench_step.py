@@ -125,7 +125,7 @@ def test_hlo_collectives_counts_ops_and_bytes():
 
 def test_more_devices_than_jax_sees_is_an_error(capsys, tmp_path):
     """In-process JAX already started with one CPU device; the script forces devices only when
-    run as a script. The 8-device counts are checked in tests/test_train.py."""
+    run as a script. The 8-device counts are checked in tests/engine/test_engine.py."""
     with pytest.raises(SystemExit):
         bench.main(TINY + ["--devices", "8", "--collectives", "--out", str(tmp_path / "x")])
     assert "--devices 8: JAX sees only 1 device(s)" in capsys.readouterr().err

@@ -1,5 +1,6 @@
-"""SEED, SEED-MSE and MoCo v2 end to end on a tiny digits run: a BYOL teacher made here, the
-teacher frozen and recorded, the queue checkpointed (exact resume), bad teachers refused."""
+"""SEED, SEED-MSE and MoCo v2 (``us3l_jax.methods.seed`` / ``moco``) end to end on a tiny
+digits run: a BYOL teacher made here, the teacher frozen and recorded, the queue checkpointed
+(exact resume), bad teachers refused; the method combinations ``methods.select`` refuses."""
 import json
 import os
 import shutil
@@ -7,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from us3l_jax import build, checkpointing, pretrain, teacher as teacher_lib
+from us3l_jax import build, checkpointing, methods, pretrain, teacher as teacher_lib
 from tests.helpers import leaves_equal, tiny_baseline
 
 @pytest.mark.slow
@@ -64,18 +65,22 @@ def test_bad_teachers_give_one_clear_error(teacher_dir, tmp_path):
 
 
 def test_method_combinations_of_the_baselines():
-    from us3l_jax.method import MethodConfig
+    select = methods.select
     with pytest.raises(ValueError, match="base_loss='seed' needs a queue"):
-        MethodConfig(base_loss="seed", teacher="frozen")
+        select(dict(base_loss="seed", teacher="frozen"))
     with pytest.raises(ValueError, match="base_loss='seed' distills a frozen pretrained"):
-        MethodConfig(base_loss="seed", queue_size=64)
+        select(dict(base_loss="seed", queue_size=64))
     with pytest.raises(ValueError, match="queue_size=64 is only used by base_loss"):
-        MethodConfig(queue_size=64)
+        select(dict(queue_size=64))
     with pytest.raises(ValueError, match="teacher='frozen' needs base_loss 'seed'"):
-        MethodConfig(teacher="frozen")
+        select(dict(teacher="frozen"))
     with pytest.raises(ValueError, match="teacher='bn' is not one of"):
-        MethodConfig(teacher="bn")
-    m = MethodConfig(base_loss="mse", teacher="frozen", distill_loss="none", aux_head="none",
-                     momentum_sub=False)
-    assert m.is_single_width_baseline and m.uses_predictor and not m.uses_ema_teacher
-    assert not MethodConfig().is_single_width_baseline and MethodConfig().uses_ema_teacher
+        select(dict(teacher="bn"))
+    kind, m = select(dict(base_loss="mse", teacher="frozen", distill_loss="none",
+                          aux_head="none", momentum_sub=False))
+    # SEED-MSE: one width per run, a predictor, the frozen teacher (no EMA teacher).
+    assert kind == "seed" and kind in methods.SINGLE_WIDTH
+    assert m == methods.seed.Config(loss="mse", queue_size=0) and m.uses_predictor
+    kind, m = select({})
+    assert kind == "us3l" and kind not in methods.SINGLE_WIDTH and m.uses_teacher
+    assert m == methods.us3l.Config()

@@ -4,8 +4,8 @@ features, the cross-view MSE in the sub-network loss, its gradients, decay and a
 training steps.
 
 One tiny bottleneck ResNet (base width 16, stages (1, 2, 1, 1), 16 px) and one module-scoped
-trainer in the official ``per_width`` mode, so each program compiles once; the block test
-also builds the basic-block (ResNet-18) variant.
+engine running ``methods.us3l`` in the official ``per_width`` mode, so each program compiles
+once; the block test also builds the basic-block (ResNet-18) variant.
 """
 import functools
 
@@ -14,20 +14,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from us3l_jax import engine as engine_lib
 from us3l_jax import mesh as mesh_lib
 from us3l_jax import models, optim, slim
-from us3l_jax.method import MethodConfig
+from us3l_jax.methods import us3l
 from us3l_jax.models.heads import SSLModel, hooked_layers
 from us3l_jax.models.resnet import STAGE_STRIDES
-from us3l_jax.train import Trainer
 from tests.helpers import jit_init
 
 BATCH, SIZE, GROUP = 16, 16, 8
 LAYERS = ("layer2_1", "layer3_0", "layer4_0")  # the last block of stages 2-4
 CHANNELS = (32, 64, 128)  # full-width planes of stages 2-4
 FEATURE_WEIGHT = 0.5  # not 1, so that the weighting is visible
-METHOD = MethodConfig(group_size=GROUP, update_mode="per_width", feature_distill=True,
-                      feature_distill_weight=FEATURE_WEIGHT)
+METHOD = us3l.Config(group_size=GROUP, feature_distill=True,
+                     feature_distill_weight=FEATURE_WEIGHT)
+WIDTHS = (1.0, 0.5, 0.25)
 
 
 def noisy_views(key, images):
@@ -50,8 +51,9 @@ def make_model(method=METHOD):
 @pytest.fixture(scope="module")
 def tr():
     tx, schedule = optim.make_optimizer(0.1, 20, reg_lambda=5e-5, reg_alpha=0.05)
-    return Trainer(make_model(), METHOD, tx, noisy_views, mesh_lib.make_mesh(jax.devices()[:1]),
-                   batch_size=BATCH, total_steps=20, lr_schedule=schedule)
+    return engine_lib.Engine(us3l.make(METHOD, make_model(), noisy_views, total_steps=20), tx,
+                             mesh_lib.make_mesh(jax.devices()[:1]), batch_size=BATCH,
+                             group_size=GROUP, update_mode="per_width", lr_schedule=schedule)
 
 
 @pytest.fixture(scope="module")
@@ -240,37 +242,57 @@ def test_bad_layers_and_backbones_are_rejected():
     with pytest.raises(ValueError, match="backbone MobileNetV2 has none"):
         hooked_layers(models.create("cifar_mobilenet_v2"))
     with pytest.raises(ValueError, match="feature_distill .* needs momentum_base or"):
-        MethodConfig(feature_distill=True, momentum_base=False, momentum_sub=False)
+        us3l.Config(feature_distill=True, momentum_base=False, momentum_sub=False)
     with pytest.raises(ValueError, match="feature_distill_weight must be >= 0, got -1"):
-        MethodConfig(feature_distill_weight=-1.0)
-    tx, _ = optim.make_optimizer(0.1, 10)
-    with pytest.raises(ValueError, match="feature_layers must be non-empty exactly when"):
-        Trainer(make_model(MethodConfig()), METHOD, tx, noisy_views,
-                mesh_lib.make_mesh(jax.devices()[:1]), batch_size=BATCH, total_steps=10)
+        us3l.Config(feature_distill_weight=-1.0)
+    # A model without hooked layers for a method with feature distillation (and vice versa).
+    for model_cfg, method_cfg in ((us3l.Config(), METHOD), (METHOD, us3l.Config())):
+        with pytest.raises(ValueError, match=r"the model's heads \(use_predictor, "
+                                             r"use_distill_head, feature_layers\) must match"):
+            us3l.make(method_cfg, make_model(model_cfg), noisy_views, total_steps=10)
 
 
 # ------------------------------------------------------------------------------ the step
-# These run the trainer's own programs (the ones training uses, compiled once) one by one.
-
-
-def run(tr, kind, *args, width):
-    return tr._program(tr.programs.call, kind, *args, width=width)
+# These run the engine's own programs (the ones training uses, compiled once) one by one.
 
 
 @pytest.fixture(scope="module")
-def base_step(tr, state0, views):
+def programs(tr, state0, images):
+    """The jitted programs of an iteration on ``WIDTHS``, by (kind, width): found by a dry run
+    of ``Engine.iteration`` with a runner that only records them (and computes shapes)."""
+    found = {}
+
+    def record(key, make, *args):
+        fn = tr.programs.get(key, make)
+        found[key] = fn
+        return jax.eval_shape(fn, *args)
+
+    tr.iteration(record, state0, images, WIDTHS)
+    return {(kind, w): found[(kind, tr.config_key(w))]
+            for kind in ("base_update", "sub_update") for w in WIDTHS
+            if (kind, tr.config_key(w)) in found}
+
+
+def run(programs, kind, *args, width):
+    return programs[(kind, width)](*args)
+
+
+@pytest.fixture(scope="module")
+def base_step(tr, programs, state0, views):
     """The base (width 1.0) program on a state whose teacher differs from the online network
-    (at init the two are equal): (state before, state after, targets, metrics)."""
+    (at init the two are equal): (state before, state after, targets, metrics, running sums)."""
     before = state0.replace(ema_params=jax.tree.map(lambda a: a * 1.05, state0.ema_params))
     # The program consumes (donates) its state: give it a copy.
-    after, targets, metrics = run(tr, "base_update", jax.tree.map(jnp.copy, before), *views,
-                                  width=1.0)
-    return before, after, targets, metrics
+    after, targets, metrics, total = run(programs, "base_update",
+                                         jax.tree.map(jnp.copy, before), None, views,
+                                         width=1.0)
+    return before, after, targets, metrics, total
 
 
 @pytest.mark.slow
-def test_teacher_features_come_from_the_ema_params_at_full_width(tr, views, base_step):
-    before, after, targets, metrics = base_step
+def test_teacher_features_come_from_the_ema_params_at_full_width(views, base_step):
+    before, after, targets, metrics, total = base_step
+    model = make_model()
     # The EMA step came first, and the teacher forward used its result.
     expected_ema = jax.tree.map(lambda e, p: 0.99 * e + 0.01 * p, before.ema_params,
                                 {k: before.params[k] for k in ("backbone", "projector")})
@@ -278,24 +300,26 @@ def test_teacher_features_come_from_the_ema_params_at_full_width(tr, views, base
                  after.ema_params, expected_ema)
     assert len(targets) == 3
     for feats, v in zip(targets[2], views):
-        ref = hooked_outputs(tr.model, after.ema_params, v, 1.0)
-        online = hooked_outputs(tr.model, before.params, v, 1.0)
+        ref = hooked_outputs(model, after.ema_params, v, 1.0)
+        online = hooked_outputs(model, before.params, v, 1.0)
         for n, c in zip(LAYERS, CHANNELS):
             assert feats[n].shape[-1] == c
             np.testing.assert_allclose(feats[n], ref[n], rtol=1e-4, atol=1e-4)
             assert np.abs(np.asarray(feats[n]) - online[n]).max() > 1e-2  # not the online net
-    assert float(metrics["loss/feature"]) == 0.0  # the base network has no feature loss
+    assert "loss/base" in metrics
+    assert float(total["loss/feature"]) == 0.0  # the base network has no feature loss
 
 
 @pytest.mark.slow
-def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
-    _, after, targets, _ = base_step
+def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, programs, views, base_step):
+    _, after, targets, _, _ = base_step
+    model = make_model()
     state = jax.tree.map(jnp.copy, after)
     params = jax.tree.map(np.asarray, after.params)
     zero = {"loss/total": jnp.float32(0), "loss/feature": jnp.float32(0)}
     width = 0.5
-    new, total, raw, _ = run(tr, "sub_update", state, zero, targets, *views, width=width)
-    s1, s2 = (proj_conv_numpy(params, hooked_outputs(tr.model, params, v, width)) for v in views)
+    new, total, raw, _ = run(programs, "sub_update", state, zero, targets, views, width=width)
+    s1, s2 = (proj_conv_numpy(params, hooked_outputs(model, params, v, width)) for v in views)
     t1, t2 = ({n: np.asarray(f[n]) for n in LAYERS} for f in targets[2])
     expected = cross_view_mse_numpy(s1, s2, t1, t2)
     np.testing.assert_allclose(float(total["loss/feature"]), expected, rtol=1e-4)
@@ -307,7 +331,8 @@ def test_sub_network_loss_adds_the_cross_view_feature_mse(tr, views, base_step):
     # proj_conv learns only from sub-networks, and is neither decayed nor group-regularized:
     # the base update (zero gradient, zero momentum) left it exactly as initialised, and the
     # width-0.5 update changed only the input rows that width uses. Decay would shrink all.
-    assert "proj_conv" not in tr.method.decay_groups(sub=True)
+    assert "proj_conv" not in METHOD.decay_groups(sub=True)
+    assert "proj_conv" not in tr.method.decay(True, jnp.int32(0), 0)
     for n in LAYERS:
         k0 = np.asarray(base_step[0].params["proj_conv"][n]["kernel"])[0, 0]
         np.testing.assert_array_equal(params["proj_conv"][n]["kernel"][0, 0], k0)
@@ -325,7 +350,7 @@ def test_training_with_feature_distillation_lowers_the_feature_loss(tr, state0, 
     state = jax.tree.map(jnp.copy, state0)
     history = []
     for _ in range(6):
-        state, m = tr.step(state, images, (1.0, 0.5, 0.25))
+        state, m = tr.step(state, images, WIDTHS)
         m = jax.device_get(m)
         history.append((float(m["loss/feature"]), float(m["loss/total"])))
     feature, total = np.array(history).T
@@ -339,10 +364,10 @@ def test_training_with_feature_distillation_lowers_the_feature_loss(tr, state0, 
 def test_proj_conv_decay_follows_the_decay_rule():
     """Group reg (every US3L config) skips proj_conv; plain weight decay decays it like the
     auxiliary head, from its first sub-network update on (PyTorch SGD)."""
-    gr = MethodConfig(feature_distill=True)
+    gr = us3l.Config(feature_distill=True)
     assert "proj_conv" in gr.param_groups()
     assert "proj_conv" not in gr.decay_groups(sub=True) | gr.decay_groups(sub=False)
     assert not gr.late_decay_groups()
-    wd = MethodConfig(feature_distill=True, decay_rule="weight_decay")
+    wd = us3l.Config(feature_distill=True, decay_rule="weight_decay")
     assert "proj_conv" in wd.decay_groups(sub=True)
     assert wd.late_decay_groups() == {"distill_head", "proj_conv"}

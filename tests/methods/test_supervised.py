@@ -1,8 +1,8 @@
-"""Supervised slimmable training (paper Table 1): losses, inplace distillation, S-Net's private
-BatchNorm, the trainer's two update modes, top-1 evaluation and the config checks.
+"""Supervised slimmable training (paper Table 1, ``us3l_jax.methods.supervised``): losses,
+inplace distillation, S-Net's private BatchNorm, the engine's two update modes on it, top-1
+evaluation and the config checks.
 
-One tiny ResNet (base width 16, one block per stage, 8x8 inputs, 10 classes) is shared; the
-trainers are module-scoped so each program compiles once per session.
+One tiny ResNet (base width 16, one block per stage, 8x8 inputs, 10 classes) is shared.
 """
 import jax
 import jax.numpy as jnp
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from us3l_jax import build, config as config_lib, mesh as mesh_lib, models, optim, sampling
-from us3l_jax import supervised
+from us3l_jax import build, calibration, config as config_lib, engine, mesh as mesh_lib
+from us3l_jax import models, optim, sampling
 from us3l_jax.data import augment
-from us3l_jax.evaluate import calibrate
+from us3l_jax.methods import Context, supervised
 from us3l_jax.evaluate.evaluator import Evaluator, top1_accuracy
 from tests.helpers import demo_config, jit_init
 
@@ -52,12 +52,21 @@ def np_log_softmax(z):
 
 
 def make_trainer(switchable=(), update_mode="accumulate", distill=True, lr=0.05):
-    cfg = supervised.SupervisedConfig(distill=distill, group_size=GROUP,
-                                      update_mode=update_mode)
+    cfg = supervised.Config(distill=distill, group_size=GROUP)
     tx, schedule = optim.make_optimizer(lr, 100, reg_lambda=5e-5, reg_alpha=0.0)
-    return supervised.SupervisedTrainer(tiny(switchable), cfg, tx, VIEW,
-                                        mesh_lib.make_mesh(jax.devices()[:1]),
-                                        batch_size=BATCH, lr_schedule=schedule)
+    return engine.Engine(supervised.make(cfg, tiny(switchable), VIEW), tx,
+                         mesh_lib.make_mesh(jax.devices()[:1]), batch_size=BATCH,
+                         group_size=GROUP, update_mode=update_mode, lr_schedule=schedule)
+
+
+NO_CONTEXT = Context(teacher=None, queue=None, constants=None)
+
+
+def losses(model, cfg):
+    """The method's base and sub-network losses as functions of (params, x, labels, width)."""
+    m = supervised.make(cfg, model, VIEW)
+    return (lambda p, x, labels, width: m.base_loss(p, NO_CONTEXT, (x, labels), width),
+            lambda p, targets, x, labels, width: m.sub_loss(p, targets, (x, labels), width))
 
 
 # ------------------------------------------------------------------------------ losses
@@ -84,35 +93,34 @@ def test_inplace_distillation_uses_the_detached_largest_width_predictions():
     params = init(model)
     images, labels = batch()
     x = x_of(images)
-    cfg = supervised.SupervisedConfig(distill=True, group_size=GROUP)
-    loss, (targets, metrics) = supervised.base_loss(params, x, labels, model=model, cfg=cfg,
-                                                    width=1.0)
+    cfg = supervised.Config(distill=True, group_size=GROUP)
+    base_loss, sub_loss = losses(model, cfg)
+    loss, (targets, metrics) = base_loss(params, x, labels, width=1.0)
     full = model.apply({"params": params["backbone"]}, x, width=1.0)
     np.testing.assert_allclose(targets, jax.nn.softmax(full), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(loss), float(supervised.cross_entropy(full, labels)),
                                rtol=1e-6)
     # The sub-network's loss is the soft cross-entropy against those targets ...
     sub = np.asarray(model.apply({"params": params["backbone"]}, x, width=0.25), np.float64)
-    raw = supervised.sub_loss(params, targets, x, labels, model=model, cfg=cfg, width=0.25)[0]
+    raw = sub_loss(params, targets, x, labels, width=0.25)[0]
     want = np.mean(-(np.asarray(targets, np.float64) * np_log_softmax(sub)).sum(-1))
     np.testing.assert_allclose(float(raw), want, rtol=1e-5)
 
     # ... and no gradient flows into the largest width through them: differentiating the
     # chained loss gives exactly the gradient with the targets held constant.
     def chained(p):
-        t = supervised.base_loss(p, x, labels, model=model, cfg=cfg, width=1.0)[1][0]
-        return supervised.sub_loss(p, t, x, labels, model=model, cfg=cfg, width=0.25)[0]
+        t = base_loss(p, x, labels, width=1.0)[1][0]
+        return sub_loss(p, t, x, labels, width=0.25)[0]
 
     def fixed(p):
-        return supervised.sub_loss(p, targets, x, labels, model=model, cfg=cfg, width=0.25)[0]
+        return sub_loss(p, targets, x, labels, width=0.25)[0]
 
     g_chained, g_fixed = jax.jit(jax.grad(chained))(params), jax.jit(jax.grad(fixed))(params)
 
     # Without the stop-gradient the chained gradient differs (so the check can fail).
     def leaky(p):
         logits = model.apply({"params": p["backbone"]}, x, width=1.0)
-        return supervised.sub_loss(p, jax.nn.softmax(logits), x, labels, model=model, cfg=cfg,
-                                   width=0.25)[0]
+        return sub_loss(p, jax.nn.softmax(logits), x, labels, width=0.25)[0]
 
     def max_diff(a, b):
         return max(jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))),
@@ -123,8 +131,8 @@ def test_inplace_distillation_uses_the_detached_largest_width_predictions():
     print(f"max |grad difference|: detached {d_chained:.2e}, not detached {d_leaky:.2e}")
     assert d_chained < 1e-6 and d_leaky > 1000 * max(d_chained, 1e-7)
     # distill=False: the labels, not the targets.
-    hard = supervised.sub_loss(params, targets, x, labels, model=model,
-                               cfg=supervised.SupervisedConfig(distill=False), width=0.25)[0]
+    hard = losses(model, supervised.Config(distill=False))[1](params, targets, x, labels,
+                                                              width=0.25)[0]
     np.testing.assert_allclose(float(hard), float(supervised.cross_entropy(sub, labels)),
                                rtol=1e-5)
 
@@ -157,8 +165,8 @@ def test_s_net_widths_have_private_batchnorm_parameters_and_statistics():
 
     # Statistics: calibrating one width fills only that width's private statistics.
     batches = [x_of(batch(s)[0]) for s in range(2)]
-    stats_half = calibrate.calibrate(model, params["backbone"], 0.5, batches)
-    stats_full = calibrate.calibrate(model, params["backbone"], 1.0, batches)
+    stats_half = calibration.calibrate(model, params["backbone"], 0.5, batches)
+    stats_full = calibration.calibrate(model, params["backbone"], 1.0, batches)
     s_half, s_full = (traverse_util.flatten_dict(s, sep="/") for s in (stats_half, stats_full))
     assert set(s_half) == set(s_full) and "bn1/w1/mean" in s_half
     np.testing.assert_array_equal(s_half["bn1/w0/mean"], 0.0)  # untouched: defaults
@@ -261,7 +269,7 @@ def test_evaluator_top1_is_the_classifier_accuracy_on_the_test_split():
     model = build.classifier(c)
     params = {"backbone": jit_init(model, jax.random.key(1), jnp.zeros((32, 8, 8, 3)))["params"]}
     ev = Evaluator(c)
-    settings = calibrate.CalibrationSettings(num_batches=2, batch_size=96)
+    settings = calibration.CalibrationSettings(num_batches=2, batch_size=96)
     stats = ev.calibrate(params["backbone"], 0.5, settings)
     got = ev.run("top1", params["backbone"], stats, 0.5)
     # By hand: every test image through the eval transform, eval mode, argmax vs labels.
@@ -296,7 +304,7 @@ def test_table1_recipes_are_the_official_configs():
     for row, distill in (("simsiam_s_net", "none"), ("simsiam_s_net_distill", "mse")):
         c = t1.get_config(row)
         m = build.method(c)
-        assert (m.base_loss, m.distill_loss, m.momentum_base, m.update_mode) == \
+        assert (m.base_loss, m.distill_loss, m.momentum_base, c.method.update_mode) == \
             ("mse", distill, False, "per_width")
         assert (c.optim.lr, c.model.switchable_widths) == (0.05, (1.0, 0.75, 0.5, 0.25))
         assert c.eval.paper_row == f"table1/{row}"
@@ -307,8 +315,9 @@ def test_config_checks_of_supervised_runs():
         c = demo_config(variant)
         config_lib.validate(c)
         assert build.is_supervised(c) and c.eval.sweep_protocol == "top1"
-    assert isinstance(build.trainer(demo_config("s_net"), mesh_lib.make_mesh(), 22),
-                      supervised.SupervisedTrainer)
+    trainer = build.trainer(demo_config("s_net"), mesh_lib.make_mesh(), 22)
+    assert isinstance(trainer, engine.Engine) and trainer.method.name == "supervised"
+    assert trainer.method.needs_labels and build.method_kind(demo_config("s_net")) == "supervised"
     with pytest.raises(config_lib.ConfigError, match="sweep_protocol='top1' reads the "
                                                      "classifier of a supervised run"):
         config_lib.validate(demo_config(None, eval__sweep_protocol="top1"))
