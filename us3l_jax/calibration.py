@@ -18,10 +18,11 @@ channels are accumulated. Two modes:
 Named procedures (``PRESETS``, ``config.eval.calibration``): ``custom`` uses the fields
 ``config.eval.calibration_{mode,augment,batches,batch_size}`` (default: exact cumulative
 statistics of 100 batches with the linear-eval training crops); ``official_cifar`` is the
-official CIFAR linear evaluation's (EMA over 3 epochs of 128-image batches, linear-eval
-training crops); ``official_imagenet`` the official ImageNet calibration run's (EMA over 501
-batches of the per-device pretraining batch, 64 for ResNet-50 and 128 for ResNet-18, with the
-SSL pretraining augmentation). docs/fidelity.md, "BN calibration", compares them.
+official CIFAR linear evaluation's (EMA over 3 epochs of the linear-evaluation loader, 98
+forwards of 128 images per epoch on CIFAR, linear-eval training crops, whatever the
+pretraining batch); ``official_imagenet`` the official ImageNet calibration run's (EMA over
+501 batches of one BN group, 60 images for ResNet-50 and 128 for ResNet-18, with the SSL
+pretraining augmentation). docs/fidelity.md, "BN calibration", compares them.
 
 The result is a full-size ``batch_stats`` tree (the layout ``SlimBatchNorm`` reads in eval
 mode): calibrated values in the leading used channels, mean 0 / var 1 beyond. Each width gets
@@ -84,23 +85,41 @@ class CalibrationSettings:
             raise ValueError(f"calibration momentum must be in (0, 1], got {self.momentum!r}")
 
 
-def official_settings(preset: str, *, train_size: int, pretrain_batch: int,
+# The official linear evaluation ran on 4 GPUs (CIFAR: 128 per GPU, batch 512; transfer sets:
+# 64 per GPU, batch 256); its BN calibration is one GPU's chain of per-GPU batches.
+OFFICIAL_LINEAR_DEVICES = 4
+
+
+def official_settings(preset: str, *, train_size: int, linear_batch: int,
                       group_size: int | None, seed: int = 0) -> CalibrationSettings:
     """The official code's calibration procedures as settings (see the module docstring).
 
-    ``official_cifar``: PyTorch running averages (momentum 0.1) over 3 epochs of the training
-    set, each epoch as many 128-image batches as pretraining had iterations (the official
-    chain is one device's: 128 images per forward, ``ceil(train_size / pretrain_batch)``
-    forwards per epoch). ``official_imagenet``: 501 batches of the per-device pretraining
-    batch (``group_size``, else 128) with the SSL augmentation.
+    ``official_cifar``: PyTorch running averages (momentum 0.1) over 3 epochs of the
+    linear-evaluation training loader: ``ceil(train_size / linear_batch)`` forwards per epoch
+    (``linear_batch``: the linear recipe's whole batch, 512 on CIFAR), each of one GPU's share
+    of it (``linear_batch / 4``, 128 images on CIFAR), since the official chain is one
+    device's (rounded up to a whole number of BN groups ``group_size``, which calibration
+    normalises over, when it is not one). The pretraining batch plays no part. ``official_imagenet``: 501 batches of one
+    BN group (``group_size``, else 128: the per-GPU pretraining batch, 128 for ResNet-18 and
+    60 for ResNet-50) with the SSL augmentation. The official calibration config's comment
+    says 64 for ResNet-50; calibration normalises per pretraining BN group, so a batch must be
+    a whole number of groups, and one group of 60 is the closest.
     """
     if preset == "official_cifar":
-        return CalibrationSettings(num_batches=3 * -(-int(train_size) // int(pretrain_batch)),
-                                   batch_size=128, mode="ema", augment="linear_train",
-                                   seed=seed)
+        linear_batch = int(linear_batch)
+        if linear_batch < OFFICIAL_LINEAR_DEVICES or linear_batch % OFFICIAL_LINEAR_DEVICES:
+            raise ValueError(f"official_cifar calibration needs a linear-evaluation batch that "
+                             f"{OFFICIAL_LINEAR_DEVICES} devices share evenly, got "
+                             f"{linear_batch}")
+        per_device = linear_batch // OFFICIAL_LINEAR_DEVICES
+        if group_size and per_device % int(group_size):  # calibration normalises per BN group
+            per_device = int(group_size) * -(-per_device // int(group_size))
+        return CalibrationSettings(num_batches=3 * -(-int(train_size) // linear_batch),
+                                   batch_size=per_device,
+                                   mode="ema", augment="linear_train", seed=seed)
     if preset == "official_imagenet":
-        return CalibrationSettings(num_batches=501, batch_size=int(group_size or 128),
-                                   mode="ema", augment="ssl", seed=seed)
+        return CalibrationSettings(num_batches=501, batch_size=int(group_size or 128), mode="ema",
+                                   augment="ssl", seed=seed)
     raise ValueError(f"unknown calibration preset {preset!r}; the official ones are "
                      f"official_cifar, official_imagenet")
 

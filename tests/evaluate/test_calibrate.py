@@ -138,19 +138,53 @@ def test_bad_settings_are_named():
 
 
 def test_official_procedures():
-    """The official CIFAR path: EMA over 3 epochs of 128-image batches (3 x 98 forwards for
-    50,000 images at batch 512); ImageNet: 501 batches of the per-device batch, SSL views."""
-    cifar = calib.official_settings("official_cifar", train_size=50000, pretrain_batch=512,
+    """The official CIFAR path: EMA over 3 epochs of the linear-evaluation loader (batch 512 on
+    4 GPUs: 3 x 98 forwards of 128 images for 50,000 images); ImageNet: 501 batches of one BN
+    group, SSL views."""
+    cifar = calib.official_settings("official_cifar", train_size=50000, linear_batch=512,
                                     group_size=128)
     assert (cifar.num_batches, cifar.batch_size, cifar.mode, cifar.augment, cifar.momentum) == \
         (294, 128, "ema", "linear_train", 0.1)
-    imagenet = calib.official_settings("official_imagenet", train_size=0, pretrain_batch=512,
-                                       group_size=64)
+    # A MoCo v2 run (pretraining batch 256, BN groups of 64) is calibrated like any other:
+    # 294 forwards, not 3 epochs of its pretraining batch (3 x 196 = 588). 128 images are two
+    # of its BN groups.
+    moco = calib.official_settings("official_cifar", train_size=50000, linear_batch=512,
+                                   group_size=64)
+    assert (moco.num_batches, moco.batch_size) == (294, 128)
+    # Transfer recipe (batch 256 = 4 x 64): 3 x ceil(2040 / 256) = 24 forwards of 64 images,
+    # rounded up to whole BN groups when the group is larger.
+    flowers = calib.official_settings("official_cifar", train_size=2040, linear_batch=256,
+                                      group_size=None)
+    assert (flowers.num_batches, flowers.batch_size) == (24, 64)
+    assert calib.official_settings("official_cifar", train_size=2040, linear_batch=256,
+                                   group_size=128).batch_size == 128
+    with pytest.raises(ValueError, match="4 devices share evenly, got 510"):
+        calib.official_settings("official_cifar", train_size=1, linear_batch=510,
+                                group_size=None)
+    imagenet = calib.official_settings("official_imagenet", train_size=0, linear_batch=1024,
+                                       group_size=60)
     assert (imagenet.num_batches, imagenet.batch_size, imagenet.mode, imagenet.augment) == \
-        (501, 64, "ema", "ssl")
-    assert calib.official_settings("official_imagenet", train_size=0, pretrain_batch=256,
+        (501, 60, "ema", "ssl")
+    assert calib.official_settings("official_imagenet", train_size=0, linear_batch=1024,
                                    group_size=None).batch_size == 128
     with pytest.raises(ValueError, match="unknown calibration preset 'custom'"):
-        calib.official_settings("custom", train_size=1, pretrain_batch=1, group_size=None)
+        calib.official_settings("custom", train_size=1, linear_batch=4, group_size=None)
     with pytest.raises(ValueError, match="calibration augment 'ssl' needs the pretraining view"):
         next(calib.input_batches(None, calib.CalibrationSettings(augment="ssl"), None, None))
+
+
+def test_official_cifar_counts_the_linear_loader_not_the_pretraining_batch():
+    """A run's official CIFAR calibration takes 3 epochs of the linear-evaluation loader
+    (batch 512), whatever its pretraining batch: MoCo v2 (batch 256) and US3L (batch 512)
+    both get 3 x ceil(1100 / 512) = 9 forwards on 1,100 images (3 x ceil(1100 / 256) = 15
+    before)."""
+    import tensorflow_datasets as tfds
+
+    from configs import mocov2_cifar100, us3l_cifar100
+    from us3l_jax.evaluate.evaluator import calibration_settings
+
+    moco, us3l = mocov2_cifar100.get_config(), us3l_cifar100.get_config()
+    assert (moco.optim.batch_size, us3l.optim.batch_size) == (256, 512)
+    with tfds.testing.mock_data(num_examples=1100):
+        got = [calibration_settings(c) for c in (moco, us3l)]
+    assert [(s.num_batches, s.batch_size, s.mode) for s in got] == [(9, 128, "ema")] * 2

@@ -76,8 +76,10 @@ def calibration_settings(config: ml_collections.ConfigDict, num_batches: int | N
         if e.calibration == "official_cifar":  # only this one depends on the data's size
             size = datasets.num_examples(dataset, transforms.SPLITS[dataset][0],
                                          data_dir=config.data.data_dir)
+        linear_batch = linear.recipe_for(e.linear_recipe, dataset, None,
+                                         config.model.name).batch_size
         settings = calib.official_settings(
-            e.calibration, train_size=size, pretrain_batch=int(config.optim.batch_size),
+            e.calibration, train_size=size, linear_batch=linear_batch,
             group_size=config.method.group_size, seed=int(config.seed))
     if num_batches:
         settings = dataclasses.replace(settings, num_batches=int(num_batches))
