@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -90,20 +91,30 @@ class CalibrationSettings:
 OFFICIAL_LINEAR_DEVICES = 4
 
 
+def _whole_groups(batch: int, group_size: int | None, num_devices: int) -> int:
+    """The smallest batch >= ``batch`` made of whole BN groups (calibration normalises per
+    group) that the devices share evenly."""
+    step = math.lcm(int(group_size or 1), int(num_devices))
+    return step * -(-int(batch) // step)
+
+
 def official_settings(preset: str, *, train_size: int, linear_batch: int,
-                      group_size: int | None, seed: int = 0) -> CalibrationSettings:
+                      group_size: int | None, num_devices: int = 1,
+                      seed: int = 0) -> CalibrationSettings:
     """The official code's calibration procedures as settings (see the module docstring).
 
     ``official_cifar``: PyTorch running averages (momentum 0.1) over 3 epochs of the
     linear-evaluation training loader: ``ceil(train_size / linear_batch)`` forwards per epoch
     (``linear_batch``: the linear recipe's whole batch, 512 on CIFAR), each of one GPU's share
     of it (``linear_batch / 4``, 128 images on CIFAR), since the official chain is one
-    device's (rounded up to a whole number of BN groups ``group_size``, which calibration
-    normalises over, when it is not one). The pretraining batch plays no part. ``official_imagenet``: 501 batches of one
+    device's. The pretraining batch plays no part. ``official_imagenet``: 501 batches of one
     BN group (``group_size``, else 128: the per-GPU pretraining batch, 128 for ResNet-18 and
     60 for ResNet-50) with the SSL augmentation. The official calibration config's comment
     says 64 for ResNet-50; calibration normalises per pretraining BN group, so a batch must be
     a whole number of groups, and one group of 60 is the closest.
+
+    Both batches are rounded up to whole BN groups that ``num_devices`` devices share evenly
+    (ResNet-50's 60 becomes 120 on 8 devices, two groups per batch).
     """
     if preset == "official_cifar":
         linear_batch = int(linear_batch)
@@ -111,15 +122,16 @@ def official_settings(preset: str, *, train_size: int, linear_batch: int,
             raise ValueError(f"official_cifar calibration needs a linear-evaluation batch that "
                              f"{OFFICIAL_LINEAR_DEVICES} devices share evenly, got "
                              f"{linear_batch}")
-        per_device = linear_batch // OFFICIAL_LINEAR_DEVICES
-        if group_size and per_device % int(group_size):  # calibration normalises per BN group
-            per_device = int(group_size) * -(-per_device // int(group_size))
+        per_device = _whole_groups(linear_batch // OFFICIAL_LINEAR_DEVICES, group_size,
+                                   num_devices)
         return CalibrationSettings(num_batches=3 * -(-int(train_size) // linear_batch),
                                    batch_size=per_device,
                                    mode="ema", augment="linear_train", seed=seed)
     if preset == "official_imagenet":
-        return CalibrationSettings(num_batches=501, batch_size=int(group_size or 128), mode="ema",
-                                   augment="ssl", seed=seed)
+        return CalibrationSettings(num_batches=501,
+                                   batch_size=_whole_groups(group_size or 128, group_size,
+                                                            num_devices),
+                                   mode="ema", augment="ssl", seed=seed)
     raise ValueError(f"unknown calibration preset {preset!r}; the official ones are "
                      f"official_cifar, official_imagenet")
 

@@ -165,6 +165,12 @@ def test_official_procedures():
                                        group_size=60)
     assert (imagenet.num_batches, imagenet.batch_size, imagenet.mode, imagenet.augment) == \
         (501, 60, "ema", "ssl")
+    # Whole groups that the devices share: 60 -> 120 on 8 devices, 128 stays 128.
+    assert [calib.official_settings("official_imagenet", train_size=0, linear_batch=1024,
+                                    group_size=g, num_devices=8).batch_size
+            for g in (60, 128)] == [120, 128]
+    assert calib.official_settings("official_cifar", train_size=2040, linear_batch=256,
+                                   group_size=None, num_devices=16).batch_size == 64
     assert calib.official_settings("official_imagenet", train_size=0, linear_batch=1024,
                                    group_size=None).batch_size == 128
     with pytest.raises(ValueError, match="unknown calibration preset 'custom'"):

@@ -80,7 +80,8 @@ def calibration_settings(config: ml_collections.ConfigDict, num_batches: int | N
                                          config.model.name).batch_size
         settings = calib.official_settings(
             e.calibration, train_size=size, linear_batch=linear_batch,
-            group_size=config.method.group_size, seed=int(config.seed))
+            group_size=config.method.group_size, num_devices=jax.device_count(),
+            seed=int(config.seed))
     if num_batches:
         settings = dataclasses.replace(settings, num_batches=int(num_batches))
     return settings
