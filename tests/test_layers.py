@@ -24,7 +24,7 @@ ROOT = "us3l_jax"
 LAYERS = (
     ("base", (ROOT, "us3l_jax.slim", "us3l_jax.fileio", "us3l_jax.errors", "us3l_jax.mesh",
               "us3l_jax.cli", "us3l_jax.workdir_lock", "us3l_jax.eval_names",
-              "us3l_jax.paper")),
+              "us3l_jax.paper", "us3l_jax.paths", "us3l_jax.workdir_lease")),
     ("parts", ("us3l_jax.models", "us3l_jax.data", "us3l_jax.objectives", "us3l_jax.sampling",
                "us3l_jax.optim", "us3l_jax.keyqueue", "us3l_jax.profile",
                "us3l_jax.torch_layout", "us3l_jax.calibration")),
