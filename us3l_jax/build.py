@@ -239,7 +239,8 @@ def teacher_width(config: Config) -> float:
 
 def classifier(config: Config):
     """The backbone with its classifier ``fc`` over the dataset's classes (supervised runs)."""
-    return backbone(config, num_classes=datasets.NUM_CLASSES[config.data.dataset])
+    return backbone(config, num_classes=datasets.num_classes(config.data.dataset,
+                                                             config.data.data_dir))
 
 
 def linear_train_view(config: Config) -> augment.ViewConfig:

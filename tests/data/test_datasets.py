@@ -13,7 +13,7 @@ NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "oxford_flo
 
 def test_registry_names_match_the_issue():
     assert set(datasets.TFDS_NAMES) == set(NUM_CLASSES)
-    assert datasets.NAMES == datasets.TFDS_NAMES + ("digits",)
+    assert datasets.NAMES == datasets.TFDS_NAMES + ("digits", "folder")
 
 
 @pytest.mark.parametrize("name", datasets.TFDS_NAMES)
@@ -102,3 +102,14 @@ def test_unprepared_dataset_fails_fast_without_download(tmp_path, name):
     assert ("--manual_dir" in msg) == (name == "imagenet2012")
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no chained traceback
     assert not list(tmp_path.rglob("*.array_record*"))  # nothing was fetched or written
+
+
+def test_unprepared_dataset_error_comes_alone_and_names_the_flag(tmp_path, caplog):
+    """tfds warns twice ("Variant folder ... has no dataset_info.json") while it looks; the
+    error says the same, so those warnings are not shown, and its hint is the config flag."""
+    (tmp_path / "cifar100" / "3.0.2").mkdir(parents=True)  # a variant folder without info
+    with caplog.at_level("INFO"), pytest.raises(datasets.DatasetNotFoundError) as e:
+        datasets.load("cifar100", "train", data_dir=tmp_path)
+    assert "no dataset_info.json" in str(e.value)
+    assert str(e.value).endswith("Or pass --config.data.data_dir= the directory that holds it.")
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []

@@ -1,7 +1,10 @@
 """Input pipeline.
 
 * ``datasets``: ``load(name, split)`` -> in-memory ``ArrayDataset`` (TFDS without TensorFlow,
-  sklearn digits); ``open_source`` for streaming; ``DatasetNotFoundError`` (never downloads).
+  sklearn digits, an image folder); ``open_source`` for streaming; ``DatasetNotFoundError``
+  (never downloads).
+* ``folder``: your own images, ImageFolder layout (train/<class>/, val/<class>/) or
+  unlabelled, read with PIL.
 * ``feeding``: ``DeviceDataset`` (images once on device, sharded over ``data``),
   ``TrainFeeder`` (batch at step k = f(seed, k)), ``eval_batches`` (each example once, masked).
 * ``streaming``: grain pipeline for ImageNet-size data (host decode + crops, resumable).

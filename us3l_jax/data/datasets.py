@@ -1,9 +1,12 @@
-"""Dataset loading: one interface over TFDS (read without TensorFlow) and sklearn's digits.
+"""Dataset loading: one interface over TFDS (read without TensorFlow), sklearn's digits and
+a folder of your own images.
 
 ``load(name, split)`` returns an in-memory :class:`ArrayDataset` (uint8 NHWC images, int32
 labels). TFDS datasets are read through ``tfds.data_source`` (ArrayRecord, random access, no
-TensorFlow), which also works under ``tfds.testing.mock_data``. ``open_source`` gives the raw
-random-access source for streaming (ImageNet, see ``streaming.py``).
+TensorFlow), which also works under ``tfds.testing.mock_data``. ``folder`` is an image folder
+at ``data_dir`` (``folder.py``: train/<class>/ and val/<class>/, or unlabelled images), splits
+``train`` and ``test``. ``open_source`` gives the raw random-access source for streaming
+(ImageNet, see ``streaming.py``).
 
 Nothing here downloads: a dataset that is not prepared in ``data_dir`` raises
 :class:`DatasetNotFoundError` at once, naming the dataset, the directory searched and the
@@ -11,7 +14,9 @@ command that prepares it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,18 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from us3l_jax.data import host_transforms
+from us3l_jax.data import folder, host_transforms
 
 TFDS_NAMES = ("cifar10", "cifar100", "imagenet2012", "oxford_flowers102", "oxford_iiit_pet",
               "dtd")
-NAMES = TFDS_NAMES + ("digits",)
-# Classes per dataset: the size of a supervised classifier, known before any data is read.
+FOLDER = "folder"  # your own images at config.data.data_dir (us3l_jax.data.folder)
+NAMES = TFDS_NAMES + ("digits", FOLDER)
+# Classes per dataset: the size of a supervised classifier, known before any data is read
+# (a folder's: ``num_classes``).
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "oxford_flowers102": 102,
                "oxford_iiit_pet": 37, "dtd": 47, "digits": 10}
 
 # Datasets whose images vary in size: ``load`` stores them at ``image_size`` (shorter side
 # resized, then center-cropped to a square), the official eval resize.
-_VARIABLE_SIZE = ("imagenet2012", "oxford_flowers102", "oxford_iiit_pet", "dtd")
+_VARIABLE_SIZE = ("imagenet2012", "oxford_flowers102", "oxford_iiit_pet", "dtd", FOLDER)
 DEFAULT_VARIABLE_SIZE = 256
 DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SPLIT_SEED = 0  # fixed: the digits split never changes
@@ -70,9 +77,10 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
     Args:
       name: one of ``NAMES``.
       split: a split of that dataset (TFDS slicing such as ``"train[:10%]"`` works for TFDS
-        datasets); ``digits`` has ``"train"`` and ``"test"``.
+        datasets); ``digits`` and ``folder`` have ``"train"`` and ``"test"``.
       data_dir: the TFDS data directory (default: ``$TFDS_DATA_DIR`` or
-        ``~/tensorflow_datasets``). Ignored for ``digits``.
+        ``~/tensorflow_datasets``); for ``folder`` the image folder (required). Ignored for
+        ``digits``.
       image_size: output side length. ``None`` keeps CIFAR at 32, makes digits 32 and stores
         variable-size datasets at 256 (shorter side resized to 256, bilinear, then
         center-cropped to 256x256, so the eval transform Resize(256)+CenterCrop(224) is a
@@ -90,7 +98,8 @@ def load(name: str, split: str = "train", *, data_dir: str | os.PathLike | None 
             images, labels = images[slice(*index_range)], labels[slice(*index_range)]
     else:
         source = open_source(name, split, data_dir=data_dir)
-        num_classes = int(source.dataset_info.features["label"].num_classes)
+        num_classes = (source.num_classes if name == FOLDER
+                       else int(source.dataset_info.features["label"].num_classes))
         start, stop = index_range if index_range is not None else (0, len(source))
         if not 0 <= start <= stop <= len(source):
             raise ValueError(f"index_range {index_range} is outside {name}[{split}] "
@@ -109,25 +118,58 @@ def num_examples(name: str, split: str = "train", *,
     return len(open_source(name, split, data_dir=data_dir))
 
 
+def num_classes(name: str, data_dir: str | os.PathLike | None = None) -> int:
+    """Classes of dataset ``name``: ``NUM_CLASSES``, or the class folders of an image folder's
+    train split."""
+    check_name(name)
+    if name == FOLDER:
+        return open_source(name, "train", data_dir=data_dir).num_classes
+    return NUM_CLASSES[name]
+
+
 def open_source(name: str, split: str = "train", *,
                 data_dir: str | os.PathLike | None = None) -> Sequence[dict[str, Any]]:
-    """The random-access TFDS source (``tfds.data_source``) of ``name``/``split``.
+    """The random-access source of ``name``/``split``: ``tfds.data_source``, or a
+    ``folder.FolderSource`` for ``folder``.
 
     Elements are dicts with ``"image"`` (decoded uint8 HWC) and ``"label"``. Raises
-    :class:`DatasetNotFoundError` (never downloads) if the data is not prepared.
+    :class:`DatasetNotFoundError` (never downloads) if the data is not prepared, and
+    ``folder.FolderError`` for an image folder that is missing or lacks the split.
     """
     check_name(name)
+    if name == FOLDER:
+        if data_dir is None:
+            raise DatasetNotFoundError("dataset 'folder' needs the image folder: "
+                                       "--config.data.data_dir=DIR (configs/custom.py:path=DIR)")
+        return folder.open_split(data_dir, split)
     if name not in TFDS_NAMES:
         raise ValueError(f"{name!r} is not a TFDS dataset; TFDS datasets: {', '.join(TFDS_NAMES)}")
     if data_dir is not None and not os.path.isdir(data_dir):
         raise DatasetNotFoundError(_not_found_message(name, data_dir, "the directory does not exist"))
     import tensorflow_datasets as tfds  # deferred: importing tfds costs ~0.3 s
 
-    try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as e:  # tfds raises AssertionError/NotImplementedError/ValueError/KeyError
-        reason = _diagnose(tfds, name, data_dir, e)
+    with _quiet_tfds():
+        try:
+            return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises AssertionError/NotImplementedError/ValueError/...
+            reason = _diagnose(tfds, name, data_dir, e)
         raise DatasetNotFoundError(_not_found_message(name, data_dir, reason, split)) from None
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """Drops tfds's absl warnings while it looks for a dataset (e.g. "Variant folder ... has
+    no dataset_info.json", twice): the error raised then says the same in one line."""
+    def keep(record: logging.LogRecord) -> bool:
+        return (record.levelno >= logging.ERROR
+                or "tensorflow_datasets" not in record.pathname)
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(keep)
 
 
 def check_name(name: str) -> None:
@@ -147,8 +189,8 @@ def _not_found_message(name: str, data_dir, reason: str, split: str | None = Non
     return (f"dataset {target} is not available in {searched} ({reason}). Nothing is "
             f"downloaded here. Prepare it once with:\n  {prepare}\n(building needs "
             f"TensorFlow: pip install -e \".[prepare]\" -c requirements.lock; reading the "
-            f"prepared ArrayRecord data does not). Or pass data_dir= the directory that holds "
-            f"it.")
+            f"prepared ArrayRecord data does not). Or pass --config.data.data_dir= the "
+            f"directory that holds it.")
 
 
 def _diagnose(tfds, name: str, data_dir, error: Exception) -> str:

@@ -34,6 +34,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from us3l_jax import mesh as mesh_lib
 from us3l_jax.data.datasets import ArrayDataset
+from us3l_jax.errors import UsageError
 
 
 # ------------------------------------------------------------------------------------------
@@ -45,9 +46,9 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full batches per epoch (the last partial batch is dropped)."""
     if global_batch_size <= 0:
         raise ValueError(f"global batch size must be positive, got {global_batch_size}")
-    if num_examples < global_batch_size:
-        raise ValueError(f"global batch size {global_batch_size} is larger than the dataset "
-                         f"({num_examples} examples)")
+    if num_examples < global_batch_size:  # e.g. a small image folder: the user's to fix
+        raise UsageError(f"global batch size {global_batch_size} is larger than the dataset "
+                         f"({num_examples} examples); lower config.optim.batch_size")
     return num_examples // global_batch_size
 
 

@@ -32,6 +32,7 @@ SPLITS: dict[str, tuple[str, str]] = {
     "oxford_iiit_pet": ("train", "test"),
     "dtd": ("train+validation", "test"),
     "imagenet2012": ("train", "validation"),
+    "folder": ("train", "test"),  # an image folder's train/ and val/ (or test/)
 }
 _IMAGENET_SIZED = build.IMAGENET_SIZED  # views at least this large use the ImageNet recipes
 
