@@ -8,6 +8,7 @@ aliases. Any parse error is one line ``<prog>: error: ...`` on stderr and exit s
 from __future__ import annotations
 
 import ast
+import difflib
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -84,10 +85,59 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str,
     try:
         rest = fv([prog] + [_underscored(a) for a in args])
     except Exception as e:  # noqa: BLE001 - absl and config_flags raise several types
-        fail(error_prog, f"invalid flags: {one_line(e)}")
+        fail(error_prog, unknown_field(fv, args) or f"invalid flags: {one_line(e)}")
     if len(rest) > 1 and not positional:
         fail(error_prog, f"unexpected arguments {rest[1:]}; see {prog} --help")
     return rest
+
+
+def _leaves(node, prefix: str) -> list[str]:
+    out = []
+    for key in node.keys():
+        value = node[key]
+        out += _leaves(value, f"{prefix}.{key}") if hasattr(value, "keys") else [
+            f"{prefix}.{key}"]
+    return out
+
+
+def _config_value(fv: flags.FlagValues, flag: str, args: Sequence[str]):
+    """The config a ``DEFINE_config_file`` flag loads (config_flags checks the overrides while
+    parsing, so after a bad one the flag holds no value: load the file again)."""
+    if fv[flag].value is not None:
+        return fv[flag].value
+    files = [a.partition("=")[2] for a in args if a.startswith(f"--{flag}=")]
+    try:
+        return fv[flag].parser.parse(files[-1]) if files else None
+    except Exception:  # noqa: BLE001 - the file's own error is reported instead
+        return None
+
+
+def unknown_field(fv: flags.FlagValues, args: Sequence[str]) -> str | None:
+    """For an override of a config field that does not exist (``--config.optim.bogus=1``):
+    the full path it names and the closest valid field (the same name in another section
+    first, else the nearest spelling in its own section); None if no override names one."""
+    for arg in args:
+        name = _underscored(arg)[2:].partition("=")[0] if arg.startswith("--") else ""
+        flag, _, path = name.partition(".")
+        root = _config_value(fv, flag, args) if path and flag in fv else None
+        if not hasattr(root, "keys"):
+            continue
+        node, parts = root, path.split(".")
+        for i, key in enumerate(parts):
+            if not hasattr(node, "keys"):
+                break  # a leaf indexed further: not an unknown name
+            if key in node:
+                node = node[key]
+                continue
+            here = ".".join([flag] + parts[:i])
+            leaves = _leaves(root, flag)
+            named = [p for p in leaves if p.rsplit(".", 1)[1] == key] or [
+                p for p in leaves if p.rsplit(".", 1)[1] in
+                difflib.get_close_matches(key, [q.rsplit(".", 1)[1] for q in leaves], 1, 0.8)]
+            best = named[0] if named else f"{here}." + difflib.get_close_matches(
+                key, list(node.keys()), 1, 0.0)[0]
+            return f"--{name}: {here} has no field {key!r}; the closest valid key is {best}"
+    return None
 
 
 def config_files(directory: str | None = None) -> list[tuple[str, str]]:

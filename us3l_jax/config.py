@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from typing import Any
 
 import ml_collections
@@ -138,9 +139,13 @@ def get_default() -> ml_collections.ConfigDict:
     c.optim.reg_rule = "official"
     c.optim.lars = False
     # "sgd" (the CNN recipes above) or "adamw" (MoCo v3 ViTs: per-iteration warm-up + cosine,
-    # decoupled weight_decay; reg_lambda must then be 0).
+    # decoupled weight_decay; or, with weight_decay 0, reg_lambda as the official ViT group
+    # regularizer).
     c.optim.optimizer = "sgd"
     c.optim.weight_decay = 0.0
+    # AdamW's step count: "global" (optax: one count, advanced by every update) or "per_param"
+    # (torch.optim.AdamW: each parameter counts from its first gradient; the ViT configs).
+    c.optim.adam_count = "global"
 
     c.train = ml_collections.ConfigDict()
     c.train.objective = "ssl"  # or "supervised": cross-entropy on the labels (Table 1)
@@ -184,6 +189,9 @@ def get_default() -> ml_collections.ConfigDict:
     # overrides the epochs (milestones scale with it).
     c.eval.linear_recipe = "auto"
     c.eval.linear_epochs = config_dict.placeholder(int)
+    # Fine-tuning recipe (protocol "finetune", us3l_jax.evaluate.finetune.RECIPES); its epochs
+    # are eval.linear_epochs when set.
+    c.eval.finetune_recipe = "us"
     return c
 
 
@@ -200,6 +208,32 @@ def _choice(path: str, value: Any, allowed) -> None:
 def _positive(path: str, value: Any) -> None:
     if not (isinstance(value, (int, float)) and value > 0):
         raise ConfigError(f"config.{path} must be > 0, got {value!r}")
+
+
+# Fields where a negative value has no meaning (0 switches the term off or means none).
+NON_NEGATIVE = ("seed", "method.distill_weight", "method.feature_distill_weight",
+                "method.queue_size", "optim.reg_alpha", "optim.reg_lambda",
+                "optim.weight_decay", "optim.momentum", "optim.warmup_epochs",
+                "optim.reg_warmup_epochs", "eval.online_every_epochs",
+                "supervised.label_smoothing")
+
+
+def _field_error(config: ml_collections.ConfigDict, e: Exception,
+                 *sections: str) -> ConfigError:
+    """A builder's ``ValueError`` about ``config.<section>`` (the first of ``sections``,
+    or a later one holding the field) as a ``ConfigError`` that names the full field path
+    where the message starts with a field's name (``group_size must be positive`` ->
+    ``config.method.group_size must be positive``). Fields whose builders call them
+    otherwise (``size``, ``groups``, ``warmup``) are checked by ``validate`` itself."""
+    message = str(e)
+    word = re.match(r"[A-Za-z_]\w*", message)
+    name = word.group(0) if word else ""
+    if any(message.startswith(s + ".") for s in sections):  # the full path is named
+        return ConfigError(f"config.{message}")
+    for section in sections:
+        if name in config[section]:
+            return ConfigError(f"config.{section}.{message}")
+    return ConfigError(f"config.{sections[0]}: {message}")
 
 
 def _non_finite(node, prefix: str = "") -> str | None:
@@ -244,6 +278,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             eval_names.CALIBRATION_AUGMENTS)
     _choice("eval.linear_recipe", config.eval.linear_recipe,
             ("auto",) + eval_names.LINEAR_RECIPES)
+    _choice("eval.finetune_recipe", config.eval.finetune_recipe, eval_names.FINETUNE_RECIPES)
     if config.eval.linear_epochs is not None:
         _positive("eval.linear_epochs", config.eval.linear_epochs)
     if config.eval.paper_row is not None:
@@ -254,9 +289,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for path in ("optim.batch_size", "optim.epochs", "optim.lr", "train.log_every_steps",
                  "train.keep_checkpoints", "eval.batch_size", "heads.proj_hidden",
                  "heads.proj_out", "heads.head_hidden", "eval.calibration_batches",
-                 "eval.online_calibration_batches", "eval.knn_k", "eval.knn_temperature"):
+                 "eval.online_calibration_batches", "eval.knn_k", "eval.knn_temperature",
+                 "optim.reg_groups", "data.num_threads"):
         section, key = path.split(".")
         _positive(path, config[section][key])
+    for path in NON_NEGATIVE:
+        section, _, key = path.rpartition(".")
+        value = config[section][key] if section else config[key]
+        if value < 0:
+            raise ConfigError(f"config.{path}={value!r} must be >= 0")
+    if config.optim.momentum >= 1:
+        raise ConfigError(f"config.optim.momentum={config.optim.momentum!r} must be below 1")
+    if config.data.image_size is not None:
+        _positive("data.image_size", config.data.image_size)
     if config.model.name not in ("cifar_resnet18", "cifar_resnet50", "resnet18", "resnet50"):
         for key in ("base_width", "stage_sizes"):
             if config.model[key] is not None:
@@ -282,6 +327,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{path} is empty; give at least one width, e.g. "
                               f"(1.0, 0.5, 0.25)")
     _choice("optim.optimizer", config.optim.optimizer, ("sgd", "adamw"))
+    _choice("optim.adam_count", config.optim.adam_count, ("global", "per_param"))
     if config.model.name not in models.VIT_NAMES:
         for key in ("dim", "depth", "heads", "patch_size", "slicing", "stop_grad_patch"):
             if config.model[key] is not None:
@@ -293,17 +339,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     try:
         kind, method = build.method_and_kind(config)
     except ValueError as e:
-        raise ConfigError(f"config.method: {e}") from None
+        raise _field_error(config, e, "method") from None
     try:
         sampler = build.sampler(config)
     except ValueError as e:
-        raise ConfigError(f"config.sampler: {e}") from None
+        raise _field_error(config, e, "sampler") from None
     try:
         backbone = build.backbone(config)
-        for w in config.sampler.width_range:
-            backbone.feature_dim(w)
     except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
+        raise _field_error(config, e, "model") from None
+    # The model family's smallest width (0.25 for the CNNs): pretraining profiles the
+    # range's ends at the family's own range, so a range reaching below it would fail only
+    # once the run had set up and written its workdir.
+    floor = {f.name: f.default for f in dataclasses.fields(backbone)}.get("min_width", 0.0)
+    for w in config.sampler.width_range:
+        try:
+            slim.validate_width(w, floor)
+            backbone.feature_dim(w)
+        except ValueError as e:
+            raise ConfigError(f"config.sampler.width_range={tuple(config.sampler.width_range)}"
+                              f": {e} for config.model.name={config.model.name!r}") from None
     lo = min(config.sampler.width_range)
     for c, ratio in backbone.slim_dims():
         if slim.channels(c, lo, ratio) > c:
@@ -360,9 +415,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"{config.train.max_steps}")
     try:
         build.views(config)
+    except ValueError as e:
+        raise _field_error(config, e, "data") from None
+    try:
         build.optimizer(config, steps_per_epoch=1)
     except ValueError as e:
-        raise ConfigError(f"config: {e}") from None
+        raise _field_error(config, e, "optim") from None
 
 
 def _validate_baseline(config: ml_collections.ConfigDict, kind: str, sampler) -> None:
@@ -446,7 +504,7 @@ def _validate_supervised(config: ml_collections.ConfigDict) -> None:
     try:
         build.method(config)
     except ValueError as e:
-        raise ConfigError(f"config.supervised: {e}") from None
+        raise _field_error(config, e, "supervised", "method") from None
     if build.is_streaming(config):
         raise ConfigError("config.train.objective='supervised' runs on in-memory datasets "
                           f"only; {config.data.dataset} streams (config.data.streaming)")

@@ -304,3 +304,53 @@ def test_cli_out_naming_an_existing_file_is_refused_and_kept(tmp_path, capsys):
         cli_main.main([f"--workdir={tmp_path}", f"--out={target}"])
     assert e.value.code == 2 and target.read_text() == "keep"
     assert "it exists and is a file, not a directory" in capsys.readouterr().err
+
+
+def test_cli_workdir_that_cannot_hold_the_report_needs_out(tmp_path, capsys):
+    """The report and new BN statistics go into the workdir unless --out is given: a workdir
+    where they cannot be written (here its ``eval`` is taken by a file; a read-only mount
+    is the usual case) is one line and exit 2 before any work, and nothing is written."""
+    from us3l_jax.evaluate import __main__ as cli_main
+    (tmp_path / "eval").write_text("keep")
+    with pytest.raises(SystemExit) as e:
+        cli_main.main([f"--workdir={tmp_path}", "--widths=1.0"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"python -m us3l_jax.evaluate: error: --workdir={tmp_path} cannot hold the "
+                   f"report ({tmp_path}/eval is a file, so no directory can be created below "
+                   f"it); give --out=DIR for the report and the calibrated BN statistics"]
+    assert os.listdir(tmp_path) == ["eval"] and (tmp_path / "eval").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_statistics_go_to_out_when_the_workdir_cannot_take_them(run, sweep, tmp_path):
+    """A run whose ``bn_stats`` cannot be written (taken by a file here; read-only in
+    practice) stores new statistics in ``--out`` and reuses them from there; with no place
+    to store them the evaluator refuses before calibrating."""
+    import shutil
+
+    from us3l_jax.evaluate.evaluator import Evaluator
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    shutil.rmtree(os.path.join(copy, calib.STATS_DIR), ignore_errors=True)
+    with open(os.path.join(copy, calib.STATS_DIR), "w") as f:
+        f.write("keep")
+    out = str(tmp_path / "out")
+    first = run_sweep(copy, [0.25], "fast", out=out, echo=None)
+    assert first[0]["calibration_reused"] is False
+    _, meta = calib.load_stats(calib.stats_path(out, STEP, 0.25))
+    assert (meta["width"], meta["step"], meta["num_batches"]) == (0.25, STEP, 4)
+
+    ev = Evaluator(checkpointing.read_config(copy))
+    params = checkpointing.load_pretrained(
+        copy, abstract_state=build.abstract_state).params["backbone"]
+    settings = calib.CalibrationSettings(num_batches=2, batch_size=64, seed=0)
+    _, reused = ev.calibrated(params, 0.25, settings, copy, STEP, store_in=out)
+    assert reused is False  # other settings than the sweep's: calibrated, stored in out
+    assert calib.load_stats(calib.stats_path(out, STEP, 0.25))[1]["num_batches"] == 2
+    _, reused = ev.calibrated(params, 0.25, settings, copy, STEP, store_in=out)
+    assert reused is True
+    with pytest.raises(ValueError, match="cannot store calibrated BN statistics: .*bn_stats/"
+                                         "step_8/width_0.25.msgpack: .*bn_stats is a file"):
+        ev.calibrated(params, 0.25, settings, copy, STEP, recalibrate=True)
+    assert open(os.path.join(copy, calib.STATS_DIR)).read() == "keep"

@@ -9,11 +9,13 @@ hold a sweep: the run's own sweep (written by pretraining) is never replaced.
 absl flags like ``python -m us3l_jax.main`` (the earlier hyphenated spellings such as
 ``--calibration-batches`` still work). Bad arguments (no run or checkpoint, a width outside the
 trained range, an unknown protocol, dataset or paper row, an ``--out`` that holds a sweep)
-print one line ``python -m us3l_jax.evaluate: error: ...`` and exit 2.
+print one line ``python -m us3l_jax.evaluate: error: ...`` and exit 2. A workdir that cannot
+be written (read-only) needs ``--out``, which then also receives the calibrated BN statistics.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -25,6 +27,7 @@ from us3l_jax.data.datasets import NAMES as DATASETS
 from us3l_jax.evaluate.evaluator import PROTOCOLS
 
 PROG = "python -m us3l_jax.evaluate"
+EXIT_IO = 4  # as python -m us3l_jax.main: an I/O error while writing
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "the pretraining run directory (required)",
                     flag_values=FLAGS)
@@ -60,7 +63,8 @@ def usage() -> str:
             f"Protocols: fast (softmax probe on cached features, seconds), knn (weighted kNN, "
             f"k=200), paper (the paper's linear evaluation, long)\n"
             f"Datasets: {', '.join(DATASETS)}\n"
-            f"Exit codes: 0 done; 2 bad arguments / run / checkpoint.\n")
+            f"Exit codes: 0 done; 2 bad arguments / run / checkpoint; 4 I/O error while "
+            f"writing.\n")
 
 
 def check_flags() -> str | None:
@@ -79,6 +83,13 @@ def check_flags() -> str | None:
         problem = fileio.unusable_dir(FLAGS.out)
         if problem:
             return f"--out={FLAGS.out}: {problem}"
+    elif FLAGS.workdir and os.path.isdir(FLAGS.workdir):
+        # The report and new BN statistics go into the workdir: a read-only one (a copy
+        # mounted read-only, another user's run) needs --out, where both then go.
+        problem = fileio.unusable_dir(os.path.join(FLAGS.workdir, "eval", "report"))
+        if problem:
+            return (f"--workdir={FLAGS.workdir} cannot hold the report ({problem}); give "
+                    f"--out=DIR for the report and the calibrated BN statistics")
     return None
 
 
@@ -102,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   calibration=FLAGS.calibration, new_report=True)
     except (CheckpointError, ValueError) as e:
         cli.fail(PROG, e)
+    except OSError as e:  # e.g. a full disk or a folder that vanished while writing
+        cli.fail(PROG, f"I/O error: {e}", EXIT_IO)
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from us3l_jax import build, calibration as calib, eval_names, mesh as mesh_lib, slim
+from us3l_jax import build, calibration as calib, eval_names, fileio, mesh as mesh_lib, slim
 from us3l_jax.data import datasets, feeding
 from us3l_jax.evaluate import features, knn, linear, probe, transforms
 
@@ -129,25 +130,35 @@ class Evaluator:
                                settings.momentum)
 
     def calibrated(self, params: PyTree, width: float, settings: calib.CalibrationSettings,
-                   workdir: str, step: int, recalibrate: bool = False
-                   ) -> tuple[PyTree, bool]:
-        """Statistics stored next to checkpoint ``step`` if they were made with the same
-        settings (and not ``recalibrate``), else calibrated now and stored. Returns
-        ``(batch_stats, reused)``."""
+                   workdir: str, step: int, recalibrate: bool = False, *,
+                   store_in: str | None = None) -> tuple[PyTree, bool]:
+        """Statistics stored next to checkpoint ``step`` (in ``workdir``, else in
+        ``store_in``) if they were made with the same settings (and not ``recalibrate``),
+        else calibrated now and stored: in ``workdir``, or in ``store_in`` (e.g. the report
+        folder) when the workdir cannot be written (a read-only copy of a run). Returns
+        ``(batch_stats, reused)``; a ``ValueError`` before any work when neither can hold
+        new statistics."""
         own = self.dataset == self.config.data.dataset
-        path = calib.stats_path(workdir, step, width, None if own else self.dataset)
+        paths = [calib.stats_path(d, step, width, None if own else self.dataset)
+                 for d in (workdir, store_in) if d is not None]
         meta = calib.settings_meta(settings, width, step, self.dataset)
-        stored = None
         if not recalibrate:
-            try:
-                stored = calib.load_stats(path)
-            except Exception as e:  # noqa: BLE001 - an unreadable file is recalibrated
-                log.warning("ignoring unreadable BN statistics %s (%s)", path, e)
-        if stored is not None and stored[1] == meta:
-            return stored[0], True
+            for path in paths:
+                try:
+                    stored = calib.load_stats(path)
+                except Exception as e:  # noqa: BLE001 - an unreadable file is recalibrated
+                    log.warning("ignoring unreadable BN statistics %s (%s)", path, e)
+                    continue
+                if stored is not None and stored[1] == meta:
+                    return stored[0], True
+        problems = {p: fileio.unusable_dir(os.path.dirname(p)) for p in paths}
+        writable = [p for p in paths if problems[p] is None]
+        if not writable:
+            raise ValueError(f"cannot store calibrated BN statistics: {paths[0]}: "
+                             f"{problems[paths[0]]}; give --out=DIR (they go there)")
         stats = self.calibrate(params, width, settings)
         if jax.process_index() == 0:  # every process computed the same statistics
-            calib.save_stats(path, stats, meta)
+            calib.save_stats(writable[0], stats, meta)
         return stats, False
 
     def features(self, params: PyTree, batch_stats: PyTree, width: float) -> Features:

@@ -118,7 +118,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
     totals = {"calibration": 0.0, "features": 0.0, **{p: 0.0 for p in protocols}}
     for w in sorted(widths, reverse=True):
         (stats, reused), t_cal = timed(ev.calibrated, params, w, settings, workdir, pre.step,
-                                       recalibrate)
+                                       recalibrate, store_in=out)
         feats, t_feat = (None, 0.0)
         if any(p in ("fast", "knn") for p in protocols):
             feats, t_feat = timed(ev.features, params, stats, w)
