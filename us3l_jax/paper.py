@@ -1,7 +1,7 @@
 """The paper's published linear-evaluation accuracies (%), to draw beside ours.
 
-Keys are ``table<N>/<backbone>/<method>`` (Tables 2, 3, 4, 6, 8, 16), ``table1/<row>`` or
-``table<N>/case<k>``
+Keys are ``table<N>/<backbone>/<method>`` (Tables 2, 3, 4, 6, 8, 16), ``table1/<row>``,
+``table15/<method>/<none|gr>`` or ``table<N>/case<k>``
 (Tables 7, 13, 14, 9 rows as ``table9/<sandwich>_<dynamic>``); ``None`` marks a collapsed
 model ('-' in the paper). All are ResNet-18 on CIFAR-100 unless the key or ``dataset`` says
 otherwise. Transcribed from the paper (main text and appendix); Table 6 rows carry the
@@ -185,6 +185,18 @@ _add_cases(14, (
         "68.7 67.6 67.3 66.5 65.5 64.7 62.8 61.3 60.1",
         "67.9 67.3 66.7 66.3 65.5 64.2 63.1 61.1 60.5",
         "67.4 67.0 66.3 65.9 64.7 64.0 62.8 61.2 60.1"))
+
+# Table 15: group regularization (GR) on individually trained BYOL / SimCLR and on US3L without
+# dynamic sampling (R-18). The rows without GR repeat Table 2's BYOL / SimCLR and Table 14
+# case 1; "ours/gr" is Table 14 case 3.
+for _m, _label, _vals in (
+        ("byol/none", "BYOL individual", "66.8 66.0 65.6 65.3 63.0 62.1 59.5 56.0 54.3"),
+        ("byol/gr", "BYOL individual + GR", "66.0 66.2 65.6 64.4 63.4 61.8 59.3 56.1 54.0"),
+        ("simclr/none", "SimCLR individual", "66.5 65.4 64.7 63.7 62.6 61.0 59.0 56.1 53.6"),
+        ("simclr/gr", "SimCLR individual + GR", "65.7 65.0 65.0 63.3 62.6 61.0 58.8 56.0 53.4"),
+        ("ours/none", "Ours (US-Net)", "67.7 67.2 66.5 66.0 65.1 64.3 62.5 60.5 59.6"),
+        ("ours/gr", "Ours (US-Net) + GR", "68.6 67.8 67.3 66.4 65.5 64.4 63.1 60.9 60.1")):
+    _add(f"table15/{_m}", f"Table 15 {_label}", "cifar_resnet18", W9, _vals)
 
 # Table 16: US3L (800 epochs) at 17 widths.
 _add("table16/resnet18", "Table 16 R-18 Ours (800ep)", "cifar_resnet18", W17,

@@ -22,6 +22,11 @@ def test_tables_agree_where_the_paper_repeats_a_result():
     assert base == values("table13/case2", paper.W9) == values("table14/case1", paper.W9)
     assert values("table8/resnet18/baseline", paper.W6) == values("table7/case13", paper.W6)
     assert values("table8/resnet18/gr", paper.W6) == values("table14/case3", paper.W6)
+    # Table 15 repeats Table 2's individual BYOL / SimCLR and Table 14 cases 1 and 3.
+    for m in ("byol", "simclr"):
+        assert values(f"table15/{m}/none", paper.W9) == values(f"table2/resnet18/{m}", paper.W9)
+    assert values("table15/ours/none", paper.W9) == values("table14/case1", paper.W9)
+    assert values("table15/ours/gr", paper.W9) == values("table14/case3", paper.W9)
     # US+SimSiam on R-18 is Table 7 case 2; US+SimCLR is case 14.
     assert values("table2/resnet18/us_simsiam", paper.W9) == values("table7/case2", paper.W9)
     assert values("table2/resnet18/us_simclr", paper.W9) == values("table7/case14", paper.W9)
