@@ -91,7 +91,7 @@ PAPER_TABLE_CONFIGS = ("configs/us3l_cifar100.py", "configs/us3l_imagenet.py",
                        "configs/table7.py", "configs/strategies.py",
                        "configs/baselines_cifar100.py", "configs/seed_cifar100.py",
                        "configs/mocov2_cifar100.py", "configs/byol_imagenet.py",
-                       "configs/vit_cifar10.py")
+                       "configs/vit_cifar10.py", "configs/table15.py")
 
 
 @pytest.mark.parametrize("path", PAPER_TABLE_CONFIGS)
@@ -237,6 +237,78 @@ def test_byol_imagenet_table4():
         assert (s.num_samples, s.sandwich, s.schedule) == (3, True, None)
         assert c.eval.paper_row == f"table4/{arch}/us_byol" and c.optim.lr == 0.05
     assert mod.get_config("byol,resnet50,1.0").optim.batch_size == 480
+
+
+def test_imagenet_configs_match_the_official_files():
+    """Table 4 rows against the official ImageNet yaml files (8 GPUs): US3L = the
+    ``us_resnet{18,50}_simclr_featdistill_imagenet`` configs, US+BYOL = the
+    ``*_byol_imagenet_baseline`` ones. Every evaluation batch is made of whole BN groups that
+    8 devices share, as calibration and the evaluator require."""
+    us3l = load_config_module("configs/us3l_imagenet.py")
+    byol = load_config_module("configs/byol_imagenet.py")
+    # (arg, batch, BN group, lr, feature distillation, group-reg warm-up, sampling schedule)
+    expected = {
+        (us3l, "resnet50"): (480, 60, 0.5, True, 50, "A"),
+        (us3l, "resnet18"): (1024, 128, 0.5, False, 50, "A"),
+        (us3l, "resnet50,paper"): (512, 64, 0.5, False, 50, "A"),
+        (us3l, "resnet18,paper"): (512, 128, 0.5, False, 50, "A"),
+        (byol, "us_byol,resnet50"): (480, 60, 0.05, False, 0, "none"),
+        (byol, "us_byol,resnet18"): (1024, 128, 0.05, False, 0, "none"),
+        (byol, "byol,resnet50,0.5"): (480, 60, 0.05, False, 0, "none"),
+    }
+    for (mod, arg), want in expected.items():
+        c = mod.get_config(arg)
+        config_lib.validate(c)
+        got = (c.optim.batch_size, c.method.group_size, c.optim.lr, c.method.feature_distill,
+               c.optim.reg_warmup_epochs, c.sampler.schedule)
+        assert got == want, arg
+        assert (c.optim.epochs, c.optim.schedule_unit, c.optim.momentum) == (100, "epoch", 0.9)
+        assert c.eval.batch_size % c.method.group_size == 0 and c.eval.batch_size % 8 == 0
+        assert c.data.augment == "imagenet" and c.eval.calibration == "official_imagenet"
+    c = us3l.get_config("resnet50")
+    assert (c.optim.reg_lambda, c.optim.reg_alpha, c.optim.reg_groups, c.method.tau,
+            c.method.ema_momentum, c.heads.proj_out, c.heads.proj_hidden) == \
+        (5e-5, 0.05, 8, 0.5, 0.99, 256, 2048)
+    with pytest.raises(ValueError, match="unknown ImageNet US3L variant 'foo'; valid: "
+                                         "official, paper"):
+        us3l.get_config("resnet50,foo")
+    c.optim.batch_size = 500
+    with pytest.raises(config_lib.ConfigError, match="batch_size=500 is not a multiple of "
+                                                     "config.method.group_size=60; use e.g. 480"):
+        config_lib.validate(c)
+
+
+def test_table15_adds_group_reg_to_the_table2_baselines():
+    """Table 15: the individual BYOL / SimCLR runs of Table 2 with their plain weight decay
+    replaced by group regularization of the same strength (lambda = decay / 2, alpha 0.05,
+    G 8, no warm-up); without it they are the Table 2 runs, and the US3L rows are Table 14
+    cases 3 / 1 (no dynamic sampling)."""
+    t15 = load_config_module("configs/table15.py")
+    base = load_config_module("configs/baselines_cifar100.py")
+    strategies = load_config_module("configs/strategies.py")
+    for method, lam in (("byol", 2.5e-4), ("simclr", 5e-5)):
+        c = t15.get_config(f"{method},0.5")
+        config_lib.validate(c)
+        assert (c.method.decay_rule, c.optim.reg_lambda, c.optim.reg_alpha, c.optim.reg_groups,
+                c.optim.reg_warmup_epochs) == ("group_reg", lam, 0.05, 8, 0)
+        assert build.sampler(c).individual_width == 0.5
+        assert c.eval.paper_row == f"table15/{method}/gr"
+        plain, table2 = t15.get_config(f"{method},0.5,none"), base.get_config(f"{method},0.5")
+        assert plain.eval.paper_row == f"table15/{method}/none"
+        plain.eval.paper_row = table2.eval.paper_row
+        assert plain.to_dict() == table2.to_dict()
+        gr = c.to_dict()
+        for section in ("model", "data", "heads", "sampler"):
+            assert gr[section] == table2.to_dict()[section], (method, section)
+    for reg, case in (("gr", 3), ("none", 1)):
+        ours, ref = t15.get_config(f"ours,{reg}"), strategies.get_config(f"table14,{case}")
+        ours.eval.paper_row = ref.eval.paper_row
+        assert ours.to_dict() == ref.to_dict(), reg
+    with pytest.raises(ValueError, match="group regularization must be one of gr, none, "
+                                         "got 'yes'"):
+        t15.get_config("byol,0.5,yes")
+    with pytest.raises(ValueError, match="unknown Table 15 method 'simsiam'"):
+        t15.get_config("simsiam,0.5")
 
 
 def test_us_simclr_is_table7_case14():

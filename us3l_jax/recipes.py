@@ -261,11 +261,11 @@ def simsiam_s_net_cifar(distill: bool, arch: str = "resnet18",
     return c
 
 
-def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
-    """US3L on ImageNet (paper Table 4 "Ours"): the CIFAR recipe with 100 epochs, 224 px views
-    with blur, group-reg warm-up 50 epochs (official ImageNet configs), BN and
-    negatives per 128 (R-18) / 64 (R-50) examples, bfloat16 compute. Data streams from TFDS
-    ``imagenet2012`` prepared as ArrayRecord (``config.data.data_dir``)."""
+def _imagenet(arch: str) -> ml_collections.ConfigDict:
+    """What every ImageNet recipe shares: the CIFAR US3L recipe with 100 epochs, 224 px views
+    with blur, group-reg warm-up 50 epochs, bfloat16 compute, the official ImageNet BN
+    calibration and linear evaluation. Data streams from TFDS ``imagenet2012`` prepared as
+    ArrayRecord (``config.data.data_dir``)."""
     c = config_lib.get_default()
     official_step(c)
     c.model.name = _arch(arch, IMAGENET_ARCHS)
@@ -274,13 +274,51 @@ def us3l_imagenet(arch: str = "resnet50") -> ml_collections.ConfigDict:
     c.data.augment = "imagenet"
     c.optim.epochs = 100
     c.optim.reg_warmup_epochs = 50
-    c.method.group_size = 128 if arch == "resnet18" else 64
     c.train.log_every_steps = 100
     c.eval.sweep_widths = IMAGENET_SWEEP
     c.eval.sweep_protocol = "paper"
     c.eval.calibration = "official_imagenet"
     c.eval.online_every_epochs = 10
-    c.eval.batch_size = 1024
+    return c
+
+
+# The official ImageNet runs: 8 GPUs, BN statistics and negatives per GPU batch (128 for
+# ResNet-18, 60 for ResNet-50).
+IMAGENET_DEVICES = 8
+IMAGENET_GROUP = {"resnet18": 128, "resnet50": 60}
+IMAGENET_VARIANTS = ("official", "paper")
+
+
+def imagenet_batches(c: ml_collections.ConfigDict, group_size: int, batch_size: int) -> None:
+    """Sets the BN/negative group and the batch, and an evaluation batch made of whole groups
+    (calibration normalises per group) that 8 devices share."""
+    if batch_size % group_size:
+        raise ValueError(f"batch {batch_size} is not a multiple of the BN group {group_size}")
+    c.method.group_size = group_size
+    c.optim.batch_size = batch_size
+    c.eval.batch_size = 960 if group_size == 60 else 1024
+
+
+def us3l_imagenet(arch: str = "resnet50", variant: str = "official") -> ml_collections.ConfigDict:
+    """US3L on ImageNet (paper Table 4 "Ours"), group regularization from epoch 50.
+
+    ``official``: the official ``us_resnet{18,50}_simclr_featdistill_imagenet`` configs (the
+    InfoNCE base loss the paper describes; the official linear-evaluation and transfer configs
+    load checkpoints of these runs): 8 GPUs x 60 images (ResNet-50, batch 480) / x 128
+    (ResNet-18, batch 1024) with BN and negatives per GPU batch, lr 0.5, and for ResNet-50
+    intermediate-feature distillation of the last block of stages 2-4. ``paper``: the paper's
+    text, batch 512 (BN per 64 images for ResNet-50, 8 x 64; per 128 for ResNet-18), no
+    feature distillation."""
+    c = _imagenet(arch)
+    if variant == "official":
+        group = IMAGENET_GROUP[arch]
+        imagenet_batches(c, group, IMAGENET_DEVICES * group)
+        c.method.feature_distill = arch == "resnet50"
+    elif variant == "paper":
+        imagenet_batches(c, 128 if arch == "resnet18" else 64, 512)
+    else:
+        raise ValueError(f"unknown ImageNet US3L variant {variant!r}; valid: "
+                         f"{', '.join(IMAGENET_VARIANTS)}")
     return c
 
 
@@ -427,10 +465,10 @@ def byol_imagenet(arch: str, width: float | None) -> ml_collections.ConfigDict:
     """Paper Table 4 baselines on ImageNet, 100 epochs: BYOL trained individually at ``width``,
     or US+BYOL (``width`` None) trained once for all widths. Batch 1024 (8 x 128, R-18) /
     480 (8 x 60, R-50) with BN per GPU batch, bfloat16, ImageNet views (blur 0.5)."""
-    c = us3l_imagenet(arch)
+    c = _imagenet(arch)
     c.optim.reg_warmup_epochs = 0
-    c.method.group_size = 128 if arch == "resnet18" else 60
-    c.optim.batch_size = 1024 if arch == "resnet18" else 480
+    group = IMAGENET_GROUP[_arch(arch, IMAGENET_ARCHS)]
+    imagenet_batches(c, group, IMAGENET_DEVICES * group)
     byol_method(c, us=width is None)
     if width is not None:
         _single_width(c, width)
