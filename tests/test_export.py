@@ -10,6 +10,7 @@ from flax import traverse_util
 
 from us3l_jax import export, models, slim
 from us3l_jax.models import plain as plain_mod
+from tests.export.conftest import random_variables
 
 TINY = dict(base_width=16, stage_sizes=(1, 1, 1, 1))
 # name -> (model keywords, image size); the ImageNet stem needs 32 px to keep a 1x1 map.
@@ -24,23 +25,6 @@ def _flat(tree):
     return traverse_util.flatten_dict(tree)
 
 
-def _host_init(abstract, seed=0):
-    """Random variables of the given shapes, made on the host (no compilation): kernels at
-    He scale, BN scale in [0.5, 1.5] (1 / 0 would hide slicing mistakes), small biases."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, s.shape)
-        return rng.normal(0, 0.1, s.shape)
-
-    return jax.tree_util.tree_map_with_path(lambda p, s: leaf(p, s).astype(np.float32),
-                                            abstract)
-
-
 @functools.lru_cache(maxsize=None)
 def _setup(name):
     """Model, input and full-size variables: random params and eval statistics taken from a
@@ -49,7 +33,7 @@ def _setup(name):
     model = models.create(name, num_classes=10, **kw)
     x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), x, width=1.0))
-    params = _host_init(abstract["params"])
+    params = random_variables(abstract["params"])
     _, moments = jax.jit(lambda p, x: model.apply({"params": p}, x, width=1.0, train=True,
                                                   mutable=["bn_moments"]))(params, x)
     shift = {"mean": lambda m: m[0] + 0.1, "var": lambda v: v[0] * 1.5 + 0.1}
@@ -165,7 +149,7 @@ def test_torch_round_trip_is_lossless(name):
 def _random_full_variables(name, **kw):
     """Full-size variables (params + batch_stats) of a full-size model, made on the host."""
     model = models.create(name, **kw)
-    return _host_init(jax.eval_shape(
+    return random_variables(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)))
 
 

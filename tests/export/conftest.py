@@ -14,9 +14,10 @@ from tests import helpers
 STEP = 3  # any step number; the random state is stored under it
 
 
-def _random_state(config, seed=0):
-    """A TrainState of the config's shapes: kernels at He scale, BN scales in [0.5, 1.5]
-    (1 would hide slicing mistakes), small biases; integer leaves (step, rng) zero."""
+def random_variables(abstract, seed=0):
+    """Random values of the given shapes (any pytree of ShapeDtypeStructs), made on the host
+    (no compilation): kernels at He scale, BN scales and variances in [0.5, 1.5] (1 / 0 would
+    hide slicing mistakes), small biases and means; integer leaves (step, rng) zero."""
     rng = np.random.default_rng(seed)
 
     def leaf(path, s):
@@ -25,11 +26,26 @@ def _random_state(config, seed=0):
         name = getattr(path[-1], "key", "")
         if name == "kernel":
             return rng.normal(0, np.sqrt(2.0 / np.prod(s.shape[:-1])), s.shape).astype(s.dtype)
-        if name == "scale":
+        if name in ("scale", "var"):
             return rng.uniform(0.5, 1.5, s.shape).astype(s.dtype)
         return rng.normal(0, 0.1, s.shape).astype(s.dtype)
 
-    return jax.tree_util.tree_map_with_path(leaf, build.abstract_state(config))
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def random_state(config, seed=0):
+    """A TrainState of the config's shapes with ``random_variables``' values."""
+    return random_variables(build.abstract_state(config), seed)
+
+
+def make_run(workdir, config):
+    """A run of ``config`` in ``workdir``: its config.json and one random checkpoint."""
+    checkpointing.write_config(workdir, config)
+    ckpt = checkpointing.Checkpointer(workdir, config, async_save=False)
+    ckpt.save(STEP, random_state(config))
+    ckpt.wait()
+    ckpt.close()
+    return workdir
 
 
 @pytest.fixture(scope="session")
@@ -37,10 +53,12 @@ def tiny_run(tmp_path_factory):
     # With feature distillation, so the checkpoint also holds the training-only proj_conv.
     config = helpers.demo_config("smoke", eval__calibration_batches=2,
                                  method__feature_distill=True)
-    workdir = str(tmp_path_factory.mktemp("export_run"))
-    checkpointing.write_config(workdir, config)
-    ckpt = checkpointing.Checkpointer(workdir, config, async_save=False)
-    ckpt.save(STEP, _random_state(config))
-    ckpt.wait()
-    ckpt.close()
-    return workdir
+    return make_run(str(tmp_path_factory.mktemp("export_run")), config)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_run(tmp_path_factory):
+    """The ViT demo (dim 64, depth 4, 4 heads, patch 4, 16 px) with ``slicing='embed'``, whose
+    widths are smaller ViTs: no BatchNorm, so nothing to calibrate."""
+    config = helpers.demo_config("vit", model__slicing="embed")
+    return make_run(str(tmp_path_factory.mktemp("export_vit_run")), config)

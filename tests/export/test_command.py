@@ -1,7 +1,11 @@
 """python -m us3l_jax.export on a tiny run: every file checked against the JAX model, budget
 picks, the width table, and the one-line errors of bad inputs (nothing written)."""
+import ast
+import importlib.util
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,6 +22,14 @@ from tests import helpers
 from tests.export.conftest import STEP
 
 ALL = "onnx,stablehlo,torch,flax"
+
+
+def _import_file(path, name="exported_model"):
+    """The Python file ``path`` imported as a module (as ``import model`` would)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _reference(workdir, width, x):
@@ -40,20 +52,24 @@ def exported(tiny_run, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_every_artifact_matches_the_jax_model(tiny_run, exported):
+@pytest.mark.parametrize("batch", [1, 7])
+def test_every_artifact_matches_the_jax_model_at_any_batch(tiny_run, exported, batch):
+    """Files take any batch size (exported at a symbolic / dynamic batch; timed at 2)."""
     out, card = exported
-    assert sorted(os.listdir(out)) == ["model.msgpack", "model.onnx", "model.safetensors",
-                                       "model.stablehlo", "model_card.json"]
-    x = np.asarray(jax.random.normal(jax.random.key(7), (2, 16, 16, 3)), np.float32)
+    assert sorted(os.listdir(out)) == ["model.msgpack", "model.onnx", "model.py",
+                                       "model.safetensors", "model.stablehlo",
+                                       "model_card.json"]
+    x = np.asarray(jax.random.normal(jax.random.key(7), (batch, 16, 16, 3)), np.float32)
     ref, meta = _reference(tiny_run, 0.5, x)
-    assert ref.shape == (2, 64)  # 0.5 x 128 channels
+    assert ref.shape == (batch, 64)  # 0.5 x 128 channels
     assert meta["num_batches"] == 2 and meta["step"] == STEP  # calibrated by the export
     tol = 1e-4 * np.abs(ref).max()
     with open(os.path.join(out, "model.onnx"), "rb") as f:
         np.testing.assert_allclose(artifacts.run_onnx(f.read(), x), ref, rtol=0, atol=tol)
     with open(os.path.join(out, "model.stablehlo"), "rb") as f:
         exp = jax.export.deserialize(bytearray(f.read()))  # plain JAX, no us3l_jax
-    assert exp.in_avals[0].shape == (2, 16, 16, 3) and exp.out_avals[0].shape == (2, 64)
+    assert str(exp.in_avals[0].shape) == "(batch, 16, 16, 3)"
+    assert str(exp.out_avals[0].shape) == "(batch, 64)"
     assert set(exp.platforms) == {"cpu", "cuda", "tpu"}
     np.testing.assert_allclose(np.asarray(exp.call(jnp.asarray(x))), ref, rtol=0, atol=tol)
     plain, variables = command.load_flax(out)
@@ -64,9 +80,21 @@ def test_every_artifact_matches_the_jax_model(tiny_run, exported):
     assert sd["layer4.0.downsample.0.weight"].shape == (64, 32, 1, 1)
     np.testing.assert_array_equal(sd["layer1.0.bn1.running_var"],
                                   variables["batch_stats"]["layer1_0"]["bn1"]["var"])
-    # The export checked each file the same way (on its own input) before writing it.
-    assert set(card["max_abs_diff_vs_jax"]) == {"folded", "onnx", "stablehlo", "torch", "flax"}
+    # The export checked each file the same way (at batches 1 and 7) before writing it.
+    assert card["verified_batches"] == [1, 7]
+    checked = {"folded", "onnx", "stablehlo", "torch", "flax"}
+    assert checked <= set(card["max_abs_diff_vs_jax"]) <= checked | {"torch model.py"}
     assert max(card["max_abs_diff_vs_jax"].values()) <= tol
+
+
+def test_onnx_has_a_dynamic_batch_axis(exported):
+    import onnx
+
+    out, _ = exported
+    model = onnx.load(os.path.join(out, "model.onnx"))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 16, 16, 3]
+    assert model.graph.input[0].name == "images" and model.graph.output[0].name == "features"
 
 
 @pytest.mark.slow
@@ -78,9 +106,10 @@ def test_model_card_describes_the_export(tiny_run, exported):
     assert (card["params"], card["macs"]) == (cost["params"], cost["macs"]) == (77352, 1038336)
     assert card["width"] == 0.5 and card["channel_config"] == [8, 16, 32, 64]
     assert card["channels"]["conv1"] == 8 and card["channels"]["layer4_0/conv2"] == 64
-    assert card["input"]["shape"] == [2, 16, 16, 3] and card["input"]["layout"] == "NHWC"
+    assert card["input"]["shape"] == ["batch", 16, 16, 3]
+    assert card["input"]["layout"].startswith("NHWC")
     assert card["input"]["mean"] == [0.4914, 0.4822, 0.4465] and card["input"]["crop"] == 16
-    assert card["output"]["shape"] == [2, 64]
+    assert card["output"]["shape"] == ["batch", 64]
     assert card["latency_ms"]["batch"] == 2 and card["latency_ms"]["median"] > 0
     assert card["latency_ms"]["device"] == widths.device_name()
     assert card["source"]["step"] == STEP and card["source"]["config_identity"] == \
@@ -89,59 +118,43 @@ def test_model_card_describes_the_export(tiny_run, exported):
     # Folding drops BN's scale and bias (2 per channel) and adds a conv bias (1 per channel).
     bn_channels = sum(card["channels"].values())
     assert card["folded_params"] == card["params"] - bn_channels
-    for name in artifacts.FILES.values():
+    for name in [*artifacts.FILES.values(), command.TORCH_BUILDER]:
         assert card["files"][name]["bytes"] == os.path.getsize(os.path.join(out, name))
+    # The torch builder's description of the network: the CIFAR stem, every channel count.
+    arch = card["torch_arch"]
+    assert (arch["family"], arch["stem"], arch["stem_channels"]) == ("resnet", "cifar", 8)
+    assert arch["blocks"][3] == [[[[3, 2, 32, 64], [3, 1, 64, 64]], 2]]
 
 
 @pytest.mark.slow
-def test_torch_file_loads_into_a_torch_resnet(exported):
-    torch = pytest.importorskip("torch")
-    from torch import nn
-
+def test_model_py_builds_the_torch_network_of_the_export(exported):
+    """``model.py`` (plain PyTorch, written beside the weights) loads ``model.safetensors``
+    with every key matched and computes the exported width, imported from the export
+    directory as a user would."""
+    torch = pytest.importorskip(
+        "torch", reason="torch not installed: CI must install the CPU build "
+                        "(pip install torch --index-url https://download.pytorch.org/whl/cpu) "
+                        "so that model.py is tested")
     out, card = exported
-    ch = card["channel_config"]
-
-    class Block(nn.Module):  # torchvision BasicBlock's names
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-            return torch.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, ch[0], 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(ch[0])
-            cin = ch[0]
-            for i, c in enumerate(ch):
-                setattr(self, f"layer{i + 1}", nn.Sequential(Block(cin, c, 1 if i == 0 else 2)))
-                cin = c
-
-        def forward(self, x):
-            x = torch.relu(self.bn1(self.conv1(x)))
-            for i in range(4):
-                x = getattr(self, f"layer{i + 1}")(x)
-            return x.mean((2, 3))
-
-    net = Net().eval()
-    sd = {k: torch.from_numpy(v) for k, v in
-          export.load_safetensors(os.path.join(out, "model.safetensors")).items()}
-    result = net.load_state_dict(sd, strict=True)  # every key matched, both ways
-    assert not result.missing_keys and not result.unexpected_keys
-    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 16, 16, 3)), np.float32)
+    with open(os.path.join(out, "model.py")) as f:
+        tree = ast.parse(f.read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom)}
+    assert imported == {"__future__", "json", "os", "sys", "torch", "safetensors"}
+    net = _import_file(os.path.join(out, "model.py")).load(out)
+    assert isinstance(net.maxpool, torch.nn.Identity)  # CIFAR stem: no max-pool
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
     plain, variables = command.load_flax(out)
-    ref = np.asarray(plain.apply(variables, x, train=False))
-    with torch.no_grad():
-        got = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    for batch in (1, 7):
+        x = np.asarray(jax.random.normal(jax.random.key(3), (batch, 16, 16, 3)), np.float32)
+        ref = np.asarray(plain.apply(variables, x, train=False))
+        with torch.no_grad():
+            got = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    # With torch installed, the export itself checked model.py before writing it.
+    assert card["max_abs_diff_vs_jax"]["torch model.py"] <= 1e-4 * np.abs(ref).max()
 
 
 @pytest.mark.slow
@@ -209,6 +222,10 @@ def test_table_lists_every_distinct_width_with_sweep_accuracy(tiny_run, tmp_path
     (["--width=0.5", "--out={FILE}"], "--out {FILE!r} is an existing file"),
     (["--width=0.5", "--out={FULL}"], "--out {FULL!r} is a directory that is not empty"),
     (["--width=0.5", "--workdir={NORUN}"], "no run in {NORUN!r}: config.json not found"),
+    # A folder no one can write in (/proc refuses new entries even to root, so this bites
+    # under any user): found up front, before the checkpoint is read.
+    (["--width=0.5", "--out=/proc/us3l_export_test/w"],
+     "--out '/proc/us3l_export_test/w': cannot write in '/proc'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_run, tmp_path, capsys, args,
                                                          message):
@@ -281,3 +298,93 @@ def test_training_only_proj_conv_is_left_out(tiny_run, exported):
     assert sd and not [k for k in sd if "proj" in k or "distill" in k]
     _, variables = command.load_flax(out)
     assert "proj_conv" not in variables["params"]
+
+
+def test_unwritable_out_is_found_before_any_work(tiny_run, tmp_path, monkeypatch, capsys):
+    """A folder without write permission (PermissionError as a non-root user gets it)."""
+    def refuse(*args, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    def no_work(*args, **kw):
+        raise AssertionError("the checkpoint was read before --out was checked")
+
+    monkeypatch.setattr(command.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(checkpointing, "load_pretrained", no_work)
+    with pytest.raises(SystemExit) as e:
+        main([f"--workdir={tiny_run}", "--width=0.5", f"--out={tmp_path / 'a' / 'b'}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert f"cannot write in {str(tmp_path)!r} (Permission denied)" in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_format_whose_dependency_is_missing_fails_before_any_work(tiny_run, tmp_path,
+                                                                   monkeypatch, capsys):
+    """As without the [export] extra: a format asked for by name is one line, exit 2."""
+    monkeypatch.setitem(artifacts.REQUIRES, "onnx", ("jax2onnx", "us3l_no_such_module"))
+    with pytest.raises(SystemExit) as e:
+        main([f"--workdir={tiny_run}", "--width=0.5", f"--out={tmp_path / 'w'}",
+              "--format=torch,onnx"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert ("error: format 'onnx' needs us3l_no_such_module, not installed: pip install "
+            "'us3l_jax[export]'") in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_default_formats_leave_out_what_is_not_installed(tiny_run, tmp_path, monkeypatch,
+                                                         capsys):
+    """The README's budget command without the [export] extra: the other formats, and a
+    note naming what was left out and how to install it."""
+    assert artifacts.default_formats() == (list(artifacts.FORMATS), None)
+    monkeypatch.setitem(artifacts.REQUIRES, "onnx", ("jax2onnx", "us3l_no_such_module"))
+    calls = []
+    monkeypatch.setattr(command, "export_run", lambda *a, **kw: calls.append(a))
+    assert main([f"--workdir={tiny_run}", "--max-macs=2M", f"--out={tmp_path / 'w'}"]) == 0
+    assert calls[0][4] == ["stablehlo", "torch", "flax"]
+    err = capsys.readouterr().err
+    assert err == ("note: not exporting onnx: us3l_no_such_module not installed (pip install "
+                   "'us3l_jax[export]' (from a checkout: pip install -e \".[export]\"))\n")
+
+
+@pytest.mark.parametrize("text", ['{"width": 1.0', "[1, 2]", '{"a": 1}',
+                                  '[{"width": "wide", "protocol": "fast", "accuracy": 1}]',
+                                  "\udcff"])
+def test_a_garbage_sweep_json_is_named_and_ignored(tmp_path, caplog, text):
+    path = tmp_path / "sweep.json"
+    path.write_bytes(text.encode("utf-8", "surrogateescape"))
+    with caplog.at_level(logging.WARNING, logger="us3l_jax.export.command"):
+        assert command.read_sweep(str(tmp_path)) == []
+    assert f"ignoring unreadable {path}" in caplog.text
+    assert "going on without probe accuracies" in caplog.text
+    good = [{"width": 1.0, "protocol": "fast", "accuracy": 91.5}]
+    path.write_text(json.dumps(good))
+    assert command.read_sweep(str(tmp_path)) == good
+
+
+@pytest.mark.slow
+def test_corrupt_bn_stats_and_sweep_are_named_and_the_export_goes_on(tiny_run, tmp_path,
+                                                                     caplog):
+    """A corrupt statistics file is moved aside (kept: the export did not write it) and
+    recalibrated; a garbage sweep.json costs only the probe accuracies."""
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    path = calib.stats_path(run, STEP, 0.75)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\x93garbage that is not msgpack")
+    with open(os.path.join(run, "sweep.json"), "w") as f:
+        f.write('{"width": 1.0, ')
+    with caplog.at_level(logging.WARNING, logger="us3l_jax.export.command"):
+        card = command.export_run(run, str(tmp_path / "out"), 0.75, formats=["flax"],
+                                  repeats=1, echo=None)
+    assert f"BN statistics {path} are unreadable" in caplog.text
+    assert f"moved to {path}.corrupt, recalibrating" in caplog.text
+    assert f"ignoring unreadable {os.path.join(run, 'sweep.json')}" in caplog.text
+    with open(path + ".corrupt", "rb") as f:
+        assert f.read() == b"\x93garbage that is not msgpack"
+    stats, meta = calib.load_stats(path)  # recalibrated and stored
+    assert meta["num_batches"] == 2 and meta["width"] == 0.75
+    assert card["batchnorm"]["calibration_reused"] is False and card["probe_accuracy"] == {}
+    assert os.listdir(tmp_path / "out") == ["model.msgpack", "model_card.json"] or \
+        sorted(os.listdir(tmp_path / "out")) == ["model.msgpack", "model_card.json"]

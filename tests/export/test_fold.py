@@ -39,7 +39,7 @@ def test_folding_needs_statistics_and_a_plain_network():
     plain, sliced = export.slice_module(model, {"params": variables["params"]}, 0.5)
     with pytest.raises(ValueError, match="batch_stats"):
         fold_batchnorm(plain, sliced)
-    with pytest.raises(TypeError, match="plain ResNet or MobileNetV2"):
+    with pytest.raises(TypeError, match="plain ResNet, MobileNetV2 or ViT"):
         fold_batchnorm(model, variables)
     folded, fv = fold_batchnorm(*export.slice_module(model, variables, 0.5))
     with pytest.raises(ValueError, match="already folded"):

@@ -4,9 +4,14 @@
 ``python -m us3l_jax.export --workdir=RUN --table [--out=DIR]``: params, MACs, latency and
 accuracy of every distinct width (``command.width_table``).
 
+Without ``--format``, every format whose dependencies are installed is written, and a note
+on stderr names any left out (ONNX needs the ``[export]`` extra). A format named in
+``--format`` whose dependencies are missing is an error, found before any work.
+
 Bad arguments (no run, a width outside the trained range, a budget no width fits, an unknown
-format, ``--out`` an existing file or non-empty directory) print one line
-``python -m us3l_jax.export: error: ...`` and exit 2, writing nothing.
+format or one not installed, ``--out`` an existing file, a non-empty directory or in a
+folder that cannot be written) print one line ``python -m us3l_jax.export: error: ...`` and
+exit 2, writing nothing.
 """
 from __future__ import annotations
 
@@ -31,9 +36,9 @@ absl_flags.DEFINE_string("max_latency_ms", None,
                          "latency budget in ms, measured on this device at --batch",
                          flag_values=FLAGS)
 absl_flags.DEFINE_bool("table", False, "print and plot every width", flag_values=FLAGS)
-absl_flags.DEFINE_string("format", ",".join(artifacts.FORMATS),
-                         f"comma-separated, of: {', '.join(artifacts.FORMATS)}",
-                         flag_values=FLAGS)
+absl_flags.DEFINE_string("format", None,
+                         f"comma-separated, of: {', '.join(artifacts.FORMATS)} (default: "
+                         "all whose dependencies are installed)", flag_values=FLAGS)
 absl_flags.DEFINE_string("out", None, "export directory (new or empty); with --table where "
                          "the table goes (default --workdir)", flag_values=FLAGS)
 absl_flags.DEFINE_integer("batch", 1, "exported and timed batch size", flag_values=FLAGS)
@@ -70,6 +75,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
     logging.getLogger("us3l_jax").setLevel(logging.INFO)
+    note = None
+    if not args.table:  # a missing dependency is found before any import or work
+        try:
+            if args.format is None:
+                formats, note = artifacts.default_formats()
+            else:
+                formats = artifacts.check_formats(args.format)
+        except ValueError as e:
+            cli.fail(PROG, e)
     from us3l_jax.export import command, widths  # deferred: argument errors stay fast
 
     try:
@@ -79,7 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.out is None:
             raise ValueError("--out is required to export (a new or empty directory)")
-        formats = artifacts.check_formats(args.format)
+        if note:
+            print(note, file=sys.stderr)
         budget = None
         for flag, key in widths.BUDGETS.items():
             text = getattr(args, flag)

@@ -2,7 +2,9 @@
 
 Every exported model computes the BN-folded plain network of one width (``fold.py``):
 
-* input ``images``: float32, NHWC ``(batch, size, size, 3)``, **already normalised** as in the
+* input ``images``: float32, NHWC ``(batch, size, size, 3)`` with a **dynamic batch** (the
+  symbolic dimension ``batch`` in both ONNX and StableHLO: any batch size runs), **already
+  normalised** as in the
   run's evaluation (``(pixel / 255 - mean) / std`` after resize + center crop; the values are
   in ``model_card.json``): normalisation is not part of the model.
 * output ``features``: float32 ``(batch, C)``, the globally average-pooled backbone features
@@ -16,8 +18,9 @@ of the compact, unfolded ``params`` and ``batch_stats`` of the plain network; ``
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.serialization
@@ -31,28 +34,73 @@ FILES = {"onnx": "model.onnx", "stablehlo": "model.stablehlo", "torch": "model.s
 INPUT_NAME, OUTPUT_NAME = "images", "features"
 # StableHLO is lowered for every platform so the file runs wherever JAX does.
 PLATFORMS = ("cpu", "cuda", "tpu")
+# The batch dimension's name in both files: any batch size runs.
+BATCH = "batch"
+# What writing and checking a format imports beyond the core install (the [export] extra).
+REQUIRES = {"onnx": ("jax2onnx", "onnxruntime"), "stablehlo": (), "torch": (), "flax": ()}
+EXTRA_HINT = "pip install 'us3l_jax[export]' (from a checkout: pip install -e \".[export]\")"
 
 Fn = Callable[[jax.Array], jax.Array]
 
 
+def missing(fmt: str) -> list[str]:
+    """The modules ``fmt`` needs that are not installed (found without importing them)."""
+    return [m for m in REQUIRES[fmt] if importlib.util.find_spec(m) is None]
+
+
+def available_formats() -> list[str]:
+    """The formats whose dependencies are installed, in ``FORMATS`` order."""
+    return [f for f in FORMATS if not missing(f)]
+
+
 def check_formats(text: str) -> list[str]:
-    """``'onnx,torch'`` -> ``['onnx', 'torch']``; ``ValueError`` naming an unknown format."""
+    """``'onnx,torch'`` -> ``['onnx', 'torch']``. ``ValueError`` naming an unknown format, or
+    a requested format whose dependencies are not installed (so that nothing is computed
+    before a failing import)."""
     items = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in items if f not in FORMATS]
     if unknown or not items:
         raise ValueError(f"unknown format {(unknown or [text])[0]!r}; valid: "
                          f"{', '.join(FORMATS)} (comma-separated)")
+    for f in items:
+        if missing(f):
+            raise ValueError(f"format {f!r} needs {', '.join(missing(f))}, not installed: "
+                             f"{EXTRA_HINT}, or leave {f} out of --format")
     return list(dict.fromkeys(items))
 
 
-def onnx_bytes(fn: Fn, input_shape: tuple[int, ...], name: str = "us3l") -> bytes:
-    """The ONNX model (opset 23) of ``fn`` on a float32 input of ``input_shape``."""
+def default_formats() -> tuple[list[str], str | None]:
+    """``(formats, note)``: every format whose dependencies are installed, and a line saying
+    which were left out and why (None when none were)."""
+    left_out = [f for f in FORMATS if missing(f)]
+    if not left_out:
+        return list(FORMATS), None
+    needs = sorted({m for f in left_out for m in missing(f)})
+    return available_formats(), (
+        f"note: not exporting {', '.join(left_out)}: {', '.join(needs)} not installed "
+        f"({EXTRA_HINT})")
+
+
+def input_spec(input_shape: Sequence[int | None]) -> jax.ShapeDtypeStruct:
+    """float32 spec of ``input_shape``; a leading None becomes the symbolic ``batch``."""
+    if input_shape[0] is None:
+        dims = ", ".join([BATCH] + [str(int(d)) for d in input_shape[1:]])
+        return jax.ShapeDtypeStruct(jax.export.symbolic_shape(dims), jnp.float32)
+    return jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+
+
+def onnx_bytes(fn: Fn, input_shape: Sequence[int | None], name: str = "us3l") -> bytes:
+    """The ONNX model (opset 23) of ``fn`` on a float32 input of ``input_shape``; a leading
+    None is the dynamic axis ``batch``."""
     # jax2onnx imports every plugin; its dm_pix ones (unused by our networks) fail under this
     # JAX and log tracebacks that would read as an export failure.
     logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.CRITICAL)
+    # onnx_ir warns of untyped shape constants (a ViT's reshapes); the file is checked anyway.
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     from jax2onnx import to_onnx
 
-    proto = to_onnx(fn, [jax.ShapeDtypeStruct(input_shape, jnp.float32)], model_name=name,
+    shape = tuple(BATCH if d is None else int(d) for d in input_shape)
+    proto = to_onnx(fn, [shape], model_name=name,
                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
     return proto.SerializeToString()
 
@@ -65,10 +113,10 @@ def run_onnx(data: bytes, x: np.ndarray) -> np.ndarray:
     return session.run([OUTPUT_NAME], {INPUT_NAME: np.asarray(x, np.float32)})[0]
 
 
-def stablehlo_bytes(fn: Fn, input_shape: tuple[int, ...]) -> bytes:
-    """Serialized ``jax.export`` artifact of ``fn`` (weights embedded as constants)."""
-    exported = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(
-        jax.ShapeDtypeStruct(input_shape, jnp.float32))
+def stablehlo_bytes(fn: Fn, input_shape: Sequence[int | None]) -> bytes:
+    """Serialized ``jax.export`` artifact of ``fn`` (weights embedded as constants); a leading
+    None in ``input_shape`` is the symbolic dimension ``batch``."""
+    exported = jax.export.export(jax.jit(fn), platforms=PLATFORMS)(input_spec(input_shape))
     return bytes(exported.serialize())
 
 

@@ -3,12 +3,16 @@
 ``export_run`` resolves the width (given, or the widest that fits a budget), loads the
 checkpoint, takes that width's calibrated BN statistics (stored next to the checkpoint, or
 calibrated now exactly as ``python -m us3l_jax.evaluate`` does), folds BN into the convs,
-writes the requested files into a temporary directory, checks each against the JAX model,
-and renames the directory to ``out``: a failed export leaves nothing behind.
-``width_table`` measures every distinct width of the run.
+writes the requested files into a temporary directory, checks each against the JAX model at
+batches 1 and 7 (every file takes any batch size), and renames the directory to ``out``: a
+failed export leaves nothing behind. A torch export also gets ``model.py``, a plain-PyTorch
+builder (``torch_model``). ``width_table`` measures every distinct width of the run;
+``load_width`` gives a width's network and variables to the Python API (``api``).
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import logging
 import os
@@ -31,7 +35,9 @@ from us3l_jax.evaluate.evaluator import Evaluator, calibration_settings, check_w
 from us3l_jax.export import artifacts
 from us3l_jax.export import widths as widths_lib
 from us3l_jax.export.fold import fold_batchnorm
-from us3l_jax.models.plain import plain_network, slice_module
+from us3l_jax.models import mobilenet_v2 as mbv2
+from us3l_jax.models.plain import PlainMobileNetV2, PlainResNet, plain_network, slice_module
+from us3l_jax.models.vit import LN_EPS, VisionTransformer
 from us3l_jax.torch_layout import (plain_from_torch_state_dict, plain_to_torch_state_dict,
                                    safetensors_bytes, safetensors_from_bytes)
 
@@ -39,23 +45,44 @@ log = logging.getLogger(__name__)
 CARD = "model_card.json"
 SWEEP = "sweep.json"
 TABLE_FILES = ("width_table.json", "width_table.png")
-# Verification input: a fixed batch of standard-normal images (normalised inputs have unit
-# scale); agreement to this relative tolerance of the output's largest magnitude is required.
-VERIFY_SEED, VERIFY_RTOL = 0, 1e-4
+TORCH_BUILDER = "model.py"
+# Verification input: fixed batches of standard-normal images (normalised inputs have unit
+# scale) of each size in VERIFY_BATCHES (the files have a dynamic batch: 1 and a size no
+# shape is built for); agreement to this relative tolerance of the output's largest magnitude
+# is required.
+VERIFY_SEED, VERIFY_RTOL, VERIFY_BATCHES = 0, 1e-4, (1, 7)
 
 Echo = Callable[[str], None] | None
 
 
 def check_out(out: str) -> str:
     """``out`` as an absolute path that can become the export directory: new, or an empty
-    directory. ``ValueError`` for an existing file or a non-empty directory."""
+    directory, in a folder this process can write (tried by making and removing a directory
+    there, so that no work is done for a write that would fail). ``ValueError`` for an
+    existing file, a non-empty directory or a folder that cannot be written."""
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {out!r} is an existing file; give a new or empty directory")
     if os.path.isdir(path) and os.listdir(path):
         raise ValueError(f"--out {out!r} is a directory that is not empty; give a new or "
                          "empty directory (nothing is overwritten)")
+    _check_writable(os.path.dirname(path), f"--out {out!r}")
     return path
+
+
+def _check_writable(folder: str, what: str) -> None:
+    """``ValueError`` unless a directory can be created in ``folder`` (or, where ``folder``
+    does not exist yet, in its nearest existing ancestor); nothing is left behind."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what}: {existing!r} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".us3l_write_check.", dir=existing))
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {existing!r} ({e.strerror or e}); give a "
+                         "folder you can write") from None
 
 
 def image_size(config: ml_collections.ConfigDict, size: int | None = None) -> int:
@@ -68,26 +95,63 @@ def image_size(config: ml_collections.ConfigDict, size: int | None = None) -> in
 
 
 def read_sweep(workdir: str) -> list[dict[str, Any]]:
-    """Records of ``<workdir>/sweep.json`` (the evaluate CLI's report), [] if there is none."""
+    """Records of ``<workdir>/sweep.json`` (the evaluate CLI's report), [] if there is none.
+    An unreadable file (not JSON, or not a list of records with a width, protocol and
+    accuracy) is named in a warning and read as no records: probe accuracies are optional."""
     path = os.path.join(workdir, SWEEP)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            records = json.load(f)
+        if not isinstance(records, list) or not all(
+                isinstance(r, dict) and {"width", "protocol", "accuracy"} <= set(r)
+                for r in records):
+            raise ValueError("not a list of records with width, protocol and accuracy")
+        for r in records:
+            float(r["width"]), float(r["accuracy"])
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        log.warning("ignoring unreadable %s (%s); going on without probe accuracies "
+                    "(rerun python -m us3l_jax.evaluate to rewrite it)", path, e)
+        return []
+    return records
 
 
 def _calibrated(config: ml_collections.ConfigDict, params: Any, width: float, workdir: str,
-                step: int, calibration_batches: int | None) -> tuple[Any, dict[str, Any], bool]:
+                step: int, calibration_batches: int | None
+                ) -> tuple[Any, dict[str, Any] | None, bool]:
     """``(batch_stats, meta, reused)`` of ``width``: the stored statistics when they were made
-    with the run's calibration settings, else calibrated now (and stored) by the evaluator."""
+    with the run's calibration settings, else calibrated now (and stored) by the evaluator.
+    A backbone without BatchNorm (a ViT) has none: ``({}, None, False)``. A stored file that
+    cannot be read is named, moved aside (``<file>.corrupt``) and recalibrated."""
+    if not getattr(_backbone(config), "has_batch_norm", True):
+        return {}, None, False
     settings = calibration_settings(config, calibration_batches)
     meta = calib.settings_meta(settings, width, step, config.data.dataset)
-    stored = calib.load_stats(calib.stats_path(workdir, step, width))
+    path = calib.stats_path(workdir, step, width)
+    try:
+        stored = calib.load_stats(path)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: keep it aside, recalibrate
+        aside = _move_aside(path)
+        log.warning("BN statistics %s are unreadable (%s: %s); moved to %s, recalibrating",
+                    path, type(e).__name__, e, aside)
+        stored = None
     if stored is not None and stored[1] == meta:
         return stored[0], meta, True
     # Only now is the dataset loaded: exporting a calibrated width needs no data.
     stats, reused = Evaluator(config).calibrated(params, width, settings, workdir, step)
     return stats, meta, reused
+
+
+def _move_aside(path: str) -> str:
+    """Renames ``path`` to ``<path>.corrupt`` (``.corrupt.1``, ... if taken): kept, not
+    deleted, as this tool did not write it."""
+    aside, n = path + ".corrupt", 0
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{path}.corrupt.{n}"
+    os.rename(path, aside)
+    return aside
 
 
 def _backbone(config: ml_collections.ConfigDict) -> nn.Module:
@@ -128,33 +192,89 @@ def _resolve_width(config, backbone: nn.Module, params: Any, width: Any,
                        "latency_measured": measured, key: row.value(key)}
 
 
+def torch_arch(plain: nn.Module) -> dict[str, Any]:
+    """What ``torch_model.build`` needs to rebuild ``plain`` (a plain network) in PyTorch:
+    its family and every channel count, as JSON values."""
+    if isinstance(plain, PlainResNet):
+        return {"family": "resnet", "stem": plain.stem, "stem_channels": plain.stem_channels,
+                "blocks": [[[[list(c) for c in convs], down] for convs, down in stage]
+                           for stage in plain.blocks]}
+    if isinstance(plain, PlainMobileNetV2):
+        return {"family": "mobilenet_v2", "stem_channels": plain.stem_channels,
+                "stem_stride": plain.stem_stride, "head_channels": mbv2.HEAD_CHANNELS,
+                "blocks": [list(b) for b in plain.blocks]}
+    if isinstance(plain, VisionTransformer):
+        return {"family": "vit", "image_size": plain.image_size,
+                "patch_size": plain.patch_size, "dim": plain.dim, "depth": plain.depth,
+                "heads": plain.heads, "mlp_ratio": plain.mlp_ratio, "eps": LN_EPS}
+    raise TypeError(f"no torch builder for {type(plain).__name__}")
+
+
+def torch_builder_source() -> str:
+    """The text of ``model.py``: ``us3l_jax/export/torch_model.py``, which imports only torch
+    and safetensors."""
+    with open(os.path.join(os.path.dirname(__file__), "torch_model.py")) as f:
+        return f.read()
+
+
+def _torch_module_runner(files: Mapping[str, bytes], card_arch: dict[str, Any]
+                         ) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``x -> output`` of ``model.py``'s network with ``model.safetensors`` loaded, run by
+    torch (NHWC input transposed to NCHW); None when torch is not installed."""
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch  # deferred: optional, only to check model.py
+
+    spec = importlib.util.spec_from_loader("us3l_export_model", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    exec(compile(files[TORCH_BUILDER], TORCH_BUILDER, "exec"), module.__dict__)
+    net = module.build(card_arch)
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in
+          safetensors_from_bytes(files["torch"]).items()}
+    net.load_state_dict(sd, strict=True)
+    net.eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).numpy()
+    return run
+
+
 def _serialize(formats: Sequence[str], folded: nn.Module, folded_vars: Any, plain: nn.Module,
-               sliced: Any, x: jax.Array, name: str
-               ) -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
-    """The bytes of each requested format and each file's output on ``x``, read back the way
-    a user would (the torch file through our torchvision-key reader, as torch is optional)."""
+               sliced: Any, size: int, name: str
+               ) -> tuple[dict[str, bytes], dict[str, Callable[[np.ndarray], np.ndarray]]]:
+    """The bytes of each requested format (dynamic batch) and, per file, a function running
+    it on an NHWC batch, read back the way a user would (the torch file through our
+    torchvision-key reader, and through ``model.py`` when torch is installed)."""
     def fn(x):
         return folded.apply(folded_vars, x, train=False)
 
+    shape = (None, size, size, 3)
     files: dict[str, bytes] = {}
-    outputs: dict[str, np.ndarray] = {}
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     if "onnx" in formats:
-        files["onnx"] = artifacts.onnx_bytes(fn, tuple(x.shape), name=name)
-        outputs["onnx"] = artifacts.run_onnx(files["onnx"], np.asarray(x))
+        files["onnx"] = artifacts.onnx_bytes(fn, shape, name=name)
+        runners["onnx"] = functools.partial(artifacts.run_onnx, files["onnx"])
     if "stablehlo" in formats:
-        files["stablehlo"] = artifacts.stablehlo_bytes(fn, tuple(x.shape))
-        outputs["stablehlo"] = artifacts.run_stablehlo(files["stablehlo"], np.asarray(x))
+        files["stablehlo"] = artifacts.stablehlo_bytes(fn, shape)
+        runners["stablehlo"] = functools.partial(artifacts.run_stablehlo, files["stablehlo"])
     if "flax" in formats:
         files["flax"] = artifacts.flax_bytes(sliced)
-        outputs["flax"] = np.asarray(plain.apply(artifacts.load_flax_variables(files["flax"]),
-                                                 x, train=False))
+        flax_fn = widths_lib.eval_fn(plain)
+        flax_vars = artifacts.load_flax_variables(files["flax"])
+        runners["flax"] = lambda x: np.asarray(flax_fn(flax_vars, x))
     if "torch" in formats:
         files["torch"] = safetensors_bytes(plain_to_torch_state_dict(plain, sliced),
                                            {"model": name})
+        files[TORCH_BUILDER] = torch_builder_source().encode()
         torch_vars = plain_from_torch_state_dict(
             plain, safetensors_from_bytes(files["torch"]))
-        outputs["torch"] = np.asarray(plain.apply(torch_vars, x, train=False))
-    return files, outputs
+        plain_fn = widths_lib.eval_fn(plain)
+        runners["torch"] = lambda x: np.asarray(plain_fn(torch_vars, x))
+        torch_run = _torch_module_runner(files, torch_arch(plain))
+        if torch_run is not None:
+            runners["torch model.py"] = torch_run
+    return files, runners
 
 
 def _verify(outputs: Mapping[str, np.ndarray], reference: np.ndarray) -> dict[str, float]:
@@ -169,6 +289,28 @@ def _verify(outputs: Mapping[str, np.ndarray], reference: np.ndarray) -> dict[st
     return diffs
 
 
+def load_width(workdir: str, width: float, step: int | None = None,
+               calibration_batches: int | None = None, pre: Any = None
+               ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """``(plain network, variables, info)`` of ``width`` of run ``workdir``: the compact
+    network of that width (``plain.apply(variables, x, train=False)`` on normalised NHWC
+    images gives its features) with the calibrated BN statistics (stored, or calibrated now
+    as ``python -m us3l_jax.evaluate`` does). ``info``: step, width, calibration meta and
+    whether stored statistics were reused. ``pre``: an already loaded checkpoint."""
+    config = checkpointing.read_config(workdir) if pre is None else pre.config
+    width = check_width(config, width)
+    if pre is None:
+        pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
+    backbone = _backbone(config)
+    params = pre.params["backbone"]
+    stats, meta, reused = _calibrated(config, params, width, workdir, pre.step,
+                                      calibration_batches)
+    variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    plain, sliced = slice_module(backbone, variables, width)
+    return plain, sliced, {"step": pre.step, "width": width, "calibration": meta,
+                           "calibration_reused": reused}
+
+
 def export_run(workdir: str, out: str, width: float | None = None,
                budget: tuple[str, float] | None = None,
                formats: Sequence[str] = artifacts.FORMATS, batch: int = 1,
@@ -180,9 +322,10 @@ def export_run(workdir: str, out: str, width: float | None = None,
     Args:
       width: the width to export, or None with ``budget = (key, limit)`` where key is
         ``macs``, ``params`` or ``latency_ms``: the widest distinct width within the limit.
-      formats: a subset of ``artifacts.FORMATS``; the card is always written.
-      batch / size: the exported input is ``(batch, size, size, 3)``; latency is measured at
-        it; size defaults to the run's evaluation crop.
+      formats: a subset of ``artifacts.FORMATS`` whose dependencies are installed; the card
+        is always written.
+      batch / size: latency is measured on ``(batch, size, size, 3)``; the files take any
+        batch; size defaults to the run's evaluation crop.
       step: checkpoint (default latest); calibration_batches: instead of the run's setting.
     Raises ``ValueError`` / ``CheckpointError`` for bad arguments before anything is written.
     """
@@ -195,29 +338,35 @@ def export_run(workdir: str, out: str, width: float | None = None,
     if width is not None:
         check_width(config, width)
     size = image_size(config, size)
+    sweep = read_sweep(workdir)  # a bad file is reported now, not after the work
     pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     backbone = _backbone(config)
     params = pre.params["backbone"]
     width, picked = _resolve_width(config, backbone, params, width, budget, size, batch,
                                    repeats)
-    stats, calib_meta, reused = _calibrated(config, params, width, workdir, pre.step,
-                                            calibration_batches)
-    plain, sliced = slice_module(backbone, {"params": params, "batch_stats": stats}, width)
+    plain, sliced, info = load_width(workdir, width, calibration_batches=calibration_batches,
+                                     pre=pre)
     folded, folded_vars = fold_batchnorm(plain, sliced)
+    stats = sliced.get("batch_stats", {})
 
-    shape = (batch, size, size, 3)
     run_folded = widths_lib.eval_fn(folded)
     latency_ms = widths_lib.measure_latency(run_folded, folded_vars,
-                                            jnp.zeros(shape, jnp.float32), repeats=repeats)
-    x = jax.random.normal(jax.random.key(VERIFY_SEED), shape, jnp.float32)
-    reference = np.asarray(jax.jit(lambda x: backbone.apply(
-        {"params": params, "batch_stats": stats}, x, width=width, train=False))(x))
-    files, outputs = _serialize(formats, folded, folded_vars, plain, sliced, x,
+                                            jnp.zeros((batch, size, size, 3), jnp.float32),
+                                            repeats=repeats)
+    files, runners = _serialize(formats, folded, folded_vars, plain, sliced, size,
                                 f"{config.model.name}_w{width}")
-    outputs["folded"] = np.asarray(run_folded(folded_vars, x))
-    diffs = _verify(outputs, reference)
+    runners["folded"] = lambda x: np.asarray(run_folded(folded_vars, x))
+    full = {"params": params, "batch_stats": stats} if stats else {"params": params}
+    reference_fn = jax.jit(lambda x: backbone.apply(full, x, width=width, train=False))
+    diffs: dict[str, float] = {}
+    for i, b in enumerate(VERIFY_BATCHES):
+        x = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(VERIFY_SEED), i),
+                                         (b, size, size, 3), jnp.float32))
+        reference = np.asarray(reference_fn(x))
+        for k, d in _verify({k: run(x) for k, run in runners.items()}, reference).items():
+            diffs[k] = max(d, diffs.get(k, 0.0))
     cost = widths_lib.costs(backbone, width, size)
-    accuracy = widths_lib.sweep_accuracy(backbone, read_sweep(workdir)).get(
+    accuracy = widths_lib.sweep_accuracy(backbone, sweep).get(
         tuple(backbone.channel_config(width)), {})
     eval_view = transforms.for_run(config).eval_view
     card = {
@@ -231,19 +380,27 @@ def export_run(workdir: str, out: str, width: float | None = None,
         "latency_ms": {"median": round(latency_ms, 4), "batch": batch, "repeats": repeats,
                        "device": widths_lib.device_name()},
         "probe_accuracy": accuracy,
-        "input": {"name": artifacts.INPUT_NAME, "shape": list(shape), "layout": "NHWC",
+        "input": {"name": artifacts.INPUT_NAME, "shape": [artifacts.BATCH, size, size, 3],
+                  "batch": "dynamic: any size (checked at "
+                           f"{', '.join(map(str, VERIFY_BATCHES))})",
+                  "layout": "NHWC (torch model.py: NCHW)",
                   "dtype": "float32", "normalisation": "not included: feed "
                   "(pixel / 255 - mean) / std after resize + center crop",
                   "resize": eval_view.resize, "crop": eval_view.crop,
                   "interpolation": eval_view.interpolation, "mean": list(eval_view.mean),
                   "std": list(eval_view.std)},
-        "output": {"name": artifacts.OUTPUT_NAME, "shape": [batch, int(reference.shape[-1])],
+        "output": {"name": artifacts.OUTPUT_NAME,
+                   "shape": [artifacts.BATCH, int(backbone.feature_dim(width))],
                    "dtype": "float32", "what": "global-average-pooled backbone features "
-                   "(no classifier)"},
+                   "(no classifier)" if stats else "the normalised class token (no head)"},
         "compute_dtype": "float32", "training_compute_dtype": config.model.dtype,
-        "batchnorm": {"folded_into_convs": True, "calibration": calib_meta,
-                      "calibration_reused": reused},
+        "batchnorm": ({"folded_into_convs": True, "calibration": info["calibration"],
+                       "calibration_reused": info["calibration_reused"]} if stats else
+                      {"folded_into_convs": False, "calibration": None,
+                       "note": "the network has no BatchNorm"}),
         "max_abs_diff_vs_jax": {k: float(f"{d:.3g}") for k, d in diffs.items()},
+        "verified_batches": list(VERIFY_BATCHES),
+        "torch_arch": torch_arch(plain),
         "source": {"workdir": os.path.abspath(workdir), "step": pre.step,
                    "config_identity": checkpointing.identity(config),
                    "config": json.loads(config_lib.to_json(config))},
@@ -259,11 +416,13 @@ def export_run(workdir: str, out: str, width: float | None = None,
     return card
 
 
-_WHAT = {"onnx": "ONNX model (onnxruntime), BN folded",
+_WHAT = {"onnx": "ONNX model (onnxruntime), BN folded, dynamic batch",
          "stablehlo": "serialized jax.export artifact (jax.export.deserialize(...).call(x)), "
-                      "BN folded",
+                      "BN folded, symbolic batch",
          "torch": "torchvision-keyed state dict (safetensors), BN unfolded with calibrated "
-                  "running statistics",
+                  "running statistics; build the network with model.py",
+         TORCH_BUILDER: "plain-PyTorch builder of model.safetensors (torch and safetensors "
+                        "only): import model; net = model.load(export_dir)",
          "flax": "msgpack of the plain network's params and batch_stats (unfolded); "
                  "us3l_jax.export.command.load_flax"}
 
@@ -275,12 +434,12 @@ def _write_dir(out: str, files: dict[str, bytes], card: dict[str, Any]) -> None:
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
         for fmt, data in files.items():
-            fileio.atomic_write_bytes(os.path.join(tmp, artifacts.FILES[fmt]), data)
-        for fmt in artifacts.FORMATS:
-            path = os.path.join(tmp, artifacts.FILES[fmt])
+            fileio.atomic_write_bytes(os.path.join(tmp, artifacts.FILES.get(fmt, fmt)), data)
+        for fmt in (*artifacts.FORMATS, TORCH_BUILDER):
+            path = os.path.join(tmp, artifacts.FILES.get(fmt, fmt))
             if os.path.exists(path):
-                card["files"][artifacts.FILES[fmt]] = {"bytes": os.path.getsize(path),
-                                                       "what": _WHAT[fmt]}
+                card["files"][artifacts.FILES.get(fmt, fmt)] = {
+                    "bytes": os.path.getsize(path), "what": _WHAT[fmt]}
         fileio.atomic_write_text(os.path.join(tmp, CARD), json.dumps(card, indent=2) + "\n")
         # mkdtemp makes the folder private; the export is not (files get fileio's modes).
         os.chmod(tmp, 0o777 & ~fileio.current_umask())
@@ -316,6 +475,7 @@ def width_table(workdir: str, out: str | None = None, batch: int = 1, size: int 
     out = out or workdir
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is an existing file; give a directory")
+    _check_writable(out, f"--out {out!r}")
     pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     backbone = _backbone(config)
     accuracy = widths_lib.sweep_accuracy(backbone, read_sweep(workdir))

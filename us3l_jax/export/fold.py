@@ -17,6 +17,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from us3l_jax.models.plain import PlainMobileNetV2, PlainResNet
+from us3l_jax.models.vit import VisionTransformer
 from us3l_jax.slim import SlimBatchNorm
 
 # SlimBatchNorm's epsilon, as the plain networks use its default.
@@ -35,11 +36,15 @@ def fold_batchnorm(plain: nn.Module, variables: Mapping[str, Any]
 
     ``plain`` is a plain network (``us3l_jax.models.plain``) and ``variables`` its ``params``
     and calibrated ``batch_stats`` (e.g. from ``export.slice_module``). Folding is done in
-    float64 on the host and stored as float32. Raises ``ValueError`` when statistics are
-    missing or a BN has no conv before it.
+    float64 on the host and stored as float32. A ViT has no BatchNorm: it is returned as it
+    is, with its ``params``. Raises ``ValueError`` when statistics are missing or a BN has no
+    conv before it.
     """
+    if isinstance(plain, VisionTransformer):
+        return plain, {"params": variables["params"]}
     if not isinstance(plain, (PlainResNet, PlainMobileNetV2)):
-        raise TypeError(f"expected a plain ResNet or MobileNetV2, got {type(plain).__name__}")
+        raise TypeError("expected a plain ResNet, MobileNetV2 or ViT, got "
+                        f"{type(plain).__name__}")
     if plain.folded:
         raise ValueError("the network is already folded")
     if "batch_stats" not in variables:

@@ -1,0 +1,83 @@
+"""Using a width in code: load a run once, get a callable network at any width.
+
+    from us3l_jax import export
+    run = export.load("/tmp/us3l_demo")        # config and the latest checkpoint
+    net = run.at(0.5)                          # the compact 0.5x network, BN calibrated
+    features = net(images)                     # float32 (batch, C) from normalised NHWC
+
+``run.at(w)`` uses the BN statistics stored for ``w`` next to the checkpoint, or calibrates
+them now exactly as ``python -m us3l_jax.evaluate`` does (and stores them). The network is
+the plain (compact) network of that width, so it costs what the width costs; ``net.module``
+and ``net.variables`` are ordinary Flax, and ``net.folded()`` gives the BN-folded form that
+the export files compute. ``run.widths()`` lists one width per distinct sub-network.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from us3l_jax import build, checkpointing
+from us3l_jax.export import command, widths as widths_lib
+from us3l_jax.export.fold import fold_batchnorm
+
+
+@dataclasses.dataclass(frozen=True)
+class Width:
+    """One width of a run: ``self(images)`` -> features. ``images``: float32 NHWC
+    ``(batch, size, size, 3)``, normalised as the run's evaluation does (see
+    ``python -m us3l_jax.export``'s model card); any batch size."""
+    width: float
+    module: nn.Module
+    variables: dict[str, Any]
+    step: int
+    calibration: dict[str, Any] | None
+
+    @functools.cached_property
+    def _apply(self):
+        return jax.jit(functools.partial(self.module.apply, train=False))
+
+    def __call__(self, images: Any) -> jax.Array:
+        return self._apply(self.variables, images)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(np.size(x) for x in jax.tree.leaves(self.variables.get("params", {}))))
+
+    def folded(self) -> tuple[nn.Module, dict[str, Any]]:
+        """``(module, variables)`` with BN folded into the convs (what the files compute)."""
+        return fold_batchnorm(self.module, self.variables)
+
+
+class Run:
+    """A pretraining run's config and one checkpoint's parameters (loaded once)."""
+
+    def __init__(self, workdir: str, step: int | None = None):
+        self.workdir = workdir
+        self._pre = checkpointing.load_pretrained(workdir, step,
+                                                  abstract_state=build.abstract_state)
+        self.config = self._pre.config
+        self.step = self._pre.step
+
+    def widths(self) -> list[float]:
+        """One width per distinct sub-network in the trained range, ascending."""
+        return widths_lib.candidates(build.backbone(self.config),
+                                     self.config.sampler.width_range[0],
+                                     self.config.sampler.width_range[1])
+
+    def at(self, width: float, calibration_batches: int | None = None) -> Width:
+        """The network of ``width`` with its calibrated BN statistics. ``ValueError`` for a
+        width outside the trained range."""
+        module, variables, info = command.load_width(
+            self.workdir, width, calibration_batches=calibration_batches, pre=self._pre)
+        return Width(info["width"], module, variables, self.step, info["calibration"])
+
+
+def load(workdir: str, step: int | None = None) -> Run:
+    """The run in ``workdir`` (its latest checkpoint, or ``step``); ``run.at(width)`` gives a
+    callable network. Raises ``CheckpointError`` when there is no run or checkpoint."""
+    return Run(workdir, step)
