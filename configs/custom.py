@@ -20,8 +20,9 @@ that, add ``--config.data.streaming=True`` (decoded and cropped on the host ever
 Arguments (``key=value``, comma-separated; ``path`` is required and may hold neither ``,``
 nor ``:``): ``size`` (default 96) the side of the training views; ``arch`` resnet18
 (default), resnet50 or mobilenet_v2, with the CIFAR stem (3x3 stride 1, no max-pool) below
-64 px and the ImageNet stem from 64 px; ``epochs`` (default 200); ``batch`` (default 256,
-a multiple of 128: BatchNorm statistics and negatives are per 128 images, 64 for resnet50).
+64 px and the ImageNet stem from 64 px; ``epochs`` (default 200); ``batch`` (default 256; a
+multiple of 128, 64 for resnet50, or smaller: BatchNorm statistics and negatives are per that
+many images, the official per-GPU batch, or per batch when it is smaller).
 
 Recipe: the paper's CIFAR US3L recipe (``us3l_jax.recipes.us3l_cifar``: InfoNCE against an
 EMA teacher, distillation through an auxiliary head, sandwich rule with dynamic sampling "A",
@@ -30,11 +31,16 @@ augmentation (no blur) below 128 px and ImageNet's (blur) from 128 px. With a va
 test/ folder the run monitors kNN accuracy every 20 epochs and ends with a fast-probe sweep
 of widths 1.0 ... 0.25; without one it only pretrains (a kNN or probe needs labels).
 
-Expected: what a run reaches depends on your images. As a check of the path end to end,
-scikit-learn's digits written as 16 px PNG folders (``tests/data/test_folder.py`` writes a
-tiny one) learn like ``configs/demo.py``. Errors are one line with exit 2: a missing folder,
-a folder without images, evaluation with fewer than 2 classes or no val/ folder, a batch
-larger than the folder.
+Expected: what a run reaches depends on your images. Measured (2026-12-05, 2-core CPU):
+scikit-learn's digits written out as PNG folders (the demo's split: 1,438 train/<digit>/ and
+359 val/<digit>/ 8x8 images) with the digits demo's model, heads and 12 epochs,
+
+    python -m us3l_jax.main --config=configs/custom.py:path=/tmp/digits_png,size=16,epochs=12,batch=64 --workdir=/tmp/digits_folder --config.model.base_width=16 --config.model.stage_sizes=(1,1,1,1) --config.heads.proj_hidden=128 --config.heads.proj_out=64 --config.heads.head_hidden=128 --config.method.group_size=32 --config.sampler.grid_step=0.125 --config.eval.batch_size=64 --config.eval.calibration_batches=20 --config.eval.online_every_epochs=0 --config.eval.sweep_widths=(1.0,0.75,0.5,0.25)
+
+ends with fast-probe top-1 95.3 / 95.3 / 94.4 / 90.8 % at widths 1.0 / 0.75 / 0.5 / 0.25
+(264 steps; ``configs/demo.py`` on the same images reaches 92-97 %). Errors are one line with
+exit 2: a missing folder, a folder without images, evaluation with fewer than 2 classes or
+no val/ folder, an unreadable image, a batch larger than the folder.
 """
 import os
 
@@ -81,6 +87,7 @@ def get_config(arg: str | None = None):
     c.data.image_size = size
     c.data.augment = "imagenet" if size >= IMAGENET_VIEWS_FROM else "cifar"
     c.optim.batch_size = batch
+    c.method.group_size = min(c.method.group_size, batch)
     c.optim.lr = 0.5 * batch / 512
     c.eval.calibration = "custom"
     c.eval.sweep_protocol = "fast"

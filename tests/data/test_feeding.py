@@ -166,6 +166,14 @@ _EIGHT_DEVICES = textwrap.dedent("""
     single_view = np.asarray(augment.view(key, single, cfg))
     seen = np.concatenate([np.asarray(b.labels)[np.asarray(b.mask)]
                            for b in feeding.eval_batches(data, 64)])
+    # As with several CPU processes (gloo): an all-reduce, after a barrier of the peers.
+    barriers = []
+    feeding.uses_gloo = lambda mesh: True
+    feeding.wait_for_peers = barriers.append
+    gloo = feeder.batch(3)
+    gloo_ok = (np.array_equal(np.asarray(gloo.images), np.asarray(batch.images))
+               and np.array_equal(np.asarray(gloo.labels), ds.labels[idx])
+               and gloo.images.sharding == batch.images.sharding)
     try:
         feeding.TrainFeeder(data, 60, seed=1)
         err = ""
@@ -180,6 +188,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
         views_match=float(np.abs(sharded_view - single_view).max()),
         view_sharded=len(augment.view(key, batch.images, cfg).sharding.device_set),
         eval_ok=bool(np.array_equal(seen, ds.labels)),
+        gloo_ok=bool(gloo_ok), barriers=barriers,
         batch_error=err)))
 """)
 
@@ -196,6 +205,7 @@ def test_eight_devices_shard_data_and_batches():
     assert r["rows_per_device"] == 45  # ceil(359 / 8): each device holds 1/8 of the data
     assert r["shards"] == [[8 * d, 8] for d in range(8)]  # batch 64 -> 8 rows per device
     assert r["gather_ok"] and r["eval_ok"]
+    assert r["gloo_ok"] and r["barriers"] == ["first_batch"]
     assert r["views_match"] < 1e-5  # augmentation does not depend on the sharding
     assert r["view_sharded"] == 8
     assert "batch size 60 must be a positive multiple of the number of devices (8)" in \

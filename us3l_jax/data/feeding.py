@@ -181,7 +181,12 @@ class DeviceDataset:
         if indices.min() < 0 or indices.max() >= self.num_examples:
             raise ValueError(f"indices must be in [0, {self.num_examples})")
         rep = jax.make_array_from_process_local_data(mesh_lib.replicated(self.mesh), indices)
-        images, labels = _gather_fn(self.mesh, self.shard_size)(self.images, self.labels, rep)
+        gloo = uses_gloo(self.mesh)
+        fn = _gather_fn(self.mesh, self.shard_size, gloo)
+        if gloo and not _PEERS_READY:
+            fn.lower(self.images, self.labels, rep).compile()  # compile before the barrier
+            wait_for_peers("first_batch")
+        images, labels = fn(self.images, self.labels, rep)
         if mask is not None:
             mask = jax.make_array_from_process_local_data(
                 mesh_lib.batch_sharding(self.mesh),
@@ -238,10 +243,38 @@ def _local_batch_rows(mesh: Mesh, batch_size: int) -> slice:
     return slice(r.start, r.stop)
 
 
+# Several processes on CPUs (tests, a laptop) exchange data through gloo. Its reduce-scatter,
+# and the connection its first collective makes, wait a fixed 30-60 s for a late peer (the
+# all-reduce, all-gather and the others wait XLA's 30 minutes). On a busy machine one process
+# can be minutes behind the other (loading, compiling), so the batch gather, the first
+# collective of a run, uses an all-reduce there, and waits for the peers at a barrier of the
+# coordination service (which has no such limit) before its first call.
+PEERS_TIMEOUT_S = 1800
+_PEERS_READY = False
+
+
+def uses_gloo(mesh: Mesh) -> bool:
+    """Whether ``mesh`` spans several processes on CPUs (collectives through gloo)."""
+    return jax.process_count() > 1 and mesh.devices.flat[0].platform == "cpu"
+
+
+def wait_for_peers(name: str, timeout_s: int = PEERS_TIMEOUT_S) -> None:
+    """Returns once every process has called it with ``name`` (the JAX coordination service's
+    barrier, as orbax's multi-host barriers); once per process is enough before gloo
+    collectives, which then find every peer connected."""
+    global _PEERS_READY
+    from jax._src import distributed  # the coordination client; no public handle to it
+
+    distributed.global_state.client.wait_at_barrier(f"us3l_{name}", timeout_s * 1000)
+    _PEERS_READY = True
+
+
 @functools.lru_cache(maxsize=None)
-def _gather_fn(mesh: Mesh, rows_per_device: int):
+def _gather_fn(mesh: Mesh, rows_per_device: int, all_reduce: bool = False):
     """jit(shard_map): each device gathers the requested rows it holds, zeros elsewhere, and a
-    psum_scatter (exactly one non-zero contribution per example) yields the sharded batch."""
+    psum_scatter (exactly one non-zero contribution per example) yields the sharded batch;
+    ``all_reduce``: a psum of the whole batch, of which each device keeps its rows (for gloo,
+    above)."""
     axis = mesh_lib.DATA_AXIS
 
     def local(images, labels, idx):
@@ -252,7 +285,11 @@ def _gather_fn(mesh: Mesh, rows_per_device: int):
         def take(x):
             g = jnp.take(x, rel, axis=0)
             g = jnp.where(here.reshape((-1,) + (1,) * (x.ndim - 1)), g, jnp.zeros((), x.dtype))
-            return lax.psum_scatter(g, axis, scatter_dimension=0, tiled=True)
+            if not all_reduce:
+                return lax.psum_scatter(g, axis, scatter_dimension=0, tiled=True)
+            rows = g.shape[0] // mesh.shape[axis]
+            return lax.dynamic_slice_in_dim(lax.psum(g, axis), lax.axis_index(axis) * rows,
+                                            rows)
 
         return take(images), take(labels)
 
