@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from us3l_jax import paths, workdir_lease
+from us3l_jax import fileio, paths, workdir_lease
 from us3l_jax.errors import UsageError
 from tests.fake_gcs import bucket, local_or_gs  # noqa: F401 - fixtures
 
@@ -75,7 +75,13 @@ def test_stale_lease_is_taken_over_and_the_old_holder_stops_at_its_check(local_o
     old.release()  # not its lease any more: left in place
     assert read(workdir)["run"] == new.token
     clock.t += 5
-    new.check()  # still ours: the heartbeat is renewed
+    new.check()  # still ours; without a heartbeat thread the check renews it
+    assert read(workdir)["heartbeat"] == clock.t
+    clock.t += 5
+    new.check()  # the lease is read at most every CHECK_EVERY_S: not now
+    assert read(workdir)["heartbeat"] == clock.t - 5
+    clock.t += workdir_lease.CHECK_EVERY_S
+    new.check()
     assert read(workdir)["heartbeat"] == clock.t
 
 
@@ -84,14 +90,14 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(local_or_gs)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     clock = Clock()
-    paths.write_text(paths.join(workdir, workdir_lease.LEASE_FILE), json.dumps(
+    fileio.atomic_write_text(paths.join(workdir, workdir_lease.LEASE_FILE), json.dumps(
         {"run": "killed-run", "host": socket.gethostname(), "pid": dead.pid,
          "started": clock.t, "heartbeat": clock.t}))
     new = lease(workdir, clock)
     new.acquire()  # heartbeat 0 s old, but its process is gone
     assert read(workdir)["run"] == new.token
     # The same record from another host is live: its process cannot be checked from here.
-    paths.write_text(new.path, json.dumps({"run": "other", "host": "elsewhere",
+    fileio.atomic_write_text(new.path, json.dumps({"run": "other", "host": "elsewhere",
                                            "pid": dead.pid, "heartbeat": clock.t}))
     with pytest.raises(workdir_lease.WorkdirLeaseError, match="pid .* on host elsewhere"):
         lease(workdir, clock).acquire()
@@ -99,7 +105,7 @@ def test_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(local_or_gs)
 
 def test_unreadable_lease_is_taken_over(local_or_gs):
     workdir = local_or_gs
-    paths.write_text(paths.join(workdir, workdir_lease.LEASE_FILE), "not json")
+    fileio.atomic_write_text(paths.join(workdir, workdir_lease.LEASE_FILE), "not json")
     clock = Clock()
     new = lease(workdir, clock)
     new.acquire()
@@ -115,7 +121,7 @@ def test_two_runs_starting_together_the_later_write_wins(local_or_gs):
     # The other run read no lease too, and its write lands while this one settles.
     other = {"run": "other-run", "host": "worker-1", "pid": 7, "heartbeat": clock.t}
     first = lease(workdir, clock, settle_s=1.0,
-                  sleep=lambda s: paths.write_text(path, json.dumps(other)))
+                  sleep=lambda s: fileio.atomic_write_text(path, json.dumps(other)))
     with pytest.raises(workdir_lease.WorkdirLeaseError,
                        match=r"another run took the lease while this one started \(pid 7 on "
                              r"host worker-1, heartbeat 0 s ago; lease "):

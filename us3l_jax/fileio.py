@@ -10,6 +10,8 @@ import os
 import tempfile
 import threading
 
+from us3l_jax import paths
+
 _UMASK_LOCK = threading.Lock()
 
 
@@ -33,7 +35,10 @@ _VIRTUAL_FS = ("/proc", "/sys", "/dev")
 def unusable_dir(path: str | os.PathLike) -> str | None:
     """Why ``path`` cannot be (or become) a directory we write into, or None if it can: it is
     a file, lies under /proc, /sys or /dev, or its nearest existing ancestor is not a
-    writable directory. Checked before any work so a bad path fails at once."""
+    writable directory. Checked before any work so a bad path fails at once. A URL
+    (``gs://bucket/run``) is checked by ``paths.url_problem``."""
+    if not paths.is_local(path):
+        return paths.url_problem(path)
     path = os.path.abspath(os.fspath(path))
     real = os.path.realpath(path)
     if any(real == v or real.startswith(v + "/") for v in _VIRTUAL_FS):
@@ -52,8 +57,12 @@ def unusable_dir(path: str | os.PathLike) -> str | None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temporary file in the same directory, fsync and a
-    rename; on any failure the previous file (if any) is untouched and no temporary remains."""
+    rename; on any failure the previous file (if any) is untouched and no temporary remains.
+    A URL (``gs://``) is written by ``paths.write_object``: one whole upload."""
     path = os.fspath(path)
+    if not paths.is_local(path):
+        paths.write_object(path, data)
+        return
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",

@@ -1,15 +1,15 @@
 """Workdir paths on a local disk or in a cloud bucket (``gs://bucket/run``).
 
-Everything a run keeps in its workdir goes through these functions, which take and return
-path strings: a local path uses ``os`` (and ``fileio``'s atomic writes), a URL goes through
-``etils.epath``, the layer orbax and TFDS already use for buckets (gcsfs, or TensorFlow's
-gfile where TensorFlow is installed).
+Everything a run keeps in its workdir goes through these functions (and ``fileio``'s writes
+and checks, which call them for URLs); they take and return path strings: a local path uses
+``os``, a URL goes through ``etils.epath``, the layer orbax and TFDS already use for buckets
+(gcsfs, or TensorFlow's gfile where TensorFlow is installed).
 
 Object storage is not a file system, and the functions hide the differences that matter here:
 
 * there are no directories: ``makedirs`` is a no-op there, and a folder "exists" while an
   object lies below it;
-* a write is an upload that becomes visible whole when it completes, so ``write_bytes``
+* a write is an upload that becomes visible whole when it completes, so ``write_object``
   writes the final name directly (a temporary object and a rename would be a copy and a
   delete: slower and not atomic) and then checks the stored size;
 * there is no append: ``append_text`` reads the object and writes it back longer;
@@ -23,11 +23,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import posixpath
+import time
 from collections.abc import Iterator
+from typing import IO
 
 from etils import epath
-
-from us3l_jax import fileio
 
 SCHEMES = ("gs",)
 # What a bucket workdir needs installed (the ``[gcs]`` spelling of docs/launch.md).
@@ -67,14 +67,14 @@ def as_epath(path: str | os.PathLike) -> epath.Path:
     return epath.Path(os.fspath(path))
 
 
-def unusable_dir(path: str | os.PathLike) -> str | None:
-    """Why ``path`` cannot be a workdir or report folder (None if it can), before any work:
-    ``fileio.unusable_dir``'s checks for a local path; for a URL, a scheme we support, a
-    bucket, the packages that reach it, and not an existing object."""
+def url_problem(path: str | os.PathLike) -> str | None:
+    """Why URL ``path`` cannot be a workdir or report folder (None if it can), before any
+    work: a scheme we support, a bucket that can be reached with the packages installed, and
+    not an existing object. (``fileio.unusable_dir`` checks local paths, and calls this.)"""
     text = os.fspath(path)
     s = scheme(text)
     if s is None:
-        return fileio.unusable_dir(text)
+        raise ValueError(f"not a URL: {text}")
     if s not in SCHEMES:
         return (f"{s}:// is not supported; use a local path or "
                 f"{', '.join(f'{x}://bucket/path' for x in SCHEMES)}")
@@ -161,24 +161,20 @@ def read_text(path: str | os.PathLike) -> str:
     return read_bytes(path).decode("utf-8")
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes ``data`` so that ``path`` is either its old content or all of ``data``: locally
-    ``fileio.atomic_write_bytes`` (temporary file, fsync, rename); on object storage one
-    upload to the final name (an object is published only once complete), then a check that
-    the stored object has ``len(data)`` bytes (``OSError`` if not)."""
+def write_object(path: str | os.PathLike, data: bytes) -> None:
+    """Writes URL ``path`` so that it holds either its old content or all of ``data``: one
+    upload to the final name (object storage publishes an object only once it is complete; a
+    temporary object and a rename would be a copy and a delete), then a check that the store
+    holds ``len(data)`` bytes (``OSError`` if not). ``fileio.atomic_write_bytes`` calls this
+    for URLs."""
     if is_local(path):
-        fileio.atomic_write_bytes(path, data)
-        return
+        raise ValueError(f"not a URL: {path} (use fileio.atomic_write_bytes)")
     p = as_epath(path)
     with p.open("wb") as f:
         f.write(data)
     stored = p.stat().length
     if stored is not None and stored != len(data):
         raise OSError(f"{path}: wrote {len(data)} bytes, the store holds {stored}")
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:
@@ -190,7 +186,7 @@ def append_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
         return
     old = read_bytes(path) if exists(path) else b""
-    write_bytes(path, old + text.encode("utf-8"))
+    write_object(path, old + text.encode("utf-8"))
 
 
 def remove(path: str | os.PathLike, missing_ok: bool = False) -> None:
@@ -204,13 +200,16 @@ def remove(path: str | os.PathLike, missing_ok: bool = False) -> None:
             raise
 
 
-def rename(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Moves ``src`` (file or folder) to ``dst``, which must not exist. Atomic on a local
-    file system; a copy and a delete on object storage."""
+def rename(src: str | os.PathLike, dst: str | os.PathLike, replace: bool = False) -> None:
+    """Moves ``src`` to ``dst``: a file or folder to a ``dst`` that must not exist, or with
+    ``replace`` a file over an existing one (``os.replace``). Atomic on a local file system;
+    a copy and a delete on object storage."""
     if is_local(src) != is_local(dst):
         raise ValueError(f"cannot move {src} to {dst}: one is local, the other a URL")
     if is_local(src):
-        os.rename(src, dst)
+        (os.replace if replace else os.rename)(src, dst)
+    elif replace:
+        as_epath(src).replace(as_epath(dst))
     else:
         as_epath(src).rename(as_epath(dst))
 
@@ -243,3 +242,76 @@ def walk_files(root: str | os.PathLike) -> Iterator[str]:
 def _key(path: epath.Path) -> str:
     """``bucket/a/b`` for ``gs://bucket/a/b`` and for a backend's ``bucket/a/b``."""
     return str(path).split("://", 1)[-1].strip("/")
+
+
+def open_read(path: str | os.PathLike) -> IO[bytes]:
+    """``path`` opened for reading bytes (a stream: large checkpoint files are not loaded
+    whole)."""
+    return open(path, "rb") if is_local(path) else as_epath(path).open("rb")
+
+
+class AppendFile:
+    """A log file that only grows (``metrics.jsonl``, TensorBoard events), opened for
+    appending. Locally an ordinary file in append mode. On object storage, which has no
+    append, the whole content is kept and uploaded again at ``flush``, at most every
+    ``min_interval_s`` seconds (a log line per step must not mean an upload per step), and
+    always at ``close``; a crash loses at most that interval of lines."""
+
+    def __init__(self, path: str | os.PathLike, binary: bool = False,
+                 min_interval_s: float = 30.0):
+        self.path, self.binary = os.fspath(path), binary
+        self.min_interval_s = min_interval_s
+        self._local = open(self.path, "ab" if binary else "a") if is_local(self.path) \
+            else None
+        if self._local is None:
+            self._data = bytearray(read_bytes(self.path) if exists(self.path) else b"")
+            self._uploaded = len(self._data)
+            self._last = time.monotonic()
+        self.closed = False
+
+    def write(self, data: str | bytes) -> int:
+        if self._local is not None:
+            return self._local.write(data)
+        self._data += data if isinstance(data, bytes) else data.encode("utf-8")
+        return len(data)
+
+    def flush(self, force: bool = False) -> None:
+        if self._local is not None:
+            self._local.flush()
+            return
+        due = force or time.monotonic() - self._last >= self.min_interval_s
+        if due and len(self._data) != self._uploaded:
+            write_object(self.path, bytes(self._data))
+            self._uploaded, self._last = len(self._data), time.monotonic()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        if self._local is not None:
+            self._local.close()
+        else:
+            self.flush(force=True)
+        self.closed = True
+
+    def __enter__(self) -> "AppendFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tensorboard_on_buckets(min_interval_s: float = 30.0) -> None:
+    """Lets tensorboardX write ``gs://`` event files through etils.epath (``AppendFile``)
+    instead of its own google-cloud-storage writer, which re-uploads the whole file at every
+    flush and cannot reach a bucket that only epath knows. Idempotent."""
+    from tensorboardX import record_writer
+
+    class Factory:
+        def open(self, path: str) -> AppendFile:
+            return AppendFile(path, binary=True, min_interval_s=min_interval_s)
+
+        def directory_check(self, path: str) -> None:
+            pass  # a bucket has no folders to create
+
+    for s in SCHEMES:
+        record_writer.register_writer_factory(s, Factory())

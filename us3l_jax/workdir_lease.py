@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from us3l_jax import paths
+from us3l_jax import fileio, paths
 from us3l_jax.errors import UsageError
 
 log = logging.getLogger("us3l")
@@ -48,6 +48,9 @@ STALE_ENV, HEARTBEAT_ENV = "US3L_LEASE_STALE_S", "US3L_LEASE_HEARTBEAT_S"
 DEFAULT_STALE_AFTER_S = 600.0
 DEFAULT_HEARTBEAT_S = 60.0
 SETTLE_S = 2.0
+# ``check`` runs at every log step and save; reading the lease more often than this gains
+# nothing (a takeover needs ``stale_after`` seconds without heartbeats) and costs requests.
+CHECK_EVERY_S = 10.0
 
 
 class WorkdirLeaseError(UsageError):
@@ -150,6 +153,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: dict[str, Any] | None = None  # another run's lease seen by a heartbeat
+        self._checked = -float("inf")  # clock time of the last check that read the lease
 
     def _record(self) -> dict[str, Any]:
         return {"run": self.token, "host": socket.gethostname(), "pid": os.getpid(),
@@ -175,7 +179,7 @@ class Lease:
             log.warning("taking over the lease of %s from %s: %s", self.workdir,
                         describe(record, now), why)
         self.started = now
-        paths.write_text(self.path, json.dumps(self._record()))
+        fileio.atomic_write_text(self.path, json.dumps(self._record()))
         self._sleep(self.settle_s)
         record = read(self.path)
         if record is None or record.get("run") != self.token:
@@ -188,16 +192,17 @@ class Lease:
                                             daemon=True)
             self._thread.start()
 
-    def _renew(self) -> None:
-        """Rewrites the heartbeat if the lease is still ours; remembers a takeover."""
+    def _renew(self, write: bool = True) -> None:
+        """Reads the lease: remembers a takeover, or (``write``) rewrites the heartbeat if it
+        is still ours."""
         with self._lock:
             if self._lost is not None:
                 return
             record = read(self.path)
             if record is None or record.get("run") != self.token:
                 self._lost = record or {"unreadable": "the lease was deleted"}
-                return
-            paths.write_text(self.path, json.dumps(self._record()))
+            elif write:
+                fileio.atomic_write_text(self.path, json.dumps(self._record()))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat):
@@ -210,9 +215,14 @@ class Lease:
                 return
 
     def check(self) -> None:
-        """At a checkpoint: raises ``WorkdirLeaseError`` if another run has taken the lease,
-        else renews the heartbeat."""
-        self._renew()
+        """At a checkpoint (and log step): raises ``WorkdirLeaseError`` if another run has
+        taken the lease. Reads it at most every ``CHECK_EVERY_S`` seconds; renews the heartbeat
+        only where no heartbeat thread runs (the thread does that)."""
+        now = self._clock()
+        if self._lost is None and now - self._checked < CHECK_EVERY_S:
+            return
+        self._checked = now
+        self._renew(write=self._thread is None)
         if self._lost is not None:
             now = self._clock()
             raise WorkdirLeaseError(
