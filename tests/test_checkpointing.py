@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from us3l_jax import build, checkpointing, pretrain, sampling
+from us3l_jax import build, checkpointing, pretrain, sampling, workdir_lock
 from tests.helpers import REPO, demo_config, load_experiment
 
 STEPS = 6
@@ -132,19 +132,24 @@ def test_changed_config_is_refused_unless_allowed(run_copy):
         pretrain.train(changed, run_copy)
     assert open(os.path.join(run_copy, "config.json")).read() == config_json
     assert int(pretrain.train(tiny(), run_copy).step) == 6  # same config: nothing to train
+    history = os.path.join(run_copy, "config_history.jsonl")
+    # Allowed but nothing trained under it (the run is at its end): nothing recorded.
     pretrain.train(changed, run_copy, allow_config_change=True)
-    history = [json.loads(line) for line in open(os.path.join(run_copy,
-                                                              "config_history.jsonl"))]
-    assert history[-1]["changes"] == {"optim.lr": [0.5, 0.1], "seed": [0, 3]}
-    assert history[-1]["accepted"] is True
+    assert not os.path.exists(history)
+    assert open(os.path.join(run_copy, "config.json")).read() == config_json
+    changed.train.max_steps = 8  # recorded with the first checkpoint saved under it
+    pretrain.train(changed, run_copy, allow_config_change=True)
+    records = [json.loads(line) for line in open(history)]
+    assert records[-1]["changes"] == {"optim.lr": [0.5, 0.1], "seed": [0, 3],
+                                      "train.max_steps": [6, 8]}
+    assert records[-1]["accepted"] is True and records[-1]["step"] == 8
     assert checkpointing.read_config(run_copy).optim.lr == 0.1
-    c = tiny()
+    c = tiny(max_steps=10, optim__lr=0.1, seed=3)
     c.train.log_every_steps = 3
-    c.optim.lr = 0.1
-    c.seed = 3
-    pretrain.train(c, run_copy)  # only an allow-listed field differs now: accepted
-    last = json.loads(open(os.path.join(run_copy, "config_history.jsonl")).readlines()[-1])
-    assert last["changes"] == {"train.log_every_steps": [2, 3]} and last["accepted"] is False
+    pretrain.train(c, run_copy)  # only allow-listed fields differ now: accepted
+    last = json.loads(open(history).readlines()[-1])
+    assert last["changes"] == {"train.log_every_steps": [2, 3], "train.max_steps": [8, 10]}
+    assert last["accepted"] is False and last["step"] == 10
 
 
 @pytest.mark.slow
@@ -172,17 +177,36 @@ def test_sigint_saves_and_stops_with_130(run_copy, monkeypatch):
     sample = sampling.sample_widths
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a pytest-xdist worker
 
-    def ctrl_c_at_step_7(s, step, *args):
-        if step == 7:
+    calls = []
+
+    def ctrl_c_in_step_7(s, step, *args):
+        calls.append(step)
+        if step == 6 and calls.count(6) == 2:  # (the ETA's cost table draws it first)
             os.kill(os.getpid(), signal.SIGINT)
         return sample(s, step, *args)
-    monkeypatch.setattr(pretrain.sampling, "sample_widths", ctrl_c_at_step_7)
-    # (the ETA's cost table also draws the widths of step 7 before the loop: stops at 7)
+    monkeypatch.setattr(pretrain.sampling, "sample_widths", ctrl_c_in_step_7)
     with pytest.raises(pretrain.Preempted, match="interrupted \\(Ctrl-C\\) at step 7") as e:
         pretrain.train(tiny(max_steps=20), run_copy)
     assert e.value.exit_code == 130
     assert checkpointing.Checkpointer(run_copy, tiny()).all_steps()[-1] == 7
     assert signal.getsignal(signal.SIGINT) is before  # restored
+
+
+def test_sigint_before_the_first_step_stops_without_saving(run_copy, monkeypatch):
+    """A Ctrl-C during setup (here while the ETA's table is drawn) has no step to save: the
+    run stops before training, with ``KeyboardInterrupt``, and writes nothing more."""
+    sample = sampling.sample_widths
+
+    def ctrl_c(s, step, *args):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+        return sample(s, step, *args)
+    monkeypatch.setattr(pretrain.sampling, "sample_widths", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.train(tiny(max_steps=20), run_copy)
+    assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["2", "4", "6"]
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run_copy, "metrics.jsonl"))]
+    assert max(steps) == 6
 
 
 def test_metric_writer_survives_io_errors_and_drops_steps_after_resume(tmp_path, caplog):
@@ -294,3 +318,166 @@ def test_checkpointing_imports_no_builder():
     assert "us3l_jax.checkpointing" in loaded
     builders = ("us3l_jax.build", "us3l_jax.teacher", "us3l_jax.export", "us3l_jax.evaluate")
     assert not {m for m in loaded if m.startswith(builders)}, loaded
+
+
+def test_a_checkpoint_without_its_checksum_file_is_unverified_and_moved_aside(run_copy, caplog):
+    """Every checkpoint of this version is sealed with its checksums: one without them cannot
+    be verified and counts as corrupt (moved aside; the previous one is restored), unless
+    the caller trusts unverified checkpoints."""
+    ckpt_dir = os.path.join(run_copy, "checkpoints")
+    os.remove(os.path.join(ckpt_dir, "6", checkpointing.CHECKSUM_FILE))
+    assert checkpointing.verify_checksums(os.path.join(ckpt_dir, "6")) == (
+        "its us3l_checksums.json is missing (unverified; --trust_unverified_checkpoints uses "
+        "it anyway)")
+    trusting = checkpointing.Checkpointer(run_copy, tiny(), trust_unverified=True)
+    with caplog.at_level("WARNING"):
+        assert trusting.restore_latest(build.abstract_state(tiny()))[0] == 6
+    trusting.close()
+    assert "used unverified (--trust_unverified_checkpoints)" in caplog.text
+    assert checkpointing.load_pretrained(run_copy, abstract_state=build.abstract_state).step == 4
+    ckpt = checkpointing.Checkpointer(run_copy, tiny())
+    step, state = ckpt.restore_latest(build.abstract_state(tiny()), move_corrupt=True)
+    ckpt.close()
+    assert (step, int(state.step)) == (4, 4)
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4", "corrupt-6"]
+
+
+def test_a_lost_config_json_is_rebuilt_from_the_checkpoint(run_copy, caplog):
+    path = os.path.join(run_copy, "config.json")
+    original = open(path).read()
+    os.remove(path)
+    ckpt = checkpointing.Checkpointer(run_copy, tiny())
+    with pytest.raises(checkpointing.CheckpointError, match=r"optim.lr: 0.5 -> 0.1"):
+        checkpointing.check_config_change(run_copy, tiny(optim__lr=0.1),
+                                          recorded=ckpt.recorded_config)
+    ckpt.close()
+    assert json.loads(open(path).read()) == json.loads(original)
+    assert "config.json was missing; rebuilt from checkpoint 6" in caplog.text
+    open(path, "w").write("{garbage")  # unreadable: rebuilt too, the bad copy kept
+    ckpt = checkpointing.Checkpointer(run_copy, tiny())
+    assert checkpointing.check_config_change(run_copy, tiny(),
+                                             recorded=ckpt.recorded_config) is None
+    ckpt.close()
+    assert json.loads(open(path).read()) == json.loads(original)
+    assert open(path + ".unreadable").read() == "{garbage"
+
+
+def test_a_lost_config_json_without_a_record_needs_allow_and_is_then_written(run_copy,
+                                                                             monkeypatch):
+    """Checkpoints that do not record the config (older ones): the resume is refused unless
+    allowed; allowed, config.json is written once the restore has succeeded."""
+    path = os.path.join(run_copy, "config.json")
+    os.remove(path)
+    monkeypatch.setattr(checkpointing.Checkpointer, "recorded_config", lambda self: None)
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=rf"{path} is missing, and no checkpoint records the run's config, "
+                             r"so this config cannot be compared .* --allow_config_change"):
+        pretrain.train(tiny(), run_copy)
+    assert not os.path.exists(path)
+    assert int(pretrain.train(tiny(), run_copy, allow_config_change=True).step) == 6
+    assert checkpointing.read_config(run_copy).optim.lr == tiny().optim.lr
+    record = json.loads(open(os.path.join(run_copy, "config_history.jsonl")).read())
+    assert record["changes"] == "config.json was missing; replaced" and record["step"] == 6
+
+
+@pytest.mark.slow
+def test_an_allowed_change_that_does_not_fit_the_state_leaves_config_json(run_copy):
+    """AdamW's state has another structure than SGD's: the resume fails with that reason,
+    and config.json, which the original command needs, is untouched."""
+    config_json = open(os.path.join(run_copy, "config.json")).read()
+    adamw = tiny(max_steps=8, optim__optimizer="adamw", optim__weight_decay=1e-4,
+                 optim__reg_lambda=0.0)
+    with pytest.raises(checkpointing.CheckpointError) as e:
+        pretrain.train(adamw, run_copy, allow_config_change=True)
+    message = str(e.value)
+    assert message.startswith(f"checkpoint 6 in {run_copy}/checkpoints does not fit the train "
+                              "state of this config: its opt_state differs in structure (")
+    assert "optim.optimizer: 'sgd' -> 'adamw'" in message and "another version" not in message
+    assert open(os.path.join(run_copy, "config.json")).read() == config_json
+    assert not os.path.exists(os.path.join(run_copy, "config_history.jsonl"))
+    assert int(pretrain.train(tiny(max_steps=8), run_copy).step) == 8  # the original resumes
+
+
+@pytest.mark.slow
+def test_a_nan_resume_records_no_config_change(run_copy):
+    config_json = open(os.path.join(run_copy, "config.json")).read()
+    with pytest.raises(pretrain.NonFiniteLossError):
+        pretrain.train(tiny(max_steps=8, optim__lr=1e30), run_copy, allow_config_change=True)
+    assert open(os.path.join(run_copy, "config.json")).read() == config_json
+    assert not os.path.exists(os.path.join(run_copy, "config_history.jsonl"))
+    assert int(pretrain.train(tiny(max_steps=8), run_copy).step) == 8  # the original resumes
+
+
+def _at_step(monkeypatch, step, action):
+    """Runs ``action()`` when the loop draws the widths of ``step``."""
+    sample = sampling.sample_widths
+
+    def hooked(s, k, *args):
+        if k == step:
+            action()
+        return sample(s, k, *args)
+    monkeypatch.setattr(pretrain.sampling, "sample_widths", hooked)
+
+
+@pytest.mark.parametrize("fault", ["delete", "rename", "replace"])
+def test_a_workdir_that_vanishes_mid_run_stops_it_and_nothing_is_recreated(run_copy, tmp_path,
+                                                                          monkeypatch, fault):
+    moved = str(tmp_path / "moved")
+
+    def vanish():
+        if fault == "delete":
+            shutil.rmtree(run_copy)
+        else:
+            os.rename(run_copy, moved)
+            if fault == "replace":  # an unmount looks like this: another directory there
+                os.mkdir(run_copy)
+    _at_step(monkeypatch, 7, vanish)  # (the ETA's cost table draws step 7 first: vanishes
+    with pytest.raises(workdir_lock.WorkdirLostError,  # before the loop's first step)
+                       match=rf"the workdir {run_copy} was deleted, renamed, replaced or "
+                             r"unmounted during the run \(.*\); stopped at step 7 without "
+                             r"writing anything more"):
+        pretrain.train(tiny(max_steps=10), run_copy)
+    if fault == "delete":
+        assert not os.path.exists(run_copy)
+    elif fault == "replace":
+        assert os.listdir(run_copy) == []
+    else:
+        assert not os.path.exists(run_copy)
+    if fault != "delete":  # the run's files are where they were moved, as they were
+        assert sorted(os.listdir(os.path.join(moved, "checkpoints"))) == ["2", "4", "6"]
+        steps = [json.loads(line)["step"] for line in open(os.path.join(moved,
+                                                                        "metrics.jsonl"))]
+        assert max(steps) == 6
+
+
+def test_a_deleted_lock_stops_the_run_before_its_next_save(run_copy, monkeypatch):
+    lock = os.path.join(run_copy, workdir_lock.LOCK_FILE)
+    _at_step(monkeypatch, 7, lambda: os.remove(lock))
+    with pytest.raises(workdir_lock.WorkdirLostError,
+                       match=rf"the workdir lock {lock} was deleted or replaced during the run"):
+        pretrain.train(tiny(max_steps=10), run_copy)
+    assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["2", "4", "6"]
+
+
+def test_rerunning_a_finished_run_rewrites_nothing(run_copy):
+    before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+              for d, _, files in os.walk(run_copy) for f in files}
+    assert int(pretrain.train(tiny(), run_copy).step) == 6
+    after = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+             for d, _, files in os.walk(run_copy) for f in files}
+    after.pop(os.path.join(run_copy, workdir_lock.LOCK_FILE))  # the lock names its holder
+    before.pop(os.path.join(run_copy, workdir_lock.LOCK_FILE))
+    assert after == before  # no new TensorBoard event file, no rewritten log or config
+
+
+def test_loading_a_run_without_checkpoints_creates_nothing(trained, tmp_path):
+    workdir = str(tmp_path / "killed_early")
+    os.makedirs(workdir)
+    shutil.copy(os.path.join(trained[0], "config.json"), workdir)
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
+        checkpointing.load_pretrained(workdir, abstract_state=build.abstract_state)
+    assert os.listdir(workdir) == ["config.json"]
+    os.makedirs(os.path.join(workdir, "checkpoints"))  # an empty folder: same answer
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
+        checkpointing.load_pretrained(workdir, abstract_state=build.abstract_state)
+    assert checkpointing.latest_step(workdir) is None

@@ -92,8 +92,8 @@ def test_help_exits_0_and_lists_configs_and_protocols():
                        if f.endswith(".py")}
     assert any(ln.startswith("  configs/demo.py ") and "digits" in ln for ln in lines)
     assert "  --workdir: Run directory (checkpoints, logs, results)." in lines
-    assert "Final sweep protocols (--config.eval.sweep_protocol): fast, knn, paper, top1;" \
-        in out.stdout
+    assert "Final sweep protocols (--config.eval.sweep_protocol): fast, knn, paper, top1, " \
+        "finetune;" in out.stdout
     out = run("--config=configs/demo.py:smoke", "--workdir=/tmp/x", "extra")
     assert out.returncode == 2
     assert out.stderr.strip() == ("error: unexpected arguments ['extra']; see "
@@ -233,3 +233,113 @@ def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_pa
         w, abstract_state=build.abstract_state).params)
     for x, y in zip(final(uninterrupted[0]), final(workdir)):
         np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+
+
+def _assert_nothing_half_written(workdir):
+    """No temporary file anywhere; a config.json present is complete; each checkpoint is
+    sealed with its checksums."""
+    for d, dirs, files in os.walk(workdir):
+        assert not [n for n in files + dirs if n.endswith(".tmp") or "-tmp" in n], (d, files)
+    if os.path.exists(os.path.join(workdir, "config.json")):
+        json.load(open(os.path.join(workdir, "config.json")))
+    for step in checkpointing.Checkpointer(workdir, checkpointing.read_config(
+            workdir)).all_steps() if os.path.isdir(os.path.join(workdir, "checkpoints")) else []:
+        assert checkpointing.verify_checksums(os.path.join(workdir, "checkpoints",
+                                                           str(step))) is None
+
+
+# Where to interrupt: the first line of output that ends with (or holds) the marker. Import
+# times (python -X importtime) show how far the imports are.
+MOMENTS = {"imports": ("end", "absl.app"), "jax import": ("end", " jax"),
+           "setup": ("in", "new run in"), "training": ("in", "step 2/")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", sorted(MOMENTS))
+def test_ctrl_c_at_any_moment_is_one_line_and_exit_130(tmp_path, moment):
+    """SIGINT to a real ``python -m us3l_jax.main`` during its imports, setup or training:
+    exit 130, one line, no traceback, nothing half-written."""
+    import signal
+    workdir = str(tmp_path / "run")
+    proc = run_main("configs/demo.py:smoke", workdir, "--config.train.max_steps=400",
+                    "--config.train.log_every_steps=1", wait=False,
+                    env={"PYTHONPROFILEIMPORTTIME": "1"})
+    how, marker = MOMENTS[moment]
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if (line.rstrip().endswith(marker) if how == "end" else marker in line):
+            break
+    proc.send_signal(signal.SIGINT)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "Exception ignored" not in out, out[-3000:]
+    errors_ = [line for line in out.splitlines() if "error:" in line]
+    if moment == "training":
+        assert not errors_ and "interrupted (Ctrl-C) at step" in out, out[-3000:]
+    else:
+        assert len(errors_) == 1 and "interrupted (Ctrl-C)" in errors_[0], out[-3000:]
+    _assert_nothing_half_written(workdir)
+
+
+GC_HOOK = (
+    "import os, signal, time\n"
+    "from us3l_jax import errors\n"
+    "errors.catch_interrupts(); errors.interrupts_raise()\n"
+    "def _xla_gc_callback():  # stands for JAX's hook, where Python swallows exceptions\n"
+    "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.01)\n"
+    "_xla_gc_callback()\n"
+    "print('survived the hook', flush=True)\n"
+    "try:\n"
+    "    time.sleep(5)\n"
+    "except KeyboardInterrupt:\n"
+    "    print('raised after it', flush=True)\n")
+
+
+def test_ctrl_c_inside_jax_gc_hook_is_raised_right_after_it():
+    out = subprocess.run([sys.executable, "-c", GC_HOOK], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.stdout.split("\n")[:2] == ["survived the hook", "raised after it"], out
+    assert out.stderr == ""
+
+
+@pytest.mark.slow
+def test_workdir_deleted_mid_run_exits_4_with_one_line(tmp_path):
+    import shutil
+    workdir = str(tmp_path / "run")
+    proc = run_main("configs/demo.py:smoke", workdir, "--config.train.max_steps=400",
+                    "--config.train.log_every_steps=1", "--config.eval.final_sweep=False",
+                    wait=False)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 2/" in line:
+            break
+    shutil.rmtree(workdir)
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 4, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(
+        f"error: the workdir {workdir} was deleted, renamed, replaced or unmounted during the "
+        "run (it no longer exists); stopped at step "), out[-3000:]
+    assert "Traceback" not in out and "finished" not in out
+    assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_rewrites_nothing(tmp_path):
+    """The second run of the same command has nothing to do: no file is written again (the
+    final sweep of that checkpoint is in sweep.json already, no new TensorBoard events)."""
+    workdir = str(tmp_path / "run")
+    flags = ("--config.train.max_steps=4", "--config.eval.sweep_widths=(1.0,)")
+    first = run_main("configs/demo.py:smoke", workdir, *flags)
+    assert first.returncode == 0, first.stdout[-3000:]
+    files = lambda: {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+                     for d, _, names in os.walk(workdir) for f in names
+                     if f != ".us3l.lock"}  # (the lock names its holder)
+    before = files()
+    assert os.path.join(workdir, "sweep.json") in before
+    second = run_main("configs/demo.py:smoke", workdir, *flags)
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "nothing to do" in second.stdout
+    assert "the final sweep of step 4 is in sweep.json already" in second.stdout
+    assert files() == before

@@ -2,9 +2,11 @@
 
 Layout of ``<workdir>``::
 
-    config.json            the run's config (written once, atomically)
+    config.json            the run's config (written atomically; rewritten only once a
+                           checkpoint has been saved under a changed config)
     checkpoints/<step>/    orbax: ``state`` (the full TrainState) and ``meta`` (JSON: step,
-                           model identity and width range, used to refuse a mismatched restore)
+                           model identity and width range, used to refuse a mismatched restore,
+                           and the whole config, from which a lost config.json is rebuilt)
 
 orbax writes each checkpoint into a temporary directory and renames it when complete, so a
 checkpoint is either complete or absent, also after ``kill -9``.
@@ -12,7 +14,9 @@ checkpoint is either complete or absent, also after ``kill -9``.
 Integrity: before that rename, process 0 writes ``us3l_checksums.json`` into the checkpoint
 (size and CRC-32 of every file of its items ``state`` and ``meta``; orbax's own formats
 checksum only the shard index, so a flipped bit in array data would load silently).
-Restoring verifies it first. A checkpoint that fails the check or cannot be read is corrupt:
+Restoring verifies it first. A checkpoint without it (e.g. written by a synchronous save
+killed before sealing) is unverified and counts as corrupt unless the caller trusts
+unverified checkpoints. A checkpoint that fails the check or cannot be read is corrupt:
 training falls back to the newest good one and moves each newer corrupt one to
 ``checkpoints/corrupt-<step>/`` (saying so), so the run can save that step again. Nothing is
 deleted. If checkpoints exist but none is readable, training refuses to start a new run over
@@ -71,6 +75,15 @@ class CheckpointError(RuntimeError):
 
 class NoReadableCheckpointError(CheckpointError):
     """Checkpoints exist, but none of them can be restored."""
+
+
+class StateMismatchError(CheckpointError):
+    """A checkpoint passes its checksums but its state does not fit the train state asked for
+    (``detail`` says where); callers that know of a config change reword it."""
+
+    def __init__(self, message: str, step: int, detail: str):
+        super().__init__(message)
+        self.step, self.detail = step, detail
 
 
 class CheckpointSaveError(OSError):
@@ -140,14 +153,20 @@ def write_checksums(root: str) -> None:
                       json.dumps({"crc32": file_checksums(root)}))
 
 
-def verify_checksums(root: str) -> str | None:
+TRUST_FLAG = "--trust_unverified_checkpoints"
+
+
+def verify_checksums(root: str, trust_unverified: bool = False) -> str | None:
     """None if every file listed in ``root``'s checksum file is there with its size and CRC;
-    else what is wrong. A checkpoint without a checksum file (written before checksums were
-    kept) passes with a warning: only orbax's own checks apply to it."""
+    else what is wrong. A checkpoint without a checksum file cannot be verified: that is
+    what is wrong with it, unless ``trust_unverified`` (then it passes with a warning and
+    only orbax's own checks apply)."""
     path = os.path.join(root, CHECKSUM_FILE)
     if not os.path.lexists(path):
-        log.warning("checkpoint %s has no %s (written by an older version): not verified",
-                    root, CHECKSUM_FILE)
+        if not trust_unverified:
+            return f"its {CHECKSUM_FILE} is missing (unverified; {TRUST_FLAG} uses it anyway)"
+        log.warning("checkpoint %s has no %s: used unverified (%s)", root, CHECKSUM_FILE,
+                    TRUST_FLAG)
         return None
     try:
         with open(path) as f:
@@ -216,31 +235,80 @@ def config_changes(old: ml_collections.ConfigDict,
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_config_change(workdir: str, config: ml_collections.ConfigDict,
-                        allow: bool = False) -> None:
-    """Compares ``config`` with the run's ``config.json`` before resuming.
+@dataclasses.dataclass
+class ConfigChange:
+    """A resume's config change that was allowed but is not yet recorded: ``record`` writes
+    it (``config.json`` and a line of ``config_history.jsonl``) once a checkpoint exists under
+    it, so a resume that fails or stops before saving leaves the run's record as it was."""
+    changes: dict[str, tuple[Any, Any]]
+    accepted: bool  # it needed --allow_config_change
+    replaced: str | None = None  # why config.json is replaced as a whole ("missing", ...)
+
+    def describe(self) -> str:
+        return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in self.changes.items()) or \
+            f"config.json was {self.replaced}; replaced"
+
+    def record(self, workdir: str, config: ml_collections.ConfigDict, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": int(step),
+                  "accepted": self.accepted,
+                  "changes": ({k: list(v) for k, v in self.changes.items()}
+                              if self.replaced is None else f"config.json was {self.replaced}; "
+                              f"replaced")}
+        with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        path = os.path.join(workdir, CONFIG_FILE)
+        if self.replaced == "unreadable" and os.path.exists(path):
+            os.replace(path, path + ".unreadable")  # kept for inspection, never deleted
+        write_config(workdir, config)
+        # Allow-listed changes (max_steps, logging) are routine: logged, not warned about.
+        log.log(logging.WARNING if self.accepted else logging.INFO,
+                "config change recorded at step %d (%s): %s", step, CONFIG_HISTORY_FILE,
+                self.describe())
+
+
+def check_config_change(workdir: str, config: ml_collections.ConfigDict, allow: bool = False,
+                        recorded: Callable[[], tuple[int, ml_collections.ConfigDict] | None]
+                        = lambda: None) -> ConfigChange | None:
+    """Compares ``config`` with the run's ``config.json`` before resuming; writes nothing but
+    a lost ``config.json`` rebuilt from the checkpoints.
 
     Fields of ``RESUMABLE_CHANGES`` may change; any other change raises ``CheckpointError``
-    with the difference unless ``allow``. Every accepted change is appended to
-    ``config_history.jsonl`` (step, time, the changes) and ``config.json`` is rewritten, so it
-    describes the run as it continues. The model's identity (``IDENTITY_FIELDS``) is checked
-    against the checkpoint itself, which refuses it even with ``allow``."""
+    with the difference unless ``allow``. Returns the accepted change (None if there is none)
+    for the caller to ``record`` once a checkpoint is saved under it. The model's identity
+    (``IDENTITY_FIELDS``) is checked against the checkpoint itself, which refuses it even with
+    ``allow``.
+
+    A missing or unreadable ``config.json`` is rebuilt from ``recorded()`` (step and config
+    recorded in the newest checkpoint that has one) and then compared as usual; if no
+    checkpoint records it, the resume is refused unless ``allow`` (the returned change then
+    replaces the file as a whole)."""
     path = os.path.join(workdir, CONFIG_FILE)
     try:
         old = read_config(workdir)
-    except CheckpointError:
-        return  # no config.json (killed before writing it): nothing to compare with
-    except (OSError, ValueError) as e:
-        if not allow:
-            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: "
-                                  f"{_first_line(e)}); rerun with --allow_config_change to "
-                                  f"replace it with this config") from None
-        old = None
-    changes = {} if old is None else config_changes(old, config)
-    if any(k in IDENTITY_FIELDS for k in changes):
-        return  # another model: the checkpoint's identity check refuses it, config.json stays
-    if old is not None and not changes:
-        return
+    except (CheckpointError, OSError, ValueError) as e:
+        problem = "missing" if isinstance(e, CheckpointError) else "unreadable"
+        found = recorded()
+        if found is not None:
+            step, old = found
+            if jax.process_index() == 0:
+                if problem == "unreadable":
+                    os.replace(path, path + ".unreadable")  # kept, never deleted
+                write_config(workdir, old)
+            log.warning("%s was %s; rebuilt from checkpoint %d", path, problem, step)
+        elif not allow:
+            why = "" if problem == "missing" else f" ({type(e).__name__}: {_first_line(e)})"
+            raise CheckpointError(
+                f"{path} is {problem}{why}, and no checkpoint records the run's config, so "
+                f"this config cannot be compared with the one the run was trained with; rerun "
+                f"with the run's config and --allow_config_change to record it as the run's "
+                f"(the checkpoint's model identity is still checked)") from None
+        else:
+            return ConfigChange({}, accepted=True, replaced=problem)
+    changes = config_changes(old, config)
+    if not changes or any(k in IDENTITY_FIELDS for k in changes):
+        return None  # another model: the checkpoint's identity check refuses it
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE_CHANGES}
     if refused and not allow:
         diff = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
@@ -249,18 +317,7 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict,
             f"train something else. Use a new --workdir, the same config, or "
             f"--allow_config_change to accept (logged in {CONFIG_HISTORY_FILE}). Fields that "
             f"may change freely: {', '.join(RESUMABLE_CHANGES)}")
-    if jax.process_index() == 0:
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "accepted": bool(refused),
-                  "changes": {k: list(v) for k, v in changes.items()} if old is not None
-                  else "config.json was unreadable; replaced"}
-        with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        write_config(workdir, config)
-        # Allow-listed changes (max_steps, logging) are routine: logged, not warned about.
-        log.log(logging.WARNING if refused or old is None else logging.INFO,
-                "config changes accepted on resume (%s): %s", CONFIG_HISTORY_FILE,
-                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-                    or "config.json replaced")
+    return ConfigChange(changes, accepted=bool(refused))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -276,11 +333,15 @@ class Checkpointer:
     """Saves and restores the TrainState of a run in ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, keep: int = 3,
-                 async_save: bool = True):
+                 async_save: bool = True, trust_unverified: bool = False,
+                 read_only: bool = False):
+        """``trust_unverified``: restore checkpoints that have no checksum file (else they
+        count as corrupt). ``read_only``: never create ``checkpoints/`` (evaluation, export)."""
         self.workdir = os.path.abspath(workdir)  # orbax needs absolute paths
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self.config = config
         self._keep, self._async = keep, async_save
+        self._trust_unverified, self._read_only = trust_unverified, read_only
         self._saving: int | None = None  # the step of the save in flight
         self._failed = False  # a save error has been raised already
         self.manager = self._open()
@@ -292,7 +353,8 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=self._keep, enable_async_checkpointing=self._async,
-                async_options=async_options, cleanup_tmp_directories=True,
+                async_options=async_options, cleanup_tmp_directories=not self._read_only,
+                create=not self._read_only, read_only=self._read_only,
                 atomicity_options=ATOMICITY),
             item_names=ITEMS)
 
@@ -324,7 +386,8 @@ class Checkpointer:
         ``CheckpointSaveError`` if this or the previous save failed, or this one cannot fit."""
         self.wait()  # orbax's save waits for the previous one too; this names its step
         self._check_room(step)
-        meta = {"step": int(step), "identity": identity(self.config)}
+        meta = {"step": int(step), "identity": identity(self.config),
+                "config": json.loads(config_lib.to_json(self.config))}
         self._saving = int(step)
         try:
             self.manager.save(step, args=ocp.args.Composite(
@@ -392,7 +455,44 @@ class Checkpointer:
         path = self.step_dir(step)
         if not os.path.isdir(path):
             return "its folder is missing"
-        return verify_checksums(path)
+        return verify_checksums(path, self._trust_unverified)
+
+    def recorded_config(self) -> tuple[int, ml_collections.ConfigDict] | None:
+        """``(step, config)`` recorded in the newest intact checkpoint that records its config
+        (checkpoints of older versions do not), else None."""
+        for step in reversed(self.all_steps()):
+            if self._problem(step) is not None:
+                continue
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+                return step, config_lib.from_json(json.dumps(meta["config"]))
+            except Exception:  # noqa: BLE001 - no usable record in this one: try older
+                continue
+        return None
+
+    def _structure_difference(self, step: int, abstract_state: Any) -> str:
+        """Where the saved state's tree differs from ``abstract_state``'s, by top-level field
+        (e.g. "its opt_state differs in structure (3 entries only in the checkpoint, 2 only
+        in this config)"); "" if it cannot tell."""
+        def paths(tree) -> set[tuple[str, ...]]:  # dict keys, attributes, indices alike
+            return {tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                          for k in path)
+                    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        try:
+            theirs = paths(self.manager.item_metadata(step)["state"])
+            mine = paths(abstract_state)
+        except Exception:  # noqa: BLE001 - only for the message
+            return ""
+        top = lambda p: p[0] if p else "state"
+        fields = sorted({top(p) for p in mine ^ theirs})
+        parts = []
+        for f in fields:
+            a = sum(top(p) == f for p in theirs - mine)
+            b = sum(top(p) == f for p in mine - theirs)
+            parts.append(f"its {f} differs in structure ({a} entries only in the checkpoint, "
+                         f"{b} only in this config)")
+        return "; ".join(parts)
 
     def restore_latest(self, abstract_state: Any, steps: list[int] | None = None,
                        partial: bool = False,
@@ -432,13 +532,15 @@ class Checkpointer:
                 except Exception as e:  # noqa: BLE001
                     problem = f"{type(e).__name__}: {_first_line(e)}"
                     if os.path.exists(os.path.join(self.step_dir(step), CHECKSUM_FILE)):
-                        # Its files are as they were written: not corrupt but another
-                        # version's state (e.g. a TrainState with other fields). Not moved.
-                        raise CheckpointError(
+                        # Its files are as they were written: not corrupt but another state
+                        # (another version's TrainState, or a config change that alters
+                        # the optimizer state). Not moved.
+                        detail = self._structure_difference(step, abstract_state) or problem
+                        raise StateMismatchError(
                             f"checkpoint {step} in {self.directory} passes its checksums but "
-                            f"does not restore into this version's train state ({problem}); "
+                            f"does not restore into this version's train state ({detail}); "
                             f"it was written by another version of us3l_jax: use that "
-                            f"version, or a new --workdir") from None
+                            f"version, or a new --workdir", step, detail) from None
             if problem is not None:
                 log.warning("checkpoint %d in %s is corrupt (%s); trying an older one",
                             step, self.workdir, problem)
@@ -452,7 +554,8 @@ class Checkpointer:
                 f"no readable checkpoint in {self.directory} (corrupt: "
                 f"{', '.join(self.step_dir(s) for s in sorted(corrupt))}); refusing to start a "
                 f"new run over them: move them away, or pass --start_over to move them to "
-                f"{CHECKPOINT_DIR}/{CORRUPT_PREFIX}<step>/ and train from step 0")
+                f"{CHECKPOINT_DIR}/{CORRUPT_PREFIX}<step>/ and train from step 0 (or "
+                f"{TRUST_FLAG} if they only lack their {CHECKSUM_FILE})")
         return None
 
     def move_aside(self, steps: list[int]) -> None:
@@ -490,6 +593,17 @@ class Checkpointer:
                 f"({lines}); use a new --workdir or the config it was trained with")
 
 
+def latest_step(workdir: str) -> int | None:
+    """The newest step among ``<workdir>/checkpoints/<step>/`` folders (None if there is
+    none), read from the directory alone: no orbax manager, nothing created."""
+    try:
+        names = os.listdir(os.path.join(workdir, CHECKPOINT_DIR))
+    except OSError:
+        return None
+    steps = [int(n) for n in names if n.isdigit()]
+    return max(steps) if steps else None
+
+
 @dataclasses.dataclass
 class Pretrained:
     """What evaluation and export need from a run."""
@@ -499,16 +613,22 @@ class Pretrained:
 
 
 def load_pretrained(workdir: str, step: int | None = None, *,
-                    abstract_state: Callable[[ml_collections.ConfigDict], Any]) -> Pretrained:
+                    abstract_state: Callable[[ml_collections.ConfigDict], Any],
+                    trust_unverified: bool = False) -> Pretrained:
     """Config and parameters of a pretraining run (the latest readable checkpoint, or ``step``).
 
     ``abstract_state(config)`` gives the run's train state as shapes (e.g.
     ``build.abstract_state``); only its ``params`` are restored (a partial restore), not the
     optimizer state or the teacher. Raises ``CheckpointError`` with a clear message when the
-    workdir has no run or no checkpoint (or not ``step``).
+    workdir has no run or no checkpoint (or not ``step``); creates nothing in ``workdir``.
+    ``trust_unverified``: use checkpoints without a checksum file (else they are skipped).
     """
     config = read_config(workdir)
-    ckpt = Checkpointer(workdir, config, async_save=False)
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if latest_step(workdir) is None:  # e.g. killed before its first checkpoint
+        raise CheckpointError(f"no checkpoint in {directory!r}")
+    ckpt = Checkpointer(workdir, config, async_save=False, trust_unverified=trust_unverified,
+                        read_only=True)
     try:
         steps = ckpt.all_steps()
         if not steps:

@@ -103,11 +103,13 @@ def _leaves(node, prefix: str) -> list[str]:
 def _config_value(fv: flags.FlagValues, flag: str, args: Sequence[str]):
     """The config a ``DEFINE_config_file`` flag loads (config_flags checks the overrides while
     parsing, so after a bad one the flag holds no value: load the file again)."""
-    if fv[flag].value is not None:
-        return fv[flag].value
     files = [a.partition("=")[2] for a in args if a.startswith(f"--{flag}=")]
     try:
-        return fv[flag].parser.parse(files[-1]) if files else None
+        value = fv[flag].value
+        if value is None and files:
+            value = fv[flag].parser.parse(files[-1])
+        value.keys()  # a file that failed to load gives an object that raises here
+        return value
     except Exception:  # noqa: BLE001 - the file's own error is reported instead
         return None
 

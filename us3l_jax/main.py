@@ -18,21 +18,29 @@ good one; if none is readable the run refuses unless ``--start_over``.
 
 Exit codes: 0 finished; 2 bad config / data / checkpoint / workdir, or the workdir is in use
 (one-line message); 3 non-finite loss (the last good checkpoint is kept); 4 I/O error, e.g. a
-full disk during a save (one line with the path and errno; older checkpoints are intact);
-130 interrupted by Ctrl-C (SIGINT) after saving; 143 preempted by SIGTERM after saving (rerun
-to resume). Any other error is a bug or a fault of the machine: its traceback, exit 1.
+full disk during a save (one line with the path and errno; older checkpoints are intact), or
+the workdir or its lock deleted, renamed, replaced or unmounted during the run; 130
+interrupted by Ctrl-C (SIGINT), at any moment from the start (during training after saving);
+143 preempted by SIGTERM after saving (rerun to resume). Any other error is a bug or a fault
+of the machine: its traceback, exit 1.
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "us3l":
+    # Ctrl-C from here on: one line and exit 130, also during the imports below.
+    from us3l_jax import errors as _errors
+    _errors.catch_interrupts()
 
-from us3l_jax import cli, fileio
-from us3l_jax.errors import UsageError
+import logging  # noqa: E402 - after the Ctrl-C handler, on purpose
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from us3l_jax import cli, errors, fileio  # noqa: E402
+from us3l_jax.errors import UsageError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/demo.py or configs/demo.py:smoke.",
@@ -49,6 +57,9 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 _START_OVER = flags.DEFINE_bool(
     "start_over", False, "If no checkpoint of the workdir is readable, move them to "
     "checkpoints/corrupt-<step>/ and train from step 0 (default: refuse).")
+_TRUST_UNVERIFIED = flags.DEFINE_bool(
+    "trust_unverified_checkpoints", False, "Restore checkpoints that lack their "
+    "us3l_checksums.json (default: they count as corrupt and are moved aside).")
 
 IO_ERROR_EXIT_CODE = 4
 
@@ -119,6 +130,7 @@ def main(argv) -> None:
     problem = fileio.unusable_dir(_WORKDIR.value)
     if problem:
         _fail(f"--workdir={_WORKDIR.value}: {problem}", 2)
+    errors.interrupts_raise()  # from here on a Ctrl-C may find files being written
     try:
         _run(config, os.path.abspath(_WORKDIR.value))
     except KeyboardInterrupt:
@@ -133,6 +145,7 @@ def _run(config, workdir: str) -> None:
     from us3l_jax.data.datasets import DatasetNotFoundError
 
     try:
+        errors.raise_if_interrupted()
         init_distributed()  # before anything touches a JAX backend (validation does)
         config_lib.validate(config)
         cache = config.train.compilation_cache_dir or os.path.join(
@@ -143,11 +156,14 @@ def _run(config, workdir: str) -> None:
         if config.eval.online_every_epochs:
             from us3l_jax.evaluate.online import OnlineEvaluator
             online = OnlineEvaluator(config)
+        errors.raise_if_interrupted()
         with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+            before = checkpointing.latest_step(workdir)
             pretrain.train(config, workdir, online_eval=online,
                            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
-                           start_over=_START_OVER.value)
-            if config.eval.final_sweep:
+                           start_over=_START_OVER.value,
+                           trust_unverified=_TRUST_UNVERIFIED.value)
+            if config.eval.final_sweep and not _swept(workdir, before):
                 from us3l_jax import evaluate
                 evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
                                    protocol=config.eval.sweep_protocol)
@@ -156,6 +172,8 @@ def _run(config, workdir: str) -> None:
         _fail(str(e), 2)  # errors the user can fix; any other keeps its traceback
     except pretrain.NonFiniteLossError as e:
         _fail(str(e), 3)
+    except workdir_lock.WorkdirLostError as e:
+        _fail(str(e), IO_ERROR_EXIT_CODE)
     except checkpointing.CheckpointSaveError as e:
         _fail(f"{e}; the older checkpoints are intact: free space and rerun to resume",
               IO_ERROR_EXIT_CODE)
@@ -167,8 +185,29 @@ def _run(config, workdir: str) -> None:
         sys.exit(e.exit_code)
 
 
-_FLAG_NAMES = ("config", "workdir", "allow_config_change", "start_over", "distributed",
-               "coordinator_address", "num_processes", "process_id")
+def _swept(workdir: str, before: int | None) -> bool:
+    """Whether the final sweep is done already: training did nothing (the latest checkpoint
+    is the one it found) and ``sweep.json`` evaluates that checkpoint. Rerunning a finished
+    run then rewrites nothing."""
+    import json
+
+    from us3l_jax import checkpointing
+    if before is None or before != checkpointing.latest_step(workdir):
+        return False
+    try:
+        with open(os.path.join(workdir, "sweep.json")) as f:
+            steps = {r["step"] for r in json.load(f)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # none, or unreadable: the sweep writes it anew
+    if steps != {before}:
+        return False
+    log.info("the final sweep of step %d is in sweep.json already", before)
+    return True
+
+
+_FLAG_NAMES = ("config", "workdir", "allow_config_change", "start_over",
+               "trust_unverified_checkpoints", "distributed", "coordinator_address",
+               "num_processes", "process_id")
 
 
 def usage() -> str:
@@ -183,8 +222,9 @@ def usage() -> str:
         f"Final sweep protocols (--config.eval.sweep_protocol): {', '.join(PROTOCOLS)}; "
         "evaluate other widths later with python -m us3l_jax.evaluate --help.",
         "Exit codes: 0 finished; 2 bad config / data / checkpoint / workdir in use; 3 "
-        "non-finite loss; 4 I/O error (e.g. disk full during a save); 130 Ctrl-C and 143 "
-        "preempted, both after saving (rerun to resume)."]) + "\n"
+        "non-finite loss; 4 I/O error (e.g. disk full during a save) or the workdir or its "
+        "lock deleted, moved or unmounted during the run; 130 Ctrl-C and 143 preempted "
+        "(during training after saving; rerun to resume)."]) + "\n"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -197,6 +237,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def run() -> None:
     """Console script ``us3l``."""
+    errors.catch_interrupts()  # (again: the flags and the config load before main)
     app.run(main, flags_parser=parse_flags)
 
 

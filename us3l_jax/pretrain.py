@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from us3l_jax import (build, checkpointing, config as config_lib, mesh as mesh_lib, sampling,
-                      workdir_lock)
+from us3l_jax import (build, checkpointing, config as config_lib, errors, mesh as mesh_lib,
+                      sampling, workdir_lock)
 from us3l_jax.fileio import atomic_write_text
 from us3l_jax.engine import Engine, TrainState, planning
 
@@ -136,7 +136,9 @@ class MetricWriter:
     one warning line and that writer is switched off; training and checkpoints go on (a full
     disk then stops the run at its next checkpoint, with its own exit code)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resume_step: int | None = None):
+        """``resume_step``: TensorBoard drops events of later steps (written before an
+        interruption and about to be written again), as ``truncate_after`` does for JSON."""
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tb = None
         if not self.enabled:
@@ -146,7 +148,8 @@ class MetricWriter:
 
         def tb():
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=(
+                None if resume_step is None else resume_step + 1))
         self._guard("tb/", tb)
 
     def _guard(self, what: str, fn) -> bool:
@@ -239,7 +242,7 @@ def _all_finite(tree) -> bool:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
           online_eval=None, allow_config_change: bool = False,
-          start_over: bool = False) -> TrainState:
+          start_over: bool = False, trust_unverified: bool = False) -> TrainState:
     """Pretrains (or resumes) the run in ``workdir`` and returns the final TrainState.
 
     ``online_eval``: optional ``callable(params, step) -> dict`` run every
@@ -247,12 +250,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     Raises ``Preempted`` after saving on SIGTERM or SIGINT, ``NonFiniteLossError`` on
     NaN/Inf, ``checkpointing.CheckpointSaveError`` when a save fails (checked at every step;
     older checkpoints stay intact), ``workdir_lock.WorkdirLockedError`` when another process
-    runs in ``workdir``.
+    runs in ``workdir``, ``workdir_lock.WorkdirLostError`` when the workdir or its lock is
+    deleted, renamed, replaced or unmounted during the run (checked at every log step and
+    before every save; nothing more is written), ``KeyboardInterrupt`` for a Ctrl-C that came
+    before training started.
 
     Resuming with a config that differs from the run's ``config.json`` outside
     ``checkpointing.RESUMABLE_CHANGES`` is refused with the difference unless
-    ``allow_config_change``. ``start_over``: if no checkpoint is readable, move them all aside
-    and start from step 0 (otherwise refused).
+    ``allow_config_change``; an accepted change is recorded (``config.json``,
+    ``config_history.jsonl``) once the first checkpoint under it is saved, so a resume that
+    fails or stops before that leaves the record as it was. ``start_over``: if no checkpoint
+    is readable, move them all aside and start from step 0 (otherwise refused).
+    ``trust_unverified``: restore checkpoints that lack their checksum file (otherwise they
+    count as corrupt).
 
     Preemption: one process stops at the first step after its SIGTERM. With several
     processes, every process asks the JAX coordination service at every step whether the
@@ -261,6 +271,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     collective save at different steps, where they would wait for each other forever.
     """
     t_setup = time.perf_counter()
+    errors.raise_if_interrupted()
     run = setup(config, mesh)
     trainer = run.trainer
     workdir = os.path.abspath(workdir)
@@ -271,11 +282,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     # Before anything is written: one run per workdir.
     stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     try:
-        ckpt = checkpointing.Checkpointer(workdir, config, keep=config.train.keep_checkpoints)
+        ckpt = checkpointing.Checkpointer(workdir, config, keep=config.train.keep_checkpoints,
+                                          trust_unverified=trust_unverified)
     except BaseException:
         stack.close()
         raise
-    stack.callback(ckpt.close)
+
+    def close_checkpointer(exc_type, exc, tb) -> bool:
+        try:
+            ckpt.close()
+        except checkpointing.CheckpointSaveError as e:
+            if exc is None:
+                raise
+            # The run is already stopping for its own reason (e.g. the workdir vanished under
+            # a save in flight): report that one.
+            log.debug("while stopping: %s", e)
+        return False
+    stack.push(close_checkpointer)
+    guard = lambda when: workdir_lock.check(workdir, when)
     preempted = {"flag": False, "signum": signal.SIGTERM}
     agreed = jax.process_count() > 1
 
@@ -287,9 +311,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     if _main_thread() and not agreed:
         for sig in (signal.SIGTERM, signal.SIGINT):
             stack.callback(signal.signal, sig, signal.signal(sig, on_signal))
+
+    def stop_if_interrupted() -> None:
+        """A Ctrl-C before the first step stops at once: no step to save, nothing more to
+        write (``KeyboardInterrupt``, as one before this function was called)."""
+        if preempted["flag"] and preempted["signum"] == signal.SIGINT:
+            raise KeyboardInterrupt
     try:
+        errors.raise_if_interrupted()  # a Ctrl-C during setup that JAX's gc hook swallowed
+        change = None
         if ckpt.all_steps():
-            checkpointing.check_config_change(workdir, config, allow_config_change)
+            change = checkpointing.check_config_change(workdir, config, allow_config_change,
+                                                       recorded=ckpt.recorded_config)
         frozen = run.frozen_teacher
         if frozen is not None:  # SEED: record the teacher, or check it is the recorded one
             from us3l_jax import teacher as teacher_lib
@@ -303,11 +336,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             log.warning("--start_over: no checkpoint is readable; starting from step 0")
             ckpt.move_aside(ckpt.all_steps())
             found = None
-        writer = MetricWriter(workdir)
+        except checkpointing.StateMismatchError as e:
+            if change is None or not change.changes:
+                raise
+            raise checkpointing.CheckpointError(
+                f"checkpoint {e.step} in {ckpt.directory} does not fit the train state of this "
+                f"config: {e.detail}; the changes you allowed ({change.describe()}) change what "
+                f"the checkpoint holds, so the run cannot resume with them: rerun without them "
+                f"({checkpointing.CONFIG_FILE} is unchanged) or use a new --workdir") from None
+        stop_if_interrupted()
+        if found is None:
+            checkpointing.write_config(workdir, config)
+            change = None
+        elif change is not None and change.replaced:
+            # A lost config.json is replaced once the restore has succeeded: a workdir is
+            # never left without one.
+            change.record(workdir, config, found[0])
+            change = None
+        if found is not None and found[0] >= end:
+            # Nothing to do: nothing (more) is written, no log files, no config record.
+            log.info("nothing to do: the run is at step %d of %d", found[0], end)
+            return found[1]
+        writer = MetricWriter(workdir, None if found is None else found[0])
         stack.callback(writer.close)
         writer.truncate_after(0 if found is None else found[0])
         if found is None:
-            checkpointing.write_config(workdir, config)
             state = trainer.init_state(jax.random.key(config.seed), run.image_spec)
             start = 0
             log.info("new run in %s: %s on %s, %d steps (%d epochs x %d), %d device(s)",
@@ -316,12 +369,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         else:
             start, state = found
             log.info("resuming %s from step %d", workdir, start)
-        if start >= end:
-            log.info("nothing to do: the run is at step %d of %d", start, end)
-            return state
+        compiling: list = []  # futures of the programs compiled ahead
         if config.train.compile_ahead:
-            n = len(trainer.compile_ahead(state, run.image_spec, compile_width_sets(run)))
-            log.info("compiling %d programs ahead in the background", n)
+            compiling = trainer.compile_ahead(state, run.image_spec, compile_width_sets(run))
+            log.info("compiling %d programs ahead in the background", len(compiling))
+        stop_if_interrupted()
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
         cost = ScheduleCost(run, end)
@@ -329,7 +381,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         shown_programs = None
         online_every = config.eval.online_every_epochs * run.steps_per_epoch
         t0, last_log_t, last_log_step = time.perf_counter(), time.perf_counter(), start
+        # The ETA counts from the first log line after compilation finished: compiling in
+        # the background slows the steps beside it, and the first step waits for it.
+        eta_from = None
         batches = run.data.batches(start)
+        stop_if_interrupted()
         for step in range(start, end):
             widths = sampling.sample_widths(run.sampler, step, run.steps_per_epoch,
                                             run.total_steps)
@@ -342,6 +398,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                 if log_now:
                     metrics = fetch(metrics)
             if log_now:
+                guard(f"at step {done}")
                 if not all(np.isfinite(v) for v in metrics.values()):
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step}: " + ", ".join(
@@ -351,10 +408,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                 # The first step waits for compilation: no rate or ETA from it.
                 first = done == start + 1
                 rate = (done - last_log_step) * config.optim.batch_size / (now - last_log_t)
-                # Seconds per unit of compute since the last line, times what remains.
-                remaining = (math.nan if first else cost.between(done, end) *
-                             (now - last_log_t) / cost.between(last_log_step, done))
                 last_log_t, last_log_step = now, done
+                still_compiling = any(not f.done() for f in compiling)
+                if eta_from is None and not still_compiling:
+                    eta_from = (now, done)
+                # Seconds per unit of compute since compilation finished, times what remains.
+                eta = ("compiling" if still_compiling else "?" if eta_from[1] == done else
+                       _fmt_time(cost.between(done, end) * (now - eta_from[0]) /
+                                 cost.between(eta_from[1], done)))
                 extra = {"widths": list(widths), "epoch": done / run.steps_per_epoch,
                          "programs": trainer.num_programs,
                          "compile_s": trainer.programs.compile_seconds}
@@ -375,8 +436,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                          extra["epoch"], " ".join(
                              f"{k.split('/')[-1]} {float(v):.4f}"
                              for k, v in sorted(metrics.items()) if k.startswith("loss/")),
-                         ",".join(f"{w:.3g}" for w in widths), speed, compiled,
-                         _fmt_time(remaining))
+                         ",".join(f"{w:.3g}" for w in widths), speed, compiled, eta)
             if online_eval is not None and online_every and done % online_every == 0:
                 out = online_eval(state.params, done)
                 writer.write(done, out)
@@ -390,13 +450,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                     raise NonFiniteLossError(
                         f"parameters became non-finite by step {step}; not saving. The last "
                         f"good checkpoint is {ckpt.all_steps()[-1:] or 'none'}")
+                guard(f"at step {done}")  # never save into another (or no) workdir
                 ckpt.save(done, state)
+                if change is not None:  # the first checkpoint under the new config
+                    ckpt.wait()
+                    guard(f"at step {done}")
+                    change.record(workdir, config, done)
+                    change = None
             if stop_now:
                 ckpt.wait()
                 raise Preempted(done, preempted["signum"])
         ckpt.wait()
+        guard(f"at step {end}")  # the last save went where it should: only then "finished"
         log.info("finished %d steps in %s", end - start, _fmt_time(time.perf_counter() - t0))
         return state
+    except checkpointing.CheckpointSaveError:
+        guard("during a save")  # a save failed because the workdir vanished: say that
+        raise
     finally:
         stack.close()
 

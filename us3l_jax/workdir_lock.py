@@ -5,6 +5,11 @@
 message a second run prints. On several hosts only process 0 takes it (they share the
 workdir). Re-entrant within one process: ``main`` holds it around pretraining and the final
 sweep, and ``pretrain.train`` takes it again when called directly (notebooks, tests).
+
+``check`` tells whether the run still owns its workdir: the directory at the workdir's path
+must be the one the lock was taken in (same device and inode: not deleted, renamed, replaced
+or unmounted), and the lock file at its path must be the file this process holds (not deleted
+or replaced, which would let a second run take a new lock and train beside this one).
 """
 from __future__ import annotations
 
@@ -15,11 +20,53 @@ import socket
 from collections.abc import Iterator
 
 LOCK_FILE = ".us3l.lock"
-_held: dict[str, list] = {}  # path -> [file object, depth]
+_held: dict[str, list] = {}  # lock path -> [file object, depth, (st_dev, st_ino) of workdir]
 
 
 class WorkdirLockedError(RuntimeError):
     """Another live process is running in this workdir."""
+
+
+class WorkdirLostError(RuntimeError):
+    """The workdir or its lock was deleted, renamed, replaced or unmounted during the run; the
+    run must stop without writing anything more (exit 4 in the command line)."""
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def check(workdir: str, when: str = "") -> None:
+    """Raises ``WorkdirLostError`` if ``workdir`` is no longer the directory whose lock this
+    process holds, or its lock file is no longer the held one. ``when`` (e.g. "at step 12")
+    goes into the message. Does nothing where the lock is not held (processes other than 0)."""
+    workdir = os.path.abspath(workdir)
+    path = os.path.join(workdir, LOCK_FILE)
+    if path not in _held:
+        return
+    f, _, want = _held[path]
+    stop = f"stopped{' ' + when if when else ''} without writing anything more"
+    try:
+        got = _identity(workdir)
+    except OSError:
+        got = None
+    if got != want:
+        detail = "it no longer exists" if got is None else "it is now another directory"
+        raise WorkdirLostError(f"the workdir {workdir} was deleted, renamed, replaced or "
+                               f"unmounted during the run ({detail}); {stop}")
+    try:
+        same = _identity(path) == _identity_of_fd(f.fileno())
+    except OSError:
+        same = False
+    if not same:
+        raise WorkdirLostError(f"the workdir lock {path} was deleted or replaced during the "
+                               f"run, so another run may be using {workdir}; {stop}")
+
+
+def _identity_of_fd(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 @contextlib.contextmanager
@@ -56,7 +103,11 @@ def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
     f.truncate()
     f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
     f.flush()
-    _held[path] = [f, 1]
+    try:
+        _held[path] = [f, 1, _identity(os.path.dirname(path))]
+    except BaseException:
+        f.close()
+        raise
     try:
         yield
     finally:
