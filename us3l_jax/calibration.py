@@ -184,6 +184,23 @@ def _finalize(acc: dict[str, Array], mode: str) -> tuple[Array, Array]:
     return acc["mean"], acc["var"]
 
 
+def ema_update(batch_stats: PyTree, bn_moments: PyTree,
+               momentum: float = EMA_MOMENTUM) -> PyTree:
+    """PyTorch's running-statistics update after a training forward (``track_running_stats``
+    with momentum ``momentum``): every BN that ran moves the leading ``c`` entries of its
+    full-size ``mean``/``var`` towards the batch's mean and unbiased variance (the
+    ``bn_moments`` a train-mode forward sowed); the other entries and BNs stay. Traceable."""
+    flat = dict(traverse_util.flatten_dict(batch_stats, sep="/"))
+    for layer, calls in _layer_moments(bn_moments).items():
+        mean, var = flat[layer + "/mean"], flat[layer + "/var"]
+        for m in calls:
+            c = m["mean"].shape[-1]
+            new = _merge_ema({"mean": mean[:c], "var": var[:c]}, m, momentum)
+            mean, var = mean.at[:c].set(new["mean"]), var.at[:c].set(new["var"])
+        flat[layer + "/mean"], flat[layer + "/var"] = mean, var
+    return traverse_util.unflatten_dict(flat, sep="/")
+
+
 # ------------------------------------------------------------------------------------------
 # Device step (compiled once per backbone, width and mode)
 # ------------------------------------------------------------------------------------------

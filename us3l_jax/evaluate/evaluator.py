@@ -7,7 +7,9 @@ Shared by the width sweep and the online monitor. Protocols:
 * ``paper``: the paper's linear evaluation through the frozen backbone (``linear.py``);
 * ``top1``: no probe: the classifier a supervised run trained (``config.train.objective =
   'supervised'``), in eval mode with this width's BN statistics (calibrated; an S-Net's
-  private BN per width), on the test split of the run's own dataset.
+  private BN per width), on the test split of the run's own dataset;
+* ``finetune``: the whole network fine-tuned at the width with a new classifier
+  (``finetune.py``, the official transfer recipe).
 
 Accuracies returned here are fractions in [0, 1].
 """
@@ -25,7 +27,7 @@ import numpy as np
 
 from us3l_jax import build, calibration as calib, eval_names, fileio, mesh as mesh_lib, slim
 from us3l_jax.data import datasets, feeding
-from us3l_jax.evaluate import features, knn, linear, probe, transforms
+from us3l_jax.evaluate import features, finetune, knn, linear, probe, transforms
 
 log = logging.getLogger(__name__)
 PROTOCOLS = eval_names.PROTOCOLS
@@ -176,6 +178,8 @@ class Evaluator:
         check_protocol(protocol)
         if protocol == "top1":
             return self.top1(params, batch_stats, width)
+        if protocol == "finetune":
+            return self.finetune(params, batch_stats, width)
         if protocol == "paper":
             clf, losses = linear.train(self.backbone, params, batch_stats, self.train, width,
                                        self.data.train_view, self.recipe, int(self.config.seed))
@@ -195,6 +199,23 @@ class Evaluator:
         return knn.knn_accuracy(feats.train_x, feats.train_y, feats.test_x, feats.test_y,
                                 self.num_classes, int(e.knn_k), float(e.knn_temperature))
 
+
+    def finetune(self, params: PyTree, batch_stats: PyTree, width: float) -> float:
+        """Top-1 test accuracy (a fraction) after fine-tuning the whole network at ``width``
+        from these statistics (``finetune.py``; recipe ``config.eval.finetune_recipe``, its
+        epochs ``config.eval.linear_epochs`` when set)."""
+        recipe = finetune.recipe_for(self.config.eval.finetune_recipe,
+                                     self.config.eval.linear_epochs)
+        model = build.backbone(self.config, num_classes=self.num_classes,
+                               bn_group_size=recipe.bn_group_size)
+        tuned, stats, losses = finetune.train(model, params, batch_stats, self.train, width,
+                                              self.data.train_view, recipe,
+                                              int(self.config.seed))
+        log.info("finetune protocol w=%g: %d epochs, loss %.4f -> %.4f", width, recipe.epochs,
+                 losses[0], losses[-1])
+        logits, labels = features.extract(model, tuned, stats, self.test, width,
+                                          self.data.eval_view, self.batch_size)
+        return top1_accuracy(logits, labels)
 
     def top1(self, params: PyTree, batch_stats: PyTree, width: float) -> float:
         """Top-1 test accuracy (a fraction) of a supervised run's own classifier at

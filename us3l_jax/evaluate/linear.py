@@ -182,20 +182,33 @@ def train(backbone: nn.Module, params: PyTree, batch_stats: PyTree,
     init_key, key = jax.random.split(jax.random.key(seed))
     clf = init_classifier(init_key, backbone.feature_dim(width), backbone.feature_dim(1.0),
                           data.num_classes, recipe.classifier_init)
-    opt_state = tx.init(clf)
+
+    def step(state, batch, k):
+        c, o, loss = step_fn(*state, params, batch_stats, batch.images, batch.labels, k)
+        return (c, o), loss
+
+    (clf, _), history = run_epochs(feeder, recipe.epochs, key, step, (clf, tx.init(clf)),
+                                   f"linear w={width:g}")
+    return jax.device_get(clf), history
+
+
+def run_epochs(feeder: feeding.TrainFeeder, epochs: int, key: jax.Array,
+               step: Callable[[Any, feeding.Batch, jax.Array], tuple[Any, jax.Array]],
+               state: Any, what: str) -> tuple[Any, list[float]]:
+    """``epochs`` passes over ``feeder``'s batches: ``state, loss = step(state, batch, key_k)``
+    for global step k with ``key_k = fold_in(key, k)``. Returns the final state and the mean
+    loss per epoch (fetched once per epoch)."""
+    spe = feeder.steps_per_epoch
     history = []
-    for epoch in range(recipe.epochs):
+    for epoch in range(epochs):
         losses = []
         for i in range(spe):
             k = epoch * spe + i
-            batch = feeder.batch(k)
-            clf, opt_state, loss = step_fn(clf, opt_state, params, batch_stats, batch.images,
-                                           batch.labels, jax.random.fold_in(key, k))
+            state, loss = step(state, feeder.batch(k), jax.random.fold_in(key, k))
             losses.append(loss)
         history.append(float(np.mean(jax.device_get(losses))))
-        log.debug("linear w=%g epoch %d/%d loss %.4f", width, epoch + 1, recipe.epochs,
-                  history[-1])
-    return jax.device_get(clf), history
+        log.debug("%s epoch %d/%d loss %.4f", what, epoch + 1, epochs, history[-1])
+    return state, history
 
 
 def accuracy(clf: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
