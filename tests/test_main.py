@@ -120,6 +120,12 @@ PREEMPT_FLAGS = [f"--config.train.max_steps={PREEMPT_STEPS}",
                  "--config.sampler.schedule=none", "--config.eval.final_sweep=False"]
 
 
+# On a busy machine (other jobs on the 2 cores) one process can be minutes behind the other
+# while it loads and compiles: the processes meet at a barrier before their first gloo
+# collective (us3l_jax.data.feeding.wait_for_peers) and these tests wait up to 20 minutes.
+TWO_PROCESS_TIMEOUT_S = 1200
+
+
 def _two_processes(workdir, flags=PREEMPT_FLAGS):
     port = _free_port()
     return [run_main("configs/demo.py:smoke", workdir, *flags,
@@ -135,7 +141,7 @@ def _logged_step(workdir):
     return steps[-1] if steps else 0
 
 
-def _signal_at(procs, workdir, schedule, timeout=300):
+def _signal_at(procs, workdir, schedule, timeout=TWO_PROCESS_TIMEOUT_S):
     """Sends SIGTERM to ``procs[i]`` once process 0 has logged ``step``, for each
     ``(step, i)`` of ``schedule``; returns the outputs and the logged step at each signal."""
     import signal
@@ -158,7 +164,7 @@ def uninterrupted(tmp_path_factory):
     """Two processes through PREEMPT_STEPS steps: (workdir, their outputs)."""
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
     procs = _two_processes(workdir)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [p.communicate(timeout=TWO_PROCESS_TIMEOUT_S)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     return workdir, outs
@@ -225,7 +231,7 @@ def test_preemption_of_two_processes_saves_one_agreed_step(uninterrupted, tmp_pa
     workdir = str(tmp_path / "run")
     stopped = _preempt(workdir, [(3, 1)])
     procs = _two_processes(workdir)
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    outs = [p.communicate(timeout=TWO_PROCESS_TIMEOUT_S)[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     assert f"resuming {workdir} from step {stopped}" in outs[0]
