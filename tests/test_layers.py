@@ -34,7 +34,8 @@ LAYERS = (
     ("builders", ("us3l_jax.build",)),
     ("teacher", ("us3l_jax.teacher",)),
     ("evaluation", ("us3l_jax.evaluate",)),
-    ("loop and command lines", ("us3l_jax.pretrain", "us3l_jax.export", "us3l_jax.main")),
+    ("loop and command lines", ("us3l_jax.pretrain", "us3l_jax.export", "us3l_jax.main",
+                                "us3l_jax.import_official")),
 )
 
 # Imports against the order that today's code still has, each with the work that removes it.

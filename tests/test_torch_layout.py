@@ -104,3 +104,34 @@ def test_safetensors_bytes_round_trip(tmp_path):
             np.testing.assert_array_equal(got[k], sd[k])
     with pytest.raises(ValueError, match="keys must be strings"):
         torch_layout.safetensors_bytes({1: np.zeros(1)})
+
+
+def test_official_backbone_drops_what_sits_on_top():
+    """The backbone of an official checkpoint (online encoder with a projector, a momentum
+    encoder, a queue), of a torchvision dict with its classifier, and of a MoCo v3 ViT
+    checkpoint: the same variables, exactly."""
+    model = models.create("cifar_resnet18", **TINY)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
+                            jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
+    v = _random_like(shapes)
+    sd = torch_layout.to_torch_state_dict("cifar_resnet18", v, **TINY)
+    official = {f"module.encoder_q.{k}": a for k, a in sd.items()}
+    official.update({f"module.encoder_k.{k}": a + 1 for k, a in sd.items()})
+    official["module.encoder_q.fc.0.weight"] = np.zeros((4, 128), np.float32)
+    official["module.queue"] = np.zeros((8, 4), np.float32)
+    torchvision = dict(sd, **{"fc.weight": np.zeros((10, 128), np.float32),
+                              "fc.bias": np.zeros((10,), np.float32)})
+    for d in (official, torchvision):
+        assert leaves_equal(torch_layout.official_backbone("cifar_resnet18", d, **TINY), v)
+    vit_kw = dict(dim=32, depth=1, heads=4, patch_size=4, image_size=8)
+    vit = models.create("vit_tiny", **vit_kw)
+    vv = _random_like(jax.eval_shape(lambda x: vit.init(jax.random.key(0), x),
+                                     jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)))
+    moco = {f"module.base_encoder.{k}": a
+            for k, a in torch_layout.to_torch_state_dict("vit_tiny", vv, **vit_kw).items()}
+    moco["module.base_encoder.head.0.weight"] = np.zeros((4, 32), np.float32)
+    moco["module.predictor.0.weight"] = np.zeros((4, 4), np.float32)
+    assert leaves_equal(torch_layout.official_backbone("vit_tiny", moco, **vit_kw), vv)
+    with pytest.raises(ValueError, match="missing"):
+        torch_layout.official_backbone("cifar_resnet18", {"module.encoder_q.conv1.weight":
+                                                          sd["conv1.weight"]}, **TINY)

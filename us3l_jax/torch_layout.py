@@ -12,7 +12,8 @@ export CLI, the SEED teacher and anything that reads official or torchvision wei
   for a plain network already sliced with ``us3l_jax.models.plain``);
 * official checkpoints: the BYOL online encoder (``module.encoder_q.*``: backbone + projector
   ``fc.0``-``fc.6``) that SEED loads as its teacher (:func:`from_official_state_dict`,
-  :func:`to_official_state_dict`), MoCo v3's base encoder (:func:`moco_v3_backbone`);
+  :func:`to_official_state_dict`), MoCo v3's base encoder (:func:`moco_v3_backbone`), the
+  backbone alone of any of them (:func:`official_backbone`, ``us3l_jax.import_official``);
 * files: atomic safetensors writes, reads (:func:`save_safetensors`, :func:`load_safetensors`).
 
 torchvision ImageNet weights (a ``.pth``) need one step in a PyTorch environment first, e.g.
@@ -389,6 +390,26 @@ def from_official_state_dict(name: str, state_dict: Mapping[str, Any], **model_k
     hidden, out = head[_projector_key(fam, "fc1", "kernel")].shape[0], \
         head[_projector_key(fam, "fc3", "kernel")].shape[0]
     return params, stats, (int(hidden), int(out))
+
+
+def official_backbone(name: str, state_dict: Mapping[str, Any], **model_kw: Any
+                      ) -> Variables:
+    """The backbone of a run of the official code, as full-size variables of the slimmable
+    model ``name`` (``params`` and the BN running statistics as ``batch_stats``).
+
+    ``state_dict``: the official checkpoint's ``state_dict`` (the online encoder
+    ``module.encoder_q.*`` / ``encoder_q.*`` of the CNN methods, MoCo v3's
+    ``module.base_encoder.*`` for ViTs; the rest is dropped) or a bare backbone dict in
+    torchvision / timm names. What sits on top of the backbone there (the projector under
+    ``fc.*``, a torchvision classifier ``fc`` / ``classifier``, a ViT ``head``) is dropped.
+    Raises ``ValueError`` naming missing, unexpected or misshaped keys."""
+    if any(k.startswith("module.base_encoder.") for k in state_dict):
+        sd = moco_v3_backbone(state_dict)
+    else:
+        sd = _strip_prefix(state_dict)
+    tops = ("fc.", "classifier.", "head.")
+    sd = {k: np.asarray(v) for k, v in sd.items() if not k.startswith(tops)}
+    return from_torch_state_dict(name, sd, 1.0, **model_kw)
 
 
 def to_official_state_dict(name: str, variables: Mapping[str, Any], **model_kw: Any
