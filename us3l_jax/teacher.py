@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 
 from us3l_jax import build, calibration as calib, checkpointing, config as config_lib
-from us3l_jax import mesh as mesh_lib, torch_layout
+from us3l_jax import mesh as mesh_lib, paths, torch_layout
 from us3l_jax.data import datasets, feeding
 from us3l_jax.fileio import atomic_write_text
 from us3l_jax.methods.ema import teacher_subset
@@ -97,8 +97,8 @@ def _student_sized(tc: ml_collections.ConfigDict, config: ml_collections.ConfigD
 
 def _from_workdir(config: ml_collections.ConfigDict):
     t = config.teacher
-    workdir = os.path.abspath(t.workdir)
-    if not os.path.isdir(workdir):
+    workdir = paths.absolute(t.workdir)
+    if not paths.isdir(workdir):
         raise checkpointing.CheckpointError(f"teacher workdir {workdir!r} does not exist")
     pre = checkpointing.load_pretrained(workdir, step=t.step,
                                        abstract_state=build.abstract_state)
@@ -255,9 +255,8 @@ def record(workdir: str, teacher: FrozenTeacher) -> None:
     teacher is the one recorded (same parameters, width and BN statistics), so a resumed run
     continues exactly."""
     path = os.path.join(workdir, TEACHER_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if paths.exists(path):
+        old = json.loads(paths.read_text(path))
         old.setdefault("bn", "batch")  # records written before teacher.bn existed
         new = json.loads(json.dumps(teacher.record))
         diff = [k for k in _SAME_TEACHER if old.get(k) != new.get(k)]
@@ -275,5 +274,4 @@ def record(workdir: str, teacher: FrozenTeacher) -> None:
 
 def read_record(workdir: str) -> dict[str, Any]:
     """The teacher a student run learned from (``teacher.json``)."""
-    with open(os.path.join(workdir, TEACHER_FILE)) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(os.path.join(workdir, TEACHER_FILE)))

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from us3l_jax import build, calibration as calib, checkpointing, config as config_lib
-from us3l_jax import paper as paper_lib, profile as profile_lib
+from us3l_jax import paper as paper_lib, paths as path_lib, profile as profile_lib
 from us3l_jax.data import datasets
 from us3l_jax.evaluate import report
 from us3l_jax.evaluate.evaluator import (Evaluator, calibration_settings, check_protocol,
@@ -103,7 +103,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
     if epochs is not None:
         config.eval.linear_epochs = int(epochs)
     if new_report and out is not None:
-        held = [f for f in report.FILES if os.path.exists(os.path.join(out, f))]
+        held = [f for f in report.FILES if path_lib.exists(os.path.join(out, f))]
         if held:
             raise ValueError(f"{out} already holds a sweep ({', '.join(held)}); choose another "
                              "--out, or leave it out for a new folder under <workdir>/eval/")
@@ -166,10 +166,15 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
 
 def claim_dir(base: str) -> str:
     """Creates and returns ``base``, or ``base-2``, ``base-3``, ... if taken (atomically: two
-    evaluations at once never share a folder)."""
+    evaluations at once never share a folder). In a bucket, which has no folders to create
+    exclusively, the first name with nothing below it is taken (not atomic)."""
     path, n = base, 1
     while True:
         try:
+            if not path_lib.is_local(path):
+                if path_lib.exists(path):
+                    raise FileExistsError(path)
+                return path
             os.makedirs(path)
             return path
         except FileExistsError:
@@ -186,6 +191,7 @@ def log_tensorboard(records: Sequence[Record], out: str, config, paper=None) -> 
     logdir = os.path.join(out, "tb")
     if jax.process_index() != 0:
         return logdir
+    path_lib.tensorboard_on_buckets()
     step = records[0]["step"]
     with SummaryWriter(logdir) as tb:
         for r in records:

@@ -30,6 +30,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from us3l_jax import build, calibration as calib, checkpointing, config as config_lib, fileio
+from us3l_jax import paths as path_lib
 from us3l_jax.evaluate import transforms
 from us3l_jax.evaluate.evaluator import Evaluator, calibration_settings, check_width
 from us3l_jax.export import artifacts
@@ -59,7 +60,11 @@ def check_out(out: str) -> str:
     """``out`` as an absolute path that can become the export directory: new, or an empty
     directory, in a folder this process can write (tried by making and removing a directory
     there, so that no work is done for a write that would fail). ``ValueError`` for an
-    existing file, a non-empty directory or a folder that cannot be written."""
+    existing file, a non-empty directory or a folder that cannot be written. Exports are
+    local files: a URL (``gs://``) is refused, copy the folder there once it is written."""
+    if not path_lib.is_local(out):
+        raise ValueError(f"--out {out!r}: exports are written to a local folder; give a local "
+                         f"--out and copy it (gcloud storage cp -r <out> {out})")
     path = os.path.abspath(out)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"--out {out!r} is an existing file; give a new or empty directory")
@@ -99,11 +104,10 @@ def read_sweep(workdir: str) -> list[dict[str, Any]]:
     An unreadable file (not JSON, or not a list of records with a width, protocol and
     accuracy) is named in a warning and read as no records: probe accuracies are optional."""
     path = os.path.join(workdir, SWEEP)
-    if not os.path.exists(path):
+    if not path_lib.exists(path):
         return []
     try:
-        with open(path) as f:
-            records = json.load(f)
+        records = json.loads(path_lib.read_text(path))
         if not isinstance(records, list) or not all(
                 isinstance(r, dict) and {"width", "protocol", "accuracy"} <= set(r)
                 for r in records):
@@ -147,10 +151,10 @@ def _move_aside(path: str) -> str:
     """Renames ``path`` to ``<path>.corrupt`` (``.corrupt.1``, ... if taken): kept, not
     deleted, as this tool did not write it."""
     aside, n = path + ".corrupt", 0
-    while os.path.exists(aside):
+    while path_lib.exists(aside):
         n += 1
         aside = f"{path}.corrupt.{n}"
-    os.rename(path, aside)
+    path_lib.rename(path, aside)
     return aside
 
 
@@ -401,7 +405,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
         "max_abs_diff_vs_jax": {k: float(f"{d:.3g}") for k, d in diffs.items()},
         "verified_batches": list(VERIFY_BATCHES),
         "torch_arch": torch_arch(plain),
-        "source": {"workdir": os.path.abspath(workdir), "step": pre.step,
+        "source": {"workdir": path_lib.absolute(workdir), "step": pre.step,
                    "config_identity": checkpointing.identity(config),
                    "config": json.loads(config_lib.to_json(config))},
         "files": {},
