@@ -481,3 +481,13 @@ def test_loading_a_run_without_checkpoints_creates_nothing(trained, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint in"):
         checkpointing.load_pretrained(workdir, abstract_state=build.abstract_state)
     assert checkpointing.latest_step(workdir) is None
+
+
+def test_evaluation_reads_the_recorded_config_when_config_json_is_lost(run_copy, caplog):
+    original = checkpointing.read_config(run_copy)
+    os.remove(os.path.join(run_copy, "config.json"))
+    with caplog.at_level("WARNING"):
+        assert checkpointing.read_config(run_copy) == original
+    assert "config.json is missing; using the config recorded in checkpoint 6" in caplog.text
+    assert not os.path.exists(os.path.join(run_copy, "config.json"))  # nothing written
+    assert checkpointing.load_pretrained(run_copy, abstract_state=build.abstract_state).step == 6

@@ -294,3 +294,28 @@ def test_eta_knows_the_schedule_and_program_counts_print_when_they_change(tmp_pa
     assert "programs 3 (0 compiled ahead" in lines[0]
     assert all("programs" not in line for line in lines[1:])
     assert "ETA ?" in lines[0] and "ETA ?" not in lines[1]
+
+
+@pytest.mark.slow
+def test_eta_waits_for_background_compilation(tmp_path, monkeypatch, caplog):
+    """While programs compile in the background the progress line shows "compiling" (the
+    steps beside the compiler are slow); the ETA then counts from the first line after it."""
+    from concurrent import futures
+    pending = futures.Future()
+    monkeypatch.setattr(pretrain.Engine, "compile_ahead", lambda self, *a, **k: [pending])
+    sample, calls = pretrain.sampling.sample_widths, []
+
+    def finish_at_step_3(s, step, *args):
+        calls.append(step)
+        if step == 2 and calls.count(2) == 2:  # in the loop (the ETA's table draws it first)
+            pending.set_result(None)
+        return sample(s, step, *args)
+    monkeypatch.setattr(pretrain.sampling, "sample_widths", finish_at_step_3)
+    c = smoke()
+    c.train.max_steps, c.train.log_every_steps, c.train.compile_ahead = 5, 1, True
+    with caplog.at_level("INFO", logger="us3l"):
+        pretrain.train(c, str(tmp_path))
+    etas = [r.getMessage().rsplit("ETA ", 1)[1] for r in caplog.records
+            if r.getMessage().startswith("step ")]
+    assert etas[:3] == ["compiling", "compiling", "?"]
+    assert all(":" in eta for eta in etas[3:]) and len(etas) == 5

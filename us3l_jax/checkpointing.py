@@ -286,7 +286,7 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict, allow: 
     replaces the file as a whole)."""
     path = os.path.join(workdir, CONFIG_FILE)
     try:
-        old = read_config(workdir)
+        old = _read_config_file(workdir)
     except (CheckpointError, OSError, ValueError) as e:
         problem = "missing" if isinstance(e, CheckpointError) else "unreadable"
         found = recorded()
@@ -320,13 +320,34 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict, allow: 
     return ConfigChange(changes, accepted=bool(refused))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
+def _read_config_file(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"no run in {workdir!r}: {CONFIG_FILE} not found (was it "
                               f"pretrained with `python -m us3l_jax.main --workdir=...`?)")
     with open(path) as f:
         return config_lib.from_json(f.read())
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The run's config: its ``config.json``, or, if that is missing, the config recorded in
+    its newest checkpoint (with a warning; nothing is written: the next resume rebuilds the
+    file). Raises ``CheckpointError`` if there is neither."""
+    try:
+        return _read_config_file(workdir)
+    except CheckpointError:
+        if latest_step(workdir) is None:
+            raise
+        ckpt = Checkpointer(workdir, None, read_only=True)
+        try:
+            found = ckpt.recorded_config()
+        finally:
+            ckpt.close()
+        if found is None:
+            raise
+        log.warning("%s is missing; using the config recorded in checkpoint %d",
+                    os.path.join(workdir, CONFIG_FILE), found[0])
+        return found[1]
 
 
 class Checkpointer:
