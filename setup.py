@@ -69,7 +69,11 @@ setup(
     name="us3l_jax",
     version="0.1.0",
     description="Universally slimmable self-supervised learning (US3L) in JAX/Flax",
-    packages=find_packages(include=["us3l_jax", "us3l_jax.*"]),
+    # The configs travel inside a wheel as us3l_jax/configs/*.py (a wheel carries no
+    # configs/ folder of its own), so a wheel install, e.g. in Colab, can run them:
+    # --config=<dirname(us3l_jax.__file__)>/configs/demo.py. A checkout reads configs/.
+    packages=find_packages(include=["us3l_jax", "us3l_jax.*"]) + ["us3l_jax.configs"],
+    package_dir={"us3l_jax.configs": "configs"},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
