@@ -373,6 +373,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         if config.train.compile_ahead:
             compiling = trainer.compile_ahead(state, run.image_spec, compile_width_sets(run))
             log.info("compiling %d programs ahead in the background", len(compiling))
+            # Stopping early (Ctrl-C, an error) need not wait for compilations not started.
+            stack.callback(lambda: [f.cancel() for f in compiling])
         stop_if_interrupted()
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
