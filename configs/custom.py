@@ -88,6 +88,7 @@ def get_config(arg: str | None = None):
     c.data.augment = "imagenet" if size >= IMAGENET_VIEWS_FROM else "cifar"
     c.optim.batch_size = batch
     c.method.group_size = min(c.method.group_size, batch)
+    c.eval.batch_size = batch  # BN calibration batches: no larger than the folder's batches
     c.optim.lr = 0.5 * batch / 512
     c.eval.calibration = "custom"
     c.eval.sweep_protocol = "fast"

@@ -155,6 +155,18 @@ def test_custom_config_pretrains_and_evaluates_a_folder(tmp_path):
         assert json.load(f)["data"]["data_dir"] == root
 
 
+def test_a_batch_larger_than_the_folder_is_a_usage_error(tmp_path):
+    from us3l_jax import pretrain
+    from us3l_jax.errors import UsageError
+
+    root = write_folder(tmp_path / "imgs", per_class=(4, 1))  # 12 training images
+    c = override(load_config_module("configs/custom.py").get_config(f"path={root},size=16"),
+                 **{**TINY, "optim__batch_size": 16})
+    with pytest.raises(UsageError, match=r"global batch size 16 is larger than the dataset "
+                                          r"\(12 examples\); lower config.optim.batch_size"):
+        pretrain.train(c, str(tmp_path / "run"))
+
+
 def test_missing_folder_is_one_line_exit_2(tmp_path):
     out = run_main(f"configs/custom.py:path={tmp_path}/nowhere,size=16", str(tmp_path / "w"))
     assert out.returncode == 2, out.stdout[-2000:]

@@ -48,7 +48,8 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
         raise ValueError(f"global batch size must be positive, got {global_batch_size}")
     if num_examples < global_batch_size:  # e.g. a small image folder: the user's to fix
         raise UsageError(f"global batch size {global_batch_size} is larger than the dataset "
-                         f"({num_examples} examples); lower config.optim.batch_size")
+                         f"({num_examples} examples); lower config.optim.batch_size (or "
+                         f"config.eval.batch_size, which BN calibration uses)")
     return num_examples // global_batch_size
 
 
