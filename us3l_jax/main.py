@@ -163,7 +163,7 @@ def _run(config, workdir: str) -> None:
                            allow_config_change=_ALLOW_CONFIG_CHANGE.value,
                            start_over=_START_OVER.value,
                            trust_unverified=_TRUST_UNVERIFIED.value)
-            if config.eval.final_sweep and not _swept(workdir, before):
+            if config.eval.final_sweep and not _swept(workdir, before, config):
                 from us3l_jax import evaluate
                 evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
                                    protocol=config.eval.sweep_protocol)
@@ -185,21 +185,26 @@ def _run(config, workdir: str) -> None:
         sys.exit(e.exit_code)
 
 
-def _swept(workdir: str, before: int | None) -> bool:
+def _swept(workdir: str, before: int | None, config) -> bool:
     """Whether the final sweep is done already: training did nothing (the latest checkpoint
-    is the one it found) and ``sweep.json`` evaluates that checkpoint. Rerunning a finished
-    run then rewrites nothing."""
+    is the one it found) and ``sweep.json`` evaluates that checkpoint at the widths and
+    protocols the config asks for. Rerunning a finished run then rewrites nothing."""
     import json
 
     from us3l_jax import checkpointing
     if before is None or before != checkpointing.latest_step(workdir):
         return False
+    items = lambda v: [x for x in (v.split(",") if isinstance(v, str) else v)]
+    want = {(round(float(w), 6), p.strip()) for w in items(config.eval.sweep_widths)
+            for p in items(config.eval.sweep_protocol)}
     try:
         with open(os.path.join(workdir, "sweep.json")) as f:
-            steps = {r["step"] for r in json.load(f)}
+            records = json.load(f)
+        steps = {r["step"] for r in records}
+        done = {(round(float(r["width"]), 6), r["protocol"]) for r in records}
     except (OSError, ValueError, KeyError, TypeError):
         return False  # none, or unreadable: the sweep writes it anew
-    if steps != {before}:
+    if steps != {before} or done != want:
         return False
     log.info("the final sweep of step %d is in sweep.json already", before)
     return True
