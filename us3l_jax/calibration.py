@@ -49,7 +49,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from us3l_jax import eval_names, fileio
+from us3l_jax import eval_names, fileio, paths
 from us3l_jax.data import augment, feeding
 
 MODES = eval_names.CALIBRATION_MODES
@@ -335,9 +335,9 @@ def save_stats(path: str, batch_stats: PyTree, meta: dict[str, Any]) -> None:
 
 def load_stats(path: str) -> tuple[PyTree, dict[str, Any]] | None:
     """``(batch_stats, meta)`` stored at ``path``, or None if there is no file."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         return None
-    with open(path, "rb") as f:
+    with paths.open_read(path) as f:
         payload = flax.serialization.msgpack_restore(f.read())
     return payload["batch_stats"], payload["meta"]
 

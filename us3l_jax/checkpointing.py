@@ -43,7 +43,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from us3l_jax import config as config_lib
+from us3l_jax import config as config_lib, paths
 from us3l_jax.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def find_os_error(e: BaseException | None) -> OSError | None:
 
 def crc32_of_file(path: str) -> int:
     crc = 0
-    with open(path, "rb") as f:
+    with paths.open_read(path) as f:
         while chunk := f.read(1 << 20):
             crc = zlib.crc32(chunk, crc)
     return crc
@@ -137,14 +137,14 @@ def crc32_of_file(path: str) -> int:
 
 def _item_files(root: str):
     for item in ITEMS:
-        for dirpath, _, files in os.walk(os.path.join(root, item)):
-            yield from (os.path.join(dirpath, name) for name in files)
+        top = paths.join(root, item)
+        yield from (paths.join(top, rel) for rel in paths.walk_files(top))
 
 
 def file_checksums(root: str) -> dict[str, list[int]]:
     """``{relative path: [size, crc32]}`` of every file of the checkpoint's items under
     ``root``."""
-    return {os.path.relpath(path, root): [os.path.getsize(path), crc32_of_file(path)]
+    return {os.path.relpath(path, root): [paths.size(path), crc32_of_file(path)]
             for path in sorted(_item_files(root))}
 
 
@@ -162,15 +162,14 @@ def verify_checksums(root: str, trust_unverified: bool = False) -> str | None:
     what is wrong with it, unless ``trust_unverified`` (then it passes with a warning and
     only orbax's own checks apply)."""
     path = os.path.join(root, CHECKSUM_FILE)
-    if not os.path.lexists(path):
+    if not paths.exists(path):
         if not trust_unverified:
             return f"its {CHECKSUM_FILE} is missing (unverified; {TRUST_FLAG} uses it anyway)"
         log.warning("checkpoint %s has no %s: used unverified (%s)", root, CHECKSUM_FILE,
                     TRUST_FLAG)
         return None
     try:
-        with open(path) as f:
-            want = json.load(f)["crc32"]
+        want = json.loads(paths.read_text(path))["crc32"]
         if not isinstance(want, dict) or not want:
             raise ValueError("no entries")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -179,11 +178,11 @@ def verify_checksums(root: str, trust_unverified: bool = False) -> str | None:
         full = os.path.join(root, rel)
         try:
             size, crc = entry
-            if not os.path.isfile(full):
-                return f"{rel} is missing" if not os.path.lexists(full) else \
+            if not paths.isfile(full):
+                return f"{rel} is missing" if not paths.exists(full) else \
                     f"{rel} is not a regular file"
-            if os.path.getsize(full) != size:
-                return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
+            if paths.size(full) != size:
+                return f"{rel} has {paths.size(full)} bytes, {size} were written"
             if crc32_of_file(full) != crc:
                 return f"{rel} fails its CRC-32 check (its data changed after the save)"
         except (OSError, ValueError, TypeError) as e:
@@ -256,11 +255,12 @@ class ConfigChange:
                   "changes": ({k: list(v) for k, v in self.changes.items()}
                               if self.replaced is None else f"config.json was {self.replaced}; "
                               f"replaced")}
-        with open(os.path.join(workdir, CONFIG_HISTORY_FILE), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_text(os.path.join(workdir, CONFIG_HISTORY_FILE),
+                          json.dumps(record) + "\n")
         path = os.path.join(workdir, CONFIG_FILE)
-        if self.replaced == "unreadable" and os.path.exists(path):
-            os.replace(path, path + ".unreadable")  # kept for inspection, never deleted
+        if self.replaced == "unreadable" and paths.exists(path):
+            # kept for inspection, never deleted
+            paths.rename(path, path + ".unreadable", replace=True)
         write_config(workdir, config)
         # Allow-listed changes (max_steps, logging) are routine: logged, not warned about.
         log.log(logging.WARNING if self.accepted else logging.INFO,
@@ -294,7 +294,7 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict, allow: 
             step, old = found
             if jax.process_index() == 0:
                 if problem == "unreadable":
-                    os.replace(path, path + ".unreadable")  # kept, never deleted
+                    paths.rename(path, path + ".unreadable", replace=True)  # kept, never deleted
                 write_config(workdir, old)
             log.warning("%s was %s; rebuilt from checkpoint %d", path, problem, step)
         elif not allow:
@@ -322,11 +322,10 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict, allow: 
 
 def _read_config_file(workdir: str) -> ml_collections.ConfigDict:
     path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise CheckpointError(f"no run in {workdir!r}: {CONFIG_FILE} not found (was it "
                               f"pretrained with `python -m us3l_jax.main --workdir=...`?)")
-    with open(path) as f:
-        return config_lib.from_json(f.read())
+    return config_lib.from_json(paths.read_text(path))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -358,7 +357,7 @@ class Checkpointer:
                  read_only: bool = False):
         """``trust_unverified``: restore checkpoints that have no checksum file (else they
         count as corrupt). ``read_only``: never create ``checkpoints/`` (evaluation, export)."""
-        self.workdir = os.path.abspath(workdir)  # orbax needs absolute paths
+        self.workdir = paths.absolute(workdir)  # orbax needs absolute paths
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
         self.config = config
         self._keep, self._async = keep, async_save
@@ -428,9 +427,9 @@ class Checkpointer:
         Failing here leaves nothing half-written, and keeps the failure out of tensorstore,
         whose other writes in flight then report into orbax's closed event loop."""
         steps = self.all_steps()
-        if jax.process_count() > 1 or not steps:
+        if jax.process_count() > 1 or not steps or not paths.is_local(self.directory):
             return
-        need = sum(os.path.getsize(p) for p in _item_files(self.step_dir(steps[-1])))
+        need = sum(paths.size(p) for p in _item_files(self.step_dir(steps[-1])))
         free = shutil.disk_usage(self.directory).free
         if free < need:
             self._failed = True
@@ -474,7 +473,7 @@ class Checkpointer:
     def _problem(self, step: int) -> str | None:
         """Why checkpoint ``step`` cannot be used as it is on disk (None: it looks intact)."""
         path = self.step_dir(step)
-        if not os.path.isdir(path):
+        if not paths.isdir(path):
             return "its folder is missing"
         return verify_checksums(path, self._trust_unverified)
 
@@ -552,7 +551,7 @@ class Checkpointer:
                     restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
                 except Exception as e:  # noqa: BLE001
                     problem = f"{type(e).__name__}: {_first_line(e)}"
-                    if os.path.exists(os.path.join(self.step_dir(step), CHECKSUM_FILE)):
+                    if paths.exists(os.path.join(self.step_dir(step), CHECKSUM_FILE)):
                         # Its files are as they were written: not corrupt but another state
                         # (another version's TrainState, or a config change that alters
                         # the optimizer state). Not moved.
@@ -588,10 +587,10 @@ class Checkpointer:
             for step in sorted(steps):
                 dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}")
                 n = 1
-                while os.path.lexists(dst):
+                while paths.exists(dst):
                     n += 1
                     dst = os.path.join(self.directory, f"{CORRUPT_PREFIX}{step}-{n}")
-                os.rename(self.step_dir(step), dst)
+                paths.rename(self.step_dir(step), dst)
                 log.warning("moved corrupt checkpoint %d to %s (kept for inspection; the run "
                             "can save step %d again)", step, dst, step)
         if jax.process_count() > 1:
@@ -618,7 +617,7 @@ def latest_step(workdir: str) -> int | None:
     """The newest step among ``<workdir>/checkpoints/<step>/`` folders (None if there is
     none), read from the directory alone: no orbax manager, nothing created."""
     try:
-        names = os.listdir(os.path.join(workdir, CHECKPOINT_DIR))
+        names = paths.listdir(os.path.join(workdir, CHECKPOINT_DIR))
     except OSError:
         return None
     steps = [int(n) for n in names if n.isdigit()]

@@ -120,7 +120,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    return os.path.exists(path) if is_local(path) else as_epath(path).exists()
+    """Whether anything is at ``path`` (locally a dangling symbolic link counts: a name that
+    is taken)."""
+    return os.path.lexists(path) if is_local(path) else as_epath(path).exists()
 
 
 def isdir(path: str | os.PathLike) -> bool:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 
 from us3l_jax import (build, checkpointing, config as config_lib, errors, mesh as mesh_lib,
-                      sampling, workdir_lock)
+                      paths, sampling, workdir_lock)
 from us3l_jax.fileio import atomic_write_text
 from us3l_jax.engine import Engine, TrainState, planning
 
@@ -143,12 +143,14 @@ class MetricWriter:
         self._jsonl = self._tb = None
         if not self.enabled:
             return
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._guard("metrics.jsonl", lambda: setattr(self, "_jsonl", open(self.path, "a")))
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self._guard("metrics.jsonl",
+                    lambda: setattr(self, "_jsonl", paths.AppendFile(self.path)))
 
         def tb():
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=(
+            paths.tensorboard_on_buckets()
+            self._tb = SummaryWriter(paths.join(workdir, "tb"), purge_step=(
                 None if resume_step is None else resume_step + 1))
         self._guard("tb/", tb)
 
@@ -168,24 +170,23 @@ class MetricWriter:
     def truncate_after(self, step: int) -> None:
         """Drops the records of steps after ``step`` (written before an interruption and
         about to be written again by the resumed run), so every step appears once."""
-        if self._jsonl is None or not os.path.exists(self.path):
+        if self._jsonl is None or not paths.exists(self.path):
             return
 
         def rewrite():
             kept, dropped = [], 0
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        ok = json.loads(line)["step"] <= step
-                    except (ValueError, KeyError, TypeError):
-                        ok = False  # a line cut short by a kill
-                    if ok:
-                        kept.append(line)
-                    dropped += not ok
+            for line in paths.read_text(self.path).splitlines(keepends=True):
+                try:
+                    ok = json.loads(line)["step"] <= step
+                except (ValueError, KeyError, TypeError):
+                    ok = False  # a line cut short by a kill
+                if ok:
+                    kept.append(line)
+                dropped += not ok
             if dropped:
                 self._jsonl.close()
                 atomic_write_text(self.path, "".join(kept))
-                self._jsonl = open(self.path, "a")
+                self._jsonl = paths.AppendFile(self.path)
         self._guard("metrics.jsonl", rewrite)
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -274,7 +275,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     errors.raise_if_interrupted()
     run = setup(config, mesh)
     trainer = run.trainer
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)
     end = run.total_steps if config.train.max_steps is None else min(run.total_steps,
                                                                       config.train.max_steps)
     every = config.train.checkpoint_every_steps or run.steps_per_epoch

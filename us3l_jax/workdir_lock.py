@@ -19,6 +19,8 @@ import os
 import socket
 from collections.abc import Iterator
 
+from us3l_jax import paths, workdir_lease
+
 LOCK_FILE = ".us3l.lock"
 _held: dict[str, list] = {}  # lock path -> [file object, depth, (st_dev, st_ino) of workdir]
 
@@ -40,7 +42,14 @@ def _identity(path: str) -> tuple[int, int]:
 def check(workdir: str, when: str = "") -> None:
     """Raises ``WorkdirLostError`` if ``workdir`` is no longer the directory whose lock this
     process holds, or its lock file is no longer the held one. ``when`` (e.g. "at step 12")
-    goes into the message. Does nothing where the lock is not held (processes other than 0)."""
+    goes into the message. Does nothing where the lock is not held (processes other than 0).
+    A bucket workdir (``gs://``) checks its lease instead (``workdir_lease.check``)."""
+    if not paths.is_local(workdir):
+        try:
+            workdir_lease.check(workdir)
+        except workdir_lease.WorkdirLeaseError as e:
+            raise WorkdirLostError(f"{e}{' (' + when + ')' if when else ''}") from None
+        return
     workdir = os.path.abspath(workdir)
     path = os.path.join(workdir, LOCK_FILE)
     if path not in _held:
@@ -73,9 +82,15 @@ def _identity_of_fd(fd: int) -> tuple[int, int]:
 def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
     """Holds the workdir's lock (creating the workdir) for the ``with`` block; raises
     ``WorkdirLockedError`` naming the holder if another process has it, ``OSError`` if the
-    workdir cannot be created. ``enabled=False`` (processes other than 0) does nothing."""
+    workdir cannot be created. ``enabled=False`` (processes other than 0) does nothing.
+    A bucket workdir (``gs://``), where no OS lock exists, gets a lease instead
+    (``workdir_lease``, whose refusal is a ``UsageError``)."""
     if not enabled:
         yield
+        return
+    if not paths.is_local(workdir):
+        with workdir_lease.hold(workdir):
+            yield
         return
     path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
     if path in _held:
