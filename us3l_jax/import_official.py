@@ -4,12 +4,13 @@ PyTorch code, as a workdir that ``python -m us3l_jax.evaluate`` and ``python -m
 us3l_jax.export`` (and ``us3l_jax.export.load``) accept.
 
 The official ``checkpoint.pth.tar`` is a torch pickle; convert it once where torch is
-installed::
+installed (``weights_only=False``: the file also pickles the training arguments; load only
+a checkpoint you trust)::
 
-    python -c "import torch, safetensors.torch as st; st.save_file(torch.load('checkpoint.pth.tar', map_location='cpu')['state_dict'], 'ckpt.safetensors')"
+    python -c "import torch, safetensors.torch as st; st.save_file(torch.load('checkpoint.pth.tar', map_location='cpu', weights_only=False)['state_dict'], 'ckpt.safetensors')"
 
 ``--config`` is this project's config of the same architecture (e.g.
-``configs/us3l_cifar.py``, with ``--config.model.name=...`` and size overrides as for
+``configs/us3l_cifar100.py:resnet18``, with ``--config.*`` overrides as for
 ``python -m us3l_jax.main``); it decides the model, its width range and how evaluation
 calibrates BN. The backbone is read with ``torch_layout.official_backbone`` (the online
 encoder ``module.encoder_q.*``, or MoCo v3's ``module.base_encoder.*``, or a bare
@@ -53,7 +54,8 @@ def _define() -> flags.FlagValues:
     parses, which a second parse in the same process would define twice."""
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config of the same architecture, e.g. "
-                                    "configs/us3l_cifar.py", flag_values=fv, lock_config=True)
+                                    "configs/us3l_cifar100.py:resnet18", flag_values=fv,
+                                    lock_config=True)
     flags.DEFINE_string("state_dict", None, "the official checkpoint's state_dict as "
                         "safetensors", flag_values=fv)
     flags.DEFINE_string("workdir", None, "the workdir to write (new or empty)", flag_values=fv)
@@ -64,8 +66,8 @@ def _define() -> flags.FlagValues:
 
 def usage(fv: flags.FlagValues | None = None) -> str:
     return ("Import a run of the official PyTorch code as a workdir for evaluate and export.\n"
-            f"  {PROG} --state_dict=ckpt.safetensors --config=configs/us3l_cifar.py "
-            "--workdir=DIR\n\n"
+            f"  {PROG} --state_dict=ckpt.safetensors "
+            "--config=configs/us3l_cifar100.py:resnet18 --workdir=DIR\n\n"
             f"Flags:\n{cli.format_flags(fv or _define(), _NAMES)}\n")
 
 
@@ -179,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.fail(PROG, f"cannot load --config: {cli.one_line(e)}")
     if config is None:
         cli.fail(PROG, "--config is required (this project's config of the same "
-                       "architecture, e.g. configs/us3l_cifar.py)")
+                       "architecture, e.g. configs/us3l_cifar100.py:resnet18)")
     try:
         record = import_state_dict(fv.state_dict, config, fv.workdir, fv.step)
     except UsageError as e:

@@ -16,6 +16,7 @@ def run(tiny_run):
     return export.load(tiny_run)
 
 
+@pytest.mark.slow  # calibrates a width: 14 s on an idle 2-core machine, 46 s under load
 def test_a_width_is_the_slimmable_backbone_there(tiny_run, run):
     net = run.at(0.75)
     assert (net.width, net.step) == (0.75, STEP) and net.calibration["num_batches"] == 2

@@ -31,5 +31,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["COLLECTIONS", "Run", "Width", "from_torch_state_dict", "load", "load_safetensors",
-           "moco_v3_backbone", "plain_from_torch_state_dict", "plain_to_torch_state_dict", "safetensors_bytes",
-           "save_safetensors", "slice_module", "slice_to_width", "to_torch_state_dict"]
+           "moco_v3_backbone", "plain_from_torch_state_dict", "plain_to_torch_state_dict",
+           "safetensors_bytes", "save_safetensors", "slice_module", "slice_to_width",
+           "to_torch_state_dict"]
