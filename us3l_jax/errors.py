@@ -5,6 +5,9 @@ the machine and keeps its traceback. The user-facing errors are this module's ``
 and the errors of the layers that check what the user gave: ``config.ConfigError``,
 ``data.datasets.DatasetNotFoundError``, ``checkpointing.CheckpointError`` and
 ``workdir_lock.WorkdirLockedError``.
+
+It also holds the command lines' Ctrl-C handling (below), which must be installed before
+anything heavy is imported and is consulted by the pretraining loop's setup.
 """
 from __future__ import annotations
 

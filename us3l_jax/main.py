@@ -13,8 +13,9 @@ One run per workdir: a second run on the same ``--workdir`` stops with exit 2 na
 holder's pid and host. Resuming with a changed config is refused with the difference (except
 logging/checkpoint frequency, ``max_steps`` and compile options) unless
 ``--allow_config_change``, which logs the change in ``config_history.jsonl``. Corrupt
-checkpoints are moved to ``checkpoints/corrupt-<step>/`` and the run resumes from the newest
-good one; if none is readable the run refuses unless ``--start_over``.
+checkpoints (and unverified ones, without their checksum file, unless
+``--trust_unverified_checkpoints``) are moved to ``checkpoints/corrupt-<step>/`` and the run
+resumes from the newest good one; if none is readable the run refuses unless ``--start_over``.
 
 Exit codes: 0 finished; 2 bad config / data / checkpoint / workdir, or the workdir is in use
 (one-line message); 3 non-finite loss (the last good checkpoint is kept); 4 I/O error, e.g. a
