@@ -40,7 +40,7 @@ import logging  # noqa: E402 - after the Ctrl-C handler, on purpose
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from us3l_jax import cli, errors, fileio  # noqa: E402
+from us3l_jax import cli, errors, fileio, paths  # noqa: E402
 from us3l_jax.errors import UsageError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -133,7 +133,7 @@ def main(argv) -> None:
         _fail(f"--workdir={_WORKDIR.value}: {problem}", 2)
     errors.interrupts_raise()  # from here on a Ctrl-C may find files being written
     try:
-        _run(config, os.path.abspath(_WORKDIR.value))
+        _run(config, paths.absolute(_WORKDIR.value))
     except KeyboardInterrupt:
         # Ctrl-C before training started or a second Ctrl-C: no traceback, nothing more saved.
         _fail("interrupted (Ctrl-C); the checkpoints saved so far are intact", 130)
@@ -199,8 +199,7 @@ def _swept(workdir: str, before: int | None, config) -> bool:
     want = {(round(float(w), 6), p.strip()) for w in items(config.eval.sweep_widths)
             for p in items(config.eval.sweep_protocol)}
     try:
-        with open(os.path.join(workdir, "sweep.json")) as f:
-            records = json.load(f)
+        records = json.loads(paths.read_text(os.path.join(workdir, "sweep.json")))
         steps = {r["step"] for r in records}
         done = {(round(float(r["width"]), 6), r["protocol"]) for r in records}
     except (OSError, ValueError, KeyError, TypeError):
