@@ -358,3 +358,302 @@ def test_vit_stop_grad_patch_freezes_the_patch_embedding_in_the_built_optimizer(
         u, _ = tx.update(grads, tx.init(params), params, step=1)
         assert bool(jnp.all(u["backbone"]["patch_embed"]["kernel"] == 0)) == on
         assert not bool(jnp.all(u["backbone"]["norm"]["scale"] == 0))
+
+
+# ------------------------------------------------------------------------------------------
+# AdamW with PyTorch's per-parameter step counts
+# ------------------------------------------------------------------------------------------
+
+B1, B2, EPS, WD = 0.9, 0.999, 1e-8, 0.1
+
+
+def torch_adamw_reference(params, grads_seq, lrs):
+    """``torch.optim.AdamW.step`` (PyTorch 1.10's ``_functional.adamw``) restated in float64:
+    a parameter whose ``.grad`` is None is skipped (no count, no moments, no decay); the
+    others: step += 1, p *= 1 − lr·wd, m = b1·m + (1 − b1)·g, v = b2·v + (1 − b2)·g²,
+    p −= lr/(1 − b1^step) · m / (√v/√(1 − b2^step) + eps)."""
+    p = {k: np.asarray(v, np.float64).copy() for k, v in params.items()}
+    state = {}
+    for grads, lr in zip(grads_seq, lrs):
+        for k, g in grads.items():
+            if g is None:
+                continue
+            st = state.setdefault(k, {"step": 0, "m": np.zeros_like(p[k]),
+                                      "v": np.zeros_like(p[k])})
+            st["step"] += 1
+            p[k] *= 1 - lr * WD
+            st["m"] = B1 * st["m"] + (1 - B1) * g
+            st["v"] = B2 * st["v"] + (1 - B2) * g * g
+            denom = np.sqrt(st["v"]) / math.sqrt(1 - B2 ** st["step"]) + EPS
+            p[k] -= lr / (1 - B1 ** st["step"]) * st["m"] / denom
+    return p, {k: s["step"] for k, s in state.items()}
+
+
+def late_head_schedule(iterations=6, first_sub=3):
+    """The official per-width ViT loop: iterations before ``first_sub`` train the base width
+    only (one update); later ones base + 2 sub-widths (three updates). The body has a gradient
+    in every update; the head (``predictor_new``) first in the first sub-width update; after
+    that ``zero_grad()`` leaves it a zero tensor, so base updates give it a zero gradient.
+    Yields (iteration, head used by this update's loss)."""
+    for it in range(iterations):
+        yield it, False
+        if it >= first_sub:
+            yield it, True
+            yield it, True
+
+
+def late_head_run(count: str, seed: int = 0):
+    """Our AdamW (``count``) and the torch reference on the schedule above; returns both
+    parameter sets, the torch step counts and ours."""
+    rng = np.random.default_rng(seed)
+    params = {"body": rng.standard_normal((4, 3)).astype(np.float32),
+              "head": rng.standard_normal((3, 2)).astype(np.float32)}
+    tx, lr = optim.make_adamw(1e-2, 40, warmup_steps=2, weight_decay=WD, count=count)
+    state = tx.init(jax.tree.map(jnp.asarray, params))
+    update = jax.jit(tx.update)
+    p = jax.tree.map(jnp.asarray, params)
+    grads_seq, lrs, started = [], [], False
+    for it, head_used in late_head_schedule():
+        started = started or head_used
+        g = {"body": rng.standard_normal((4, 3)),
+             "head": rng.standard_normal((3, 2)) if head_used else np.zeros((3, 2))}
+        grads_seq.append({"body": g["body"], "head": g["head"] if started else None})
+        lrs.append(float(lr(it)))
+        flags = {"body": True, "head": started}  # the method's grad_flags
+        u, state = update(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), g), state, p,
+                          step=it, decay_mask=flags, active_mask=flags)
+        p = optax.apply_updates(p, u)
+    ref, steps = torch_adamw_reference(params, grads_seq, lrs)
+    return p, ref, steps, state
+
+
+def test_per_param_adamw_matches_torch_adamw_with_a_late_head():
+    p, ref, steps, state = late_head_run("per_param")
+    # 3 base-only iterations, then 3 of 3 updates; the head joins at update 5 (of 12).
+    assert steps == {"body": 12, "head": 8}
+    counts = state[0].count  # the chain's first part: scale_by_adam_per_param
+    assert (int(counts["body"]), int(counts["head"])) == (12, 8)
+    for k in ("body", "head"):
+        np.testing.assert_allclose(np.asarray(p[k]), ref[k], rtol=2e-6, atol=1e-6)
+
+
+def test_global_adam_count_is_not_torchs_for_a_late_head():
+    """optax's single count is the same for the body, but the head's late first updates
+    differ by far more than rounding (that is what ``count="per_param"`` fixes)."""
+    p, ref, _, _ = late_head_run("global")
+    np.testing.assert_allclose(np.asarray(p["body"]), ref["body"], rtol=2e-6, atol=1e-6)
+    assert np.max(np.abs(np.asarray(p["head"]) - ref["head"])) > 1e-3
+
+
+def test_first_update_of_a_late_parameter():
+    """One gradient after t0 global updates: PyTorch's first step is lr·g/(|g| + eps) (count
+    1); a global count t0 + 1 gives about (1 − b1)/√(1 − b2) = 3.16 times it at large t0."""
+    g = jnp.array([0.3, -2.0])
+    for count, t0, ratio in (("per_param", 1000, 1.0), ("global", 1000, 3.16),
+                             ("per_param", 0, 1.0), ("global", 0, 1.0)):
+        tx = optim.scale_by_adam_per_param() if count == "per_param" else optax.scale_by_adam()
+        tx = optax.with_extra_args_support(tx)
+        params = {"w": jnp.zeros(2)}
+        state = tx.init(params)
+        for _ in range(t0):  # updates in which the parameter has no gradient
+            _, state = tx.update({"w": jnp.zeros(2)}, state, params,
+                                 active_mask={"w": False})
+        u, _ = tx.update({"w": g}, state, params, active_mask={"w": True})
+        np.testing.assert_allclose(np.asarray(u["w"]) / np.sign(g), ratio, rtol=2e-3)
+
+
+def test_per_param_adam_skips_parameters_without_gradient_and_defaults_to_all():
+    tx = optax.with_extra_args_support(optim.scale_by_adam_per_param())
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    grads = {"a": jnp.ones(2), "b": jnp.full(3, 5.0)}
+    state = tx.init(params)
+    u, state = tx.update(grads, state, params, active_mask={"a": True, "b": False})
+    np.testing.assert_array_equal(np.asarray(u["b"]), 0.0)  # skipped: no update...
+    assert int(state.count["b"]) == 0 and float(jnp.abs(state.mu["b"]).sum()) == 0  # ...state
+    # Without a mask every parameter takes part: optax's scale_by_adam exactly.
+    ref = optax.scale_by_adam()
+    ours, theirs = tx.init(params), ref.init(params)
+    for _ in range(3):
+        u1, ours = tx.update(grads, ours, params)
+        u2, theirs = ref.update(grads, theirs, params)
+        for k in params:
+            np.testing.assert_allclose(np.asarray(u1[k]), np.asarray(u2[k]), rtol=1e-6)
+    # On device: a scalar bool array per leaf.
+    u, _ = jax.jit(tx.update)(grads, tx.init(params), params,
+                              active_mask={"a": jnp.asarray(False), "b": jnp.asarray(True)})
+    np.testing.assert_array_equal(np.asarray(u["a"]), 0.0)
+    assert float(jnp.abs(u["b"]).min()) > 0.5
+
+
+def test_per_param_adamw_matches_torch_itself():
+    """The same late-head run through ``torch.optim.AdamW`` (single-tensor path), with
+    ``zero_grad(set_to_none=False)`` as PyTorch 1.x's default."""
+    torch = pytest.importorskip("torch")
+    p, _, _, _ = late_head_run("per_param")
+    rng = np.random.default_rng(0)
+    params = {"body": rng.standard_normal((4, 3)).astype(np.float32),
+              "head": rng.standard_normal((3, 2)).astype(np.float32)}
+    tp = {k: torch.nn.Parameter(torch.tensor(v, dtype=torch.float64))
+          for k, v in params.items()}
+    opt = torch.optim.AdamW(list(tp.values()), lr=1.0, betas=(B1, B2), eps=EPS,
+                            weight_decay=WD, foreach=False)
+    _, lr = optim.make_adamw(1e-2, 40, warmup_steps=2, weight_decay=WD)
+    for it, head_used in late_head_schedule():
+        opt.zero_grad(set_to_none=False)
+        body_g = rng.standard_normal((4, 3))
+        head_g = rng.standard_normal((3, 2)) if head_used else None
+        tp["body"].grad = torch.tensor(body_g)
+        if head_g is not None:
+            tp["head"].grad = torch.tensor(head_g)
+        opt.param_groups[0]["lr"] = float(lr(it))
+        opt.step()
+    for k in ("body", "head"):
+        np.testing.assert_allclose(np.asarray(p[k]), tp[k].detach().numpy(), rtol=2e-6,
+                                   atol=1e-6)
+    assert int(opt.state[tp["head"]]["step"]) == 8
+
+
+def test_make_adamw_arguments():
+    with pytest.raises(ValueError, match="count='torch' is not one of"):
+        optim.make_adamw(1e-3, 10, count="torch")
+    with pytest.raises(ValueError, match="replaces AdamW's weight decay"):
+        optim.make_adamw(1e-3, 10, weight_decay=0.1, reg_lambda=0.05, steps_per_epoch=2)
+    with pytest.raises(ValueError, match="pass steps_per_epoch"):
+        optim.make_adamw(1e-3, 10, reg_lambda=0.05)
+
+
+# ------------------------------------------------------------------------------------------
+# The official ViT group regularizer (--group-regularizer) with AdamW
+# ------------------------------------------------------------------------------------------
+
+VIT_KW = dict(dim=20, depth=1, heads=2, patch_size=4, image_size=8)
+
+
+def official_vit_reg_grad(sd, lam, alpha, bins, warmup, total, epoch):
+    """The gradient of the official ``GroupRegularizer`` (main_moco_ofa_ddp.py) over a
+    torch-layout state dict, in float64: 2-D tensors (Linear weights (out, in)) get
+    lambda·(1 − a·i) on input group i (dim_in // bins columns each, the last group taking the
+    rest), every other tensor a uniform lambda; a = 0 before ``warmup``, then ramps linearly to
+    ``alpha`` at ``total // 2`` (cal_lambda); R = sum(mask·p²), so the gradient is 2·mask·p."""
+    def cal_lambda(i):
+        if epoch < warmup:
+            return lam
+        a, ramp = alpha, total // 2
+        if epoch < ramp:
+            a *= (epoch - warmup) / (ramp - warmup)
+        return lam * (1 - a * i)
+
+    out = {}
+    for name, p in sd.items():
+        p = np.asarray(p, np.float64)
+        mask = np.full(p.shape, lam)
+        if p.ndim == 2:
+            d_in = p.shape[1]
+            g = d_in // bins
+            for i in range(bins):
+                end = d_in if i == bins - 1 else (i + 1) * g
+                mask[:, i * g:end] = cal_lambda(i)
+        out[name] = 2 * mask * p
+    return out
+
+
+def test_vit_group_regularizer_matches_the_official_rule():
+    """Through the real ViT parameter tree (qkv stored (d, 3, heads, head_dim), Dense kernels
+    (in, out), a conv patch embedding, the class token): the term AdamW's chain adds before
+    Adam equals the official gradient in torch layout, before, during and after the alpha
+    ramp; d = 20 with 8 groups leaves a remainder for the last group, and a 6-wide Linear
+    (fewer inputs than groups) puts every input in the last group."""
+    from us3l_jax import models, torch_layout
+    lam, alpha, bins, warmup, total, spe = 0.05, 0.05, 8, 2, 8, 3
+    model = models.create("vit_tiny", **VIT_KW)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+    # Random values everywhere (the init has zero biases and equal LayerNorm scales).
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape)
+                                       for k, x in zip(keys, leaves)])
+    head = {"fc1": {"kernel": jax.random.normal(jax.random.key(2), (6, 20))}}
+    tx = optim.grouped_weight_decay(lam, alpha, bins, warmup=warmup, total=total,
+                                    steps_per_epoch=spe, group_axis=optim.linear_input_axis)
+    full = {"backbone": params, "head": head}
+    for epoch in (0, 2, 3, 5):
+        term = decay_terms(tx, full, step=epoch * spe)
+        torch_sd = torch_layout.to_torch_state_dict("vit_tiny", {"params": params}, **VIT_KW)
+        ours_sd = torch_layout.to_torch_state_dict("vit_tiny", {"params": term["backbone"]},
+                                                   **VIT_KW)
+        torch_sd.pop("pos_embed"), ours_sd.pop("pos_embed")  # fixed, not a parameter here
+        torch_sd["head.fc1.weight"] = np.asarray(head["fc1"]["kernel"]).T
+        ours_sd["head.fc1.weight"] = np.asarray(term["head"]["fc1"]["kernel"]).T
+        want = official_vit_reg_grad(torch_sd, lam, alpha, bins, warmup, total, epoch)
+        assert set(want) == set(ours_sd) and "blocks.0.attn.qkv.weight" in want
+        for name in want:
+            np.testing.assert_allclose(ours_sd[name], want[name], rtol=1e-6, atol=1e-9,
+                                       err_msg=f"{name} at epoch {epoch}")
+    # The CNN grouping of the same tree differs (it groups biases and norms on axis 0).
+    cnn = optim.grouped_weight_decay(lam, alpha, bins, warmup=warmup, total=total,
+                                     steps_per_epoch=spe)
+    other = decay_terms(cnn, full, step=5 * spe)["backbone"]["norm"]["scale"]
+    assert not np.allclose(other, decay_terms(tx, full, step=5 * spe)["backbone"]["norm"]
+                           ["scale"])
+
+
+def test_adamw_with_group_regularizer_is_l2_inside_adam():
+    """AdamW's weight decay is off and the group term 2·λ_i·p joins the gradient before Adam
+    (PyTorch: the regularizer is part of the loss), two updates against numpy's Adam on
+    g + 2·λ_i·p with 16 inputs in 8 groups of 2."""
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal((16, 3)).astype(np.float32)
+    grads = [rng.standard_normal((16, 3)).astype(np.float32) * 0.05 for _ in range(2)]
+    tx, lr = optim.make_adamw(1e-2, 12, reg_lambda=0.05, reg_alpha=0.05, reg_groups=8,
+                              reg_warmup_epochs=0, steps_per_epoch=2, count="per_param")
+    factors = np.repeat(1 - 0.05 * np.arange(8), 2)[:, None]  # epoch 4 >= 6 // 2: full alpha
+    params, state = {"fc": {"kernel": jnp.asarray(p0)}}, None
+    state = tx.init(params)
+    p, m, v = p0.astype(np.float64), 0.0, 0.0
+    for t, (g, step) in enumerate(zip(grads, (8, 9)), start=1):
+        u, state = tx.update({"fc": {"kernel": jnp.asarray(g)}}, state, params, step=step)
+        params = optax.apply_updates(params, u)
+        full = g + 2 * 0.05 * factors * p
+        m, v = B1 * m + (1 - B1) * full, B2 * v + (1 - B2) * full ** 2
+        p = p - float(lr(step)) * (m / (1 - B1 ** t)) / (np.sqrt(v / (1 - B2 ** t)) + EPS)
+    np.testing.assert_allclose(np.asarray(params["fc"]["kernel"]), p, rtol=1e-6, atol=1e-7)
+
+
+def test_vit_configs_build_torchs_adamw_and_the_vit_regularizer():
+    """Every Table 3 row counts Adam's steps per parameter; ``group_reg`` builds the official
+    ViT regularizer (Linear kernels grouped by input, AdamW's decay off)."""
+    from us3l_jax import build
+    from tests.helpers import load_config_module
+    module = load_config_module("configs/vit_cifar10.py")
+    for arg in ("tiny,us3l", "small,us_mocov3", "tiny,mocov3@0.5"):
+        c = module.get_config(arg)
+        assert (c.optim.adam_count, c.optim.reg_lambda) == ("per_param", 0.0)
+        tx, _ = build.optimizer(c, steps_per_epoch=2)
+        params = {"backbone": {"norm": {"scale": jnp.ones(3)}}}
+        assert isinstance(tx.init(params).inner_states["trained"].inner_state[0],
+                          optim.AdamPerParamState)
+    c = module.get_config("tiny,us3l,group_reg")
+    assert (c.optim.weight_decay, c.optim.reg_lambda, c.optim.reg_alpha,
+            c.optim.reg_warmup_epochs, c.method.decay_rule) == (0.0, 0.05, 0.05, 100,
+                                                                "group_reg")
+    spe = 2
+    tx, _ = build.optimizer(c, steps_per_epoch=spe)
+    rng = np.random.default_rng(4)
+    params = {"backbone": {"blocks_0": {"mlp": {"fc1": {"kernel": jnp.asarray(
+        rng.standard_normal((16, 4)), jnp.float32)}}}}}
+    grads = jax.tree.map(lambda p: 0.01 * jnp.ones_like(p), params)
+
+    def two_updates(tx):
+        state, p = tx.init(params), params
+        for step in (200 * spe, 200 * spe + 1):  # alpha fully ramped
+            u, state = tx.update(grads, state, p, step=step)
+            p = optax.apply_updates(p, u)
+        return np.asarray(p["backbone"]["blocks_0"]["mlp"]["fc1"]["kernel"])
+
+    kw = dict(warmup_steps=40 * spe, reg_lambda=0.05, reg_alpha=0.05, reg_warmup_epochs=100,
+              steps_per_epoch=spe, count="per_param")
+    total = c.optim.epochs * spe
+    want = two_updates(optim.make_adamw(c.optim.lr, total, **kw)[0])
+    np.testing.assert_allclose(two_updates(tx), want, rtol=1e-6)
+    cnn = optim.make_adamw(c.optim.lr, total, group_axis=optim.output_channel_axis, **kw)[0]
+    assert np.max(np.abs(two_updates(cnn) - want)) > 1e-5  # a Dense kernel is uniform there

@@ -128,12 +128,17 @@ def optimizer(config: Config, steps_per_epoch: int
 def _optimizer(config: Config, steps_per_epoch: int):
     o = config.optim
     if o.optimizer == "adamw":  # MoCo v3: per-iteration schedule, decoupled weight decay
-        if o.reg_lambda:
-            raise ValueError(f"optim.optimizer='adamw' uses optim.weight_decay; set "
-                             f"optim.reg_lambda=0 (got {o.reg_lambda})")
+        # optim.reg_lambda: the official ViT --group-regularizer (Linear weights grouped by
+        # input feature), which replaces the weight decay.
+        vit = config.model.name.startswith("vit")
         return optim.make_adamw(o.lr, o.epochs * steps_per_epoch,
                                 warmup_steps=o.warmup_epochs * steps_per_epoch,
-                                weight_decay=o.weight_decay)
+                                weight_decay=o.weight_decay, count=o.adam_count,
+                                reg_lambda=o.reg_lambda, reg_alpha=o.reg_alpha,
+                                reg_groups=o.reg_groups, reg_warmup_epochs=o.reg_warmup_epochs,
+                                steps_per_epoch=steps_per_epoch, reg_rule=o.reg_rule,
+                                group_axis=optim.GROUPINGS["linear_inputs" if vit
+                                                           else "output_channels"])
     if o.optimizer != "sgd":
         raise ValueError(f"optim.optimizer={o.optimizer!r} is not one of ('sgd', 'adamw')")
     if o.weight_decay:

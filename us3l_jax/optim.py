@@ -1,5 +1,6 @@
-"""Grouped weight decay (paper §3.2.3) and the SGD/LARS optimizer; where the official code
-differs from the paper: docs/fidelity.md, "Group regularization" and "Weight decay".
+"""Grouped weight decay (paper §3.2.3), the SGD/LARS optimizer and AdamW; where the official
+code differs from the paper: docs/fidelity.md, "Group regularization", "Weight decay" and
+"Vision Transformers and MoCo v3".
 
 Group regularization gives the trailing channels of a layer — used only by wide sub-networks —
 a smaller L2 coefficient: channel group i of G gets λ_i = λ·(1 − α_t·i). The official code adds
@@ -102,6 +103,33 @@ def default_group_axis(shape: tuple[int, ...]) -> int | None:
     return None
 
 
+def output_channel_axis(path: tuple[str, ...], shape: tuple[int, ...]) -> int | None:
+    """The CNN grouping (``GroupReg.py``) as a ``group_axis``: ``default_group_axis(shape)``."""
+    del path
+    return default_group_axis(shape)
+
+
+def linear_input_axis(path: tuple[str, ...], shape: tuple[int, ...]) -> int | None:
+    """The official ViT ``--group-regularizer`` grouping as a ``group_axis``: every PyTorch
+    ``nn.Linear`` weight (the only 2-D tensors there) is grouped along its input features,
+    the side a ViT sub-network slices; every other tensor gets a uniform λ.
+
+    In Flax layouts a Linear weight is a ``kernel`` stored (in, out), so its input is axis 0;
+    the ViT's qkv kernel is stored (d, 3, heads, head_dim) (torch's (3d, d) weight) and is
+    grouped on axis 0 too. The 4-D patch-embedding kernel is a conv (uniform in the official
+    code as well), biases, norms and the class token are uniform.
+    """
+    if not path or path[-1] != "kernel":
+        return None
+    if len(shape) == 2 or (len(shape) == 4 and path[-2:] == ("qkv", "kernel")):
+        return 0
+    return None
+
+
+GROUPINGS: dict[str, Callable[[tuple[str, ...], tuple[int, ...]], int | None]] = {
+    "output_channels": output_channel_axis, "linear_inputs": linear_input_axis}
+
+
 # ------------------------------------------------------------------------------------------
 # Transforms
 # ------------------------------------------------------------------------------------------
@@ -129,6 +157,11 @@ def _resolve_mask(mask: MaskOrFn, params: PyTree) -> PyTree:
     return mask(params) if callable(mask) else mask
 
 
+def _keys(path) -> tuple[str, ...]:
+    """A pytree path as its dict keys (``('backbone', 'blocks_0', ...)``)."""
+    return tuple(str(getattr(k, "key", k)) for k in path)
+
+
 def _check_units(steps_per_epoch: int | None) -> int | None:
     return None if steps_per_epoch is None else _check_positive_int(
         "steps_per_epoch", steps_per_epoch)
@@ -144,7 +177,7 @@ def grouped_weight_decay(
     steps_per_epoch: int | None = None,
     mask: MaskOrFn = None,
     rule: str = "official",
-    group_axis: Callable[[tuple[int, ...]], int | None] = default_group_axis,
+    group_axis: Callable[[tuple[str, ...], tuple[int, ...]], int | None] = output_channel_axis,
 ) -> optax.GradientTransformationExtraArgs:
     """Adds the gradient of the group regularizer, 2·λ_i·p, to the updates.
 
@@ -160,7 +193,9 @@ def grouped_weight_decay(
         also takes ``decay_mask=`` to override it for one call (e.g. to leave the auxiliary
         head out at width 1.0, as the official code does).
       rule: "official" or "paper" channel grouping (``group_indices``).
-      group_axis: which axis of a parameter of a given shape is grouped (None = uniform λ).
+      group_axis: which axis of a parameter is grouped (None = uniform λ), from its path
+        (the dict keys leading to it) and shape: ``output_channel_axis`` (CNNs, default) or
+        ``linear_input_axis`` (the official ViT regularizer); ``GROUPINGS`` names both.
 
     ``update(updates, state, params, step=None, decay_mask=None)``: ``step`` is the training
     iteration (defaults to this transform's update count).
@@ -181,10 +216,10 @@ def grouped_weight_decay(
                                  warmup, total)
         masks = _resolve_mask(mask if decay_mask is None else decay_mask, params)
 
-        def decay(u, p, m):
+        def decay(path, u, p, m):
             if isinstance(m, (bool, np.bool_)) and not m:
                 return u
-            axis = group_axis(p.shape) if alpha != 0 else None
+            axis = group_axis(_keys(path), p.shape) if alpha != 0 else None
             if axis is None:
                 coef = jnp.asarray(2.0 * lam, jnp.float32)
             else:
@@ -197,7 +232,7 @@ def grouped_weight_decay(
                 term = jnp.where(m, term, 0.0)
             return u + term.astype(u.dtype)
 
-        new = jax.tree.map(decay, updates, params, masks)
+        new = jax.tree_util.tree_map_with_path(decay, updates, params, masks)
         return new, CountState(count=optax.safe_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(_init_count, update_fn)
@@ -312,6 +347,66 @@ def make_optimizer(
     return optax.chain(*parts), schedule
 
 
+ADAM_COUNTS = ("global", "per_param")
+
+
+class AdamPerParamState(NamedTuple):
+    """Adam's state with PyTorch's bookkeeping: ``count`` holds, per parameter (leaf), the
+    number of updates it has taken part in (torch's ``state['step']``); 0 = not yet."""
+    count: PyTree
+    mu: PyTree
+    nu: PyTree
+
+
+def scale_by_adam_per_param(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                            ) -> optax.GradientTransformationExtraArgs:
+    """``optax.scale_by_adam`` with one step count per parameter, as ``torch.optim.AdamW``.
+
+    PyTorch skips a parameter whose ``.grad`` is None: no step count, no moment update, no
+    decay. A parameter's ``.grad`` is None until a loss first reaches it; after that
+    ``zero_grad()`` (``set_to_none=False``, the default of PyTorch 1.x, which the official code
+    pins at 1.10) leaves a zero tensor, so it takes part in every later step, with a zero
+    gradient when the step's loss does not reach it. optax instead counts every update for
+    every parameter, so a parameter first reached late (US3L's auxiliary head) gets its first
+    bias corrections at a large count: a first update about (1 − b1)/√(1 − b2) ≈ 3.2 times
+    PyTorch's, decaying back over thousands of updates.
+
+    ``update(updates, state, params=None, *, active_mask=None)``: ``active_mask`` (a pytree
+    like the parameters of Python bools or scalar bool arrays; default all True) marks the
+    parameters whose gradient this update's loss defines. A parameter is stepped when it is
+    marked now or has been stepped before (count > 0), as PyTorch's. The moments are those of
+    ``optax.scale_by_adam`` (same helpers), the update (m/(1 − b1^t)) / (√(v/(1 − b2^t)) + eps)
+    with t the parameter's own count: PyTorch's m/(1 − b1^t) / (√v/√(1 − b2^t) + eps).
+    """
+
+    def init_fn(params):
+        return AdamPerParamState(count=jax.tree.map(lambda _: jnp.zeros([], jnp.int32), params),
+                                 mu=optax.tree.zeros_like(params),
+                                 nu=optax.tree.zeros_like(params))
+
+    def update_fn(updates, state, params=None, *, active_mask=None, **extra):
+        del params, extra
+        marked = _resolve_mask(active_mask, updates)
+        on = jax.tree.map(lambda c, a: jnp.logical_or(c > 0, a), state.count, marked)
+        count = jax.tree.map(lambda c, o: jnp.where(o, optax.safe_increment(c), c),
+                             state.count, on)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+
+        def step(m, v, t, o, m0, v0):
+            t = jnp.maximum(t, 1)  # a parameter never stepped: its (unused) update stays finite
+            m_hat = optax.tree.bias_correction(m, b1, t)
+            v_hat = optax.tree.bias_correction(v, b2, t)
+            u = m_hat / (jnp.sqrt(v_hat) + eps)
+            return jnp.where(o, u, 0.0).astype(m.dtype), jnp.where(o, m, m0), jnp.where(o, v, v0)
+
+        out = jax.tree.map(step, mu, nu, count, on, state.mu, state.nu)
+        pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)
+        return pick(0), AdamPerParamState(count=count, mu=pick(1), nu=pick(2))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def make_adamw(
     base_lr: float,
     total_steps: int,
@@ -322,12 +417,31 @@ def make_adamw(
     b2: float = 0.999,
     eps: float = 1e-8,
     decay_mask: MaskOrFn = None,
+    count: str = "global",
+    reg_lambda: float = 0.0,
+    reg_alpha: float = 0.0,
+    reg_groups: int = 8,
+    reg_warmup_epochs: int = 0,
+    steps_per_epoch: int | None = None,
+    reg_rule: str = "official",
+    group_axis: Callable[[tuple[str, ...], tuple[int, ...]], int | None] = linear_input_axis,
 ) -> tuple[optax.GradientTransformationExtraArgs, Schedule]:
     """AdamW as ``torch.optim.AdamW`` (decoupled decay: p ← p − lr·(adam + wd·p)) with MoCo
     v3's per-iteration schedule: linear warm-up from 0 over ``warmup_steps``, then cosine to 0
     at ``total_steps``. ``tx.update`` takes ``step=`` (schedule time) and ``decay_mask=`` like
     ``make_optimizer``. Adam's moments and bias correction count updates, as PyTorch's do
-    (several per iteration in the per-width mode)."""
+    (several per iteration in the per-width mode).
+
+    ``count``: ``"global"`` (``optax.scale_by_adam``: one count for all parameters, advanced by
+    every update) or ``"per_param"`` (``scale_by_adam_per_param``: PyTorch's count per
+    parameter from its first gradient; ``tx.update`` then reads ``active_mask=``).
+
+    ``reg_lambda`` > 0 adds the official ViT ``--group-regularizer`` term R = Σ λ_i·p² to the
+    loss, i.e. 2·λ_i·p to the gradient before Adam (``grouped_weight_decay`` with
+    ``group_axis``, default ``linear_input_axis``; α ramp in epochs of ``steps_per_epoch``
+    iterations, which it then needs). The official code sets AdamW's own weight decay to 0
+    then, so ``weight_decay`` must be 0 with it; ``decay_mask=`` applies to whichever is on.
+    """
     total_steps = _check_positive_int("total_steps", total_steps)
     if isinstance(warmup_steps, bool) or not 0 <= warmup_steps < total_steps:
         raise ValueError(f"warmup_steps must be an integer in [0, {total_steps}), got "
@@ -336,9 +450,26 @@ def make_adamw(
         raise ValueError(f"base learning rate must be > 0, got {base_lr!r}")
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if count not in ADAM_COUNTS:
+        raise ValueError(f"count={count!r} is not one of {ADAM_COUNTS}")
+    if reg_lambda and weight_decay:
+        raise ValueError(f"reg_lambda={reg_lambda} (group regularization) replaces AdamW's "
+                         f"weight decay, as in the official code: set weight_decay=0, or "
+                         f"reg_lambda=0 to keep the decay (got weight_decay={weight_decay})")
     schedule = optax.warmup_cosine_decay_schedule(0.0, base_lr, int(warmup_steps),
                                                   total_steps, end_value=0.0)
-    parts = [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    parts = []
+    if reg_lambda:
+        spe = _check_units(steps_per_epoch)
+        if spe is None:
+            raise ValueError("group regularization with AdamW ramps alpha per epoch: pass "
+                             "steps_per_epoch")
+        parts.append(grouped_weight_decay(
+            reg_lambda, reg_alpha, reg_groups, warmup=reg_warmup_epochs,
+            total=max(total_steps // spe, 1), steps_per_epoch=spe, mask=decay_mask,
+            rule=reg_rule, group_axis=group_axis))
+    parts.append(scale_by_adam_per_param(b1, b2, eps) if count == "per_param"
+                 else optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
     if weight_decay:
         # grouped_weight_decay with alpha 0 adds 2·lam·p = wd·p and honours decay_mask=.
         parts.append(grouped_weight_decay(weight_decay / 2.0, 0.0, total=total_steps,
@@ -362,7 +493,7 @@ def freeze(tx: optax.GradientTransformation,
 
     def labels(params):
         def label(path, _):
-            keys = tuple(getattr(k, "key", k) for k in path)
+            keys = _keys(path)
             return "frozen" if any(keys[:len(p)] == p for p in prefixes) else "trained"
         return jax.tree_util.tree_map_with_path(label, params)
 

@@ -7,7 +7,8 @@ network's, the rest are sub-networks):
 2. ``base``: the method's teacher step (the EMA update, from the parameters at the start of
    the iteration), the base network's loss and gradients, and the targets of the
    sub-networks;
-3. ``sub``: every sub-network's loss against the targets;
+3. ``sub``: every sub-network's loss against the targets (preceded, for a method with
+   ``teacher_per_width``, by another teacher step from the parameters that sub-network sees);
 4. the update. ``accumulate`` (paper) makes one update per iteration with the summed
    gradients (``apply``); ``per_width`` (official code) updates after each width
    (``base_update`` / ``sub_update``), later widths seeing the already-updated parameters,
@@ -107,11 +108,24 @@ def base_grads(params, teacher, queue, constants, step, batch, **kw):
     return _base(params, teacher, queue, constants, step, batch, **kw)
 
 
-def sub_grads(params, partial, total, targets, batch, *, method: Method, **kw):
-    """accumulate mode: adds the sub-network's partial gradients (no communication);
-    returns (partial, running sums, this width's unweighted loss)."""
+def _sub_teacher(method: Method, params, teacher, step):
+    """The teacher step a sub-network's forward takes (``teacher_per_width``), else none."""
+    if not method.teacher_per_width or method.teacher_step is None:
+        return teacher
+    return method.teacher_step(params, teacher, step)[0]
+
+
+def _active(method: Method, sub: bool, step, first_sub_step: int | None):
+    return None if method.active is None else method.active(sub, step, first_sub_step)
+
+
+def sub_grads(params, teacher, step, partial, total, targets, batch, *, method: Method, **kw):
+    """accumulate mode: the sub-network's teacher step (if per width; every width sees the
+    iteration's start parameters here) and its partial gradients added (no communication);
+    returns (teacher, partial, running sums, this width's unweighted loss)."""
+    teacher = _sub_teacher(method, params, teacher, step)
     g, m = _sub(params, targets, batch, method=method, **kw)
-    return jax.tree.map(jnp.add, partial, g), _add(method, total, m), m["raw"]
+    return teacher, jax.tree.map(jnp.add, partial, g), _add(method, total, m), m["raw"]
 
 
 def apply_update(state: TrainState, partial, targets, *, method: Method, tx, sub: bool,
@@ -120,7 +134,8 @@ def apply_update(state: TrainState, partial, targets, *, method: Method, tx, sub
     ``after_step`` and counts the iteration."""
     step = state.step
     state, gn = grads_lib.update(state, grads_lib.sum_partials(partial), tx,
-                                 method.decay(sub, step, first_sub_step))
+                                 method.decay(sub, step, first_sub_step),
+                                 _active(method, sub, step, first_sub_step))
     state = _after(method, state, targets)
     return state.replace(step=step + 1), {"grad_norm": gn, **_lr(lr_schedule, step)}
 
@@ -130,18 +145,25 @@ def base_update(state: TrainState, constants, batch, *, tx, lr_schedule,
     """per_width mode: teacher step, the base network and its own update."""
     teacher, partial, targets, metrics, total = _base(
         state.params, state.ema_params, state.queue, constants, state.step, batch, **kw)
+    method = kw["method"]
     state, gn = grads_lib.update(state.replace(ema_params=teacher),
                                  grads_lib.sum_partials(partial), tx,
-                                 kw["method"].decay(False, state.step, first_sub_step))
+                                 method.decay(False, state.step, first_sub_step),
+                                 _active(method, False, state.step, first_sub_step))
     return state, targets, {**metrics, "grad_norm": gn, **_lr(lr_schedule, state.step)}, total
 
 
 def sub_update(state: TrainState, total, targets, batch, *, tx, method: Method,
                first_sub_step: int | None, **kw):
-    """per_width mode: one sub-network and its own update (one reduction per update)."""
+    """per_width mode: one sub-network (after its teacher step, if per width, from the
+    parameters the earlier widths' updates left) and its own update (one reduction per
+    update)."""
+    state = state.replace(ema_params=_sub_teacher(method, state.params, state.ema_params,
+                                                  state.step))
     g, m = _sub(state.params, targets, batch, method=method, **kw)
     state, gn = grads_lib.update(state, grads_lib.sum_partials(g), tx,
-                                 method.decay(True, state.step, first_sub_step))
+                                 method.decay(True, state.step, first_sub_step),
+                                 _active(method, True, state.step, first_sub_step))
     return state, _add(method, total, m), m["raw"], gn
 
 
@@ -255,7 +277,7 @@ class Engine:
                        (r, r, r, r, r, b), (r, g, b, r, r), donate=(1,))
         if kind == "sub":
             return jit(functools.partial(sub_grads, width=width, **s),
-                       (r, g, r, b, b), (g, r, r), donate=(1,))
+                       (r, r, r, g, r, b, b), (r, g, r, r), donate=(1, 3))
         if kind == "apply":
             return jit(functools.partial(apply_update, method=m, sub=bool(sub),
                                          lr_schedule=self.lr_schedule, **upd),
@@ -306,8 +328,9 @@ class Engine:
                 state.step, batch, width=base_w)
             metrics.update(out)
             for i, w in enumerate(subs):
-                partial, total, metrics[f"loss/sub{i}"] = prog(
-                    "sub", state.params, partial, total, targets, batch, width=w)
+                teacher, partial, total, metrics[f"loss/sub{i}"] = prog(
+                    "sub", state.params, teacher, state.step, partial, total, targets, batch,
+                    width=w)
             # The base program consumed (donated) the old teacher; hand over the new one.
             state, out = prog("apply", state.replace(ema_params=teacher), partial, targets,
                               sub=bool(subs))

@@ -68,16 +68,23 @@ def sum_partials(partial):
     return jax.tree.map(lambda g: jnp.sum(g, axis=0), partial)
 
 
+def _leaf_mask(params: dict, flags: dict[str, Any]) -> dict:
+    """Per-group flags as a mask shaped like the parameters (absent groups: False)."""
+    return {k: jax.tree.map(lambda _, on=flags.get(k, False): on, v) for k, v in params.items()}
+
+
 def update(state: TrainState, grads, tx: optax.GradientTransformation,
-           flags: dict[str, Any]) -> tuple[TrainState, jax.Array]:
+           flags: dict[str, Any], active: dict[str, Any] | None = None
+           ) -> tuple[TrainState, jax.Array]:
     """One optimizer update at iteration ``state.step``, decaying the groups ``flags`` marks.
     Groups left out (e.g. the auxiliary head while only the base width trains) get only
-    their zero gradient, so an unused head stays untouched until first used. Returns the
-    state and the gradient's global norm."""
+    their zero gradient, so an unused head stays untouched until first used. ``active``
+    (per group, the method's ``active``) reaches the optimizer as ``active_mask=``: the
+    groups that have a gradient in PyTorch's sense, which a per-parameter Adam count steps.
+    Returns the state and the gradient's global norm."""
     chex.assert_trees_all_equal_shapes(grads, state.params)
-    decay_mask = {k: jax.tree.map(lambda _, on=flags.get(k, False): on, v)
-                  for k, v in state.params.items()}
+    extra = {} if active is None else {"active_mask": _leaf_mask(state.params, active)}
     updates, opt_state = tx.update(grads, state.opt_state, state.params, step=state.step,
-                                   decay_mask=decay_mask)
+                                   decay_mask=_leaf_mask(state.params, flags), **extra)
     return (state.replace(params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state), optax.tree.norm(grads))

@@ -9,7 +9,9 @@ one-all-reduce path. A method only says what to compute, as functions of arrays:
 * ``views(key, images, labels)``: the batch every program of an iteration reads (a tuple of
   per-example arrays: two augmented views, or one view and its labels);
 * ``teacher_step(params, teacher, step)``: before the loss, once per iteration (the EMA step
-  of a momentum teacher); returns the new teacher and metrics;
+  of a momentum teacher); returns the new teacher and metrics. With ``teacher_per_width``
+  also before every sub-network's loss, from the parameters that sub-network sees (the
+  official US+MoCo v3, whose every width's forward takes an EMA step);
 * ``base_loss(params, context, batch, width)``: the base network's loss and, as aux,
   (targets, metrics). The targets (a NamedTuple or array of per-example values) are what the
   sub-networks learn from, and what ``after_step`` reads;
@@ -18,6 +20,9 @@ one-all-reduce path. A method only says what to compute, as functions of arrays:
   single-width methods;
 * ``after_step(queue, targets)``: after the iteration's updates (MoCo/SEED's enqueue);
 * ``decay(sub, step, first_sub_step)``: which top-level parameter groups an update decays;
+* ``active(sub, step, first_sub_step)``: which groups have a gradient in an update, as
+  PyTorch sees it (a loss has reached them in this update or an earlier one), for an
+  optimizer that skips the others (``optim.scale_by_adam_per_param``); None: all, always;
 * ``config_key(width)``: the channel configuration of a width (programs are shared between
   widths with the same one).
 """
@@ -50,6 +55,8 @@ class Method(NamedTuple):
     sub_loss: Callable[..., tuple[jax.Array, Metrics]] | None = None
     teacher_step: Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, Metrics]] | None = None
     after_step: Callable[[PyTree, Any], PyTree] | None = None
+    active: Callable[[bool, jax.Array, int | None], dict[str, Any]] | None = None
+    teacher_per_width: bool = False
     constants: PyTree = None
     sub_sums: tuple[str, ...] = ()
     needs_labels: bool = False

@@ -16,7 +16,10 @@ head. The switches turn it into each row of Table 7, including the plain slimmab
 * ``feature_distill``: the official ResNet-50 configs' intermediate-feature MSE, weighted
   by ``feature_distill_weight`` (docs/fidelity.md);
 * ``decay_rule``: ``group_reg`` or ``weight_decay`` (which groups an update decays,
-  docs/fidelity.md "Weight decay").
+  docs/fidelity.md "Weight decay");
+* ``ema_updates``: ``iteration`` (one EMA step of the teacher per iteration, before the base
+  network's loss) or ``width`` (one more before every sub-network's loss, from the parameters
+  it sees: the official US+MoCo v3; docs/fidelity.md "Vision Transformers and MoCo v3").
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ DISTILL_LOSSES = ("none", "mse", "infonce", "mocov3")
 AUX_HEADS = ("none", "shared", "new")
 AUX_HEAD_INITS = ("independent", "copy")
 DECAY_RULES = ("group_reg", "weight_decay")
+EMA_UPDATES = ("iteration", "width")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Config:
     group_size: int | None = None
     ema_momentum: float = 0.99
     ema_schedule: str = "constant"
+    ema_updates: str = "iteration"
     decay_rule: str = "group_reg"
     aux_head_init: str = "independent"  # the ViT code's ``copy`` of the predictor into g
     feature_distill: bool = False
@@ -61,7 +66,8 @@ class Config:
     def __post_init__(self):
         for name, allowed in [("base_loss", BASE_LOSSES), ("distill_loss", DISTILL_LOSSES),
                               ("aux_head", AUX_HEADS), ("aux_head_init", AUX_HEAD_INITS),
-                              ("decay_rule", DECAY_RULES), ("ema_schedule", ema.EMA_SCHEDULES)]:
+                              ("decay_rule", DECAY_RULES), ("ema_schedule", ema.EMA_SCHEDULES),
+                              ("ema_updates", EMA_UPDATES)]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
         if not self.tau > 0:
@@ -81,6 +87,9 @@ class Config:
             raise ValueError("aux_head_init='copy' copies the predictor into the new head: it "
                              "needs aux_head='new' and a base loss with a predictor ('mse' or "
                              "'mocov3')")
+        if self.ema_updates == "width" and not self.uses_teacher:
+            raise ValueError("ema_updates='width' steps the momentum teacher at every width; "
+                             "it needs momentum_base or momentum_sub")
         if self.feature_distill and not self.uses_teacher:
             raise ValueError("feature_distill distils the momentum teacher's features; it "
                              "needs momentum_base or momentum_sub")
@@ -118,18 +127,37 @@ class Config:
         decays in every update once they have had a gradient. Empty for ``group_reg``."""
         if self.decay_rule != "weight_decay":
             return frozenset()
-        return self.param_groups() - self.decay_groups(sub=False)
+        return self._late_groups()
 
-    def decay_flags(self, sub: bool, step: jax.Array, first_sub_step: int | None) -> dict:
-        """Per group: decayed by this update? Late groups are decayed by base-only updates
-        after iteration ``first_sub_step`` (the first that trained sub-networks; None: never),
-        read on device so it costs no extra program."""
-        flags: dict[str, Any] = {k: True for k in self.decay_groups(sub)}
-        late = frozenset() if sub else self.late_decay_groups()
+    def _late_groups(self) -> frozenset[str]:
+        """Groups the base network's loss never reaches (the auxiliary head)."""
+        return self.param_groups() - dataclasses.replace(
+            self, decay_rule="weight_decay").decay_groups(sub=False)
+
+    def grad_flags(self, sub: bool, step: jax.Array, first_sub_step: int | None) -> dict:
+        """Per group: does it have a gradient in this update, as PyTorch sees it? Every group
+        a loss has reached so far: in base-only updates the base network's groups, and the
+        late groups after iteration ``first_sub_step`` (the first that trained sub-networks;
+        None: never); in updates that train sub-networks every group. Read on device, so it
+        costs no extra program. It is the ``weight_decay`` rule's decay (PyTorch decays
+        exactly the parameters that have a gradient) and what AdamW's per-parameter count
+        (``optim.scale_by_adam_per_param``) steps."""
+        if sub:
+            return {k: True for k in self.param_groups()}
+        plain = dataclasses.replace(self, decay_rule="weight_decay")
+        flags: dict[str, Any] = {k: True for k in plain.decay_groups(sub=False)}
+        late = self._late_groups()
         if late:
             used = jnp.asarray(False) if first_sub_step is None else step > first_sub_step
             flags.update({k: used for k in late})
         return flags
+
+    def decay_flags(self, sub: bool, step: jax.Array, first_sub_step: int | None) -> dict:
+        """Per group: decayed by this update? ``weight_decay``: the groups with a gradient
+        (``grad_flags``); ``group_reg``: the regularizer's groups (``decay_groups``)."""
+        if self.decay_rule == "weight_decay":
+            return self.grad_flags(sub, step, first_sub_step)
+        return {k: True for k in self.decay_groups(sub)}
 
 
 class Targets(NamedTuple):
@@ -229,6 +257,8 @@ def make(cfg: Config, model: SSLModel, views_fn, *, total_steps: int,
 
     return Method(init=init, views=lambda key, images, labels: views_fn(key, images),
                   base_loss=base_loss, sub_loss=sub_loss, teacher_step=teacher_step,
-                  decay=cfg.decay_flags, config_key=model.backbone.channel_config,
+                  decay=cfg.decay_flags, active=cfg.grad_flags,
+                  teacher_per_width=cfg.ema_updates == "width",
+                  config_key=model.backbone.channel_config,
                   dtype=model.dtype, sub_sums=("loss/feature",) if features else (),
                   name="us3l")
