@@ -579,7 +579,9 @@ def interrupt_cases(m: Matrix) -> None:
 def config_cases(m: Matrix) -> None:
     refusals = [("lr changed", ["--config.optim.lr=0.1"]),
                 ("model changed (base_width 32)", ["--config.model.base_width=32"]),
-                ("width range changed", ["--config.sampler.width_range=(0.5,1.0)"]),
+                ("width range changed", ["--config.sampler.width_range=(0.5,1.0)",
+                                         "--config.eval.sweep_widths=(1.0,0.5)",
+                                         "--config.eval.online_widths=(1.0,0.5)"]),
                 ("another variant (configs/demo.py)", None)]
     for name, flags in refusals:
         if not m.want(name):
