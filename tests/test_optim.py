@@ -446,11 +446,17 @@ def test_global_adam_count_is_not_torchs_for_a_late_head():
 
 
 def test_first_update_of_a_late_parameter():
-    """One gradient after t0 global updates: PyTorch's first step is lr·g/(|g| + eps) (count
-    1); a global count t0 + 1 gives about (1 − b1)/√(1 − b2) = 3.16 times it at large t0."""
+    """One gradient after t0 updates without one: PyTorch's first step is g/(|g| + eps)
+    (count 1); optax's global count t = t0 + 1 gives (1 − b1)/(1 − b1^t) / √((1 − b2)/(1 − b2^t))
+    times it: 2.5 at t0 = 1000, (1 − b1)/√(1 − b2) = 3.16 at the ~7,300 base-only updates
+    before epoch 75 of the official ViT runs (97 iterations per epoch)."""
     g = jnp.array([0.3, -2.0])
-    for count, t0, ratio in (("per_param", 1000, 1.0), ("global", 1000, 3.16),
-                             ("per_param", 0, 1.0), ("global", 0, 1.0)):
+
+    def global_ratio(t):
+        return (1 - B1) / (1 - B1 ** t) / math.sqrt((1 - B2) / (1 - B2 ** t))
+
+    assert global_ratio(7276) == pytest.approx(3.16, abs=0.01)
+    for count, t0 in (("per_param", 1000), ("global", 1000), ("per_param", 0), ("global", 0)):
         tx = optim.scale_by_adam_per_param() if count == "per_param" else optax.scale_by_adam()
         tx = optax.with_extra_args_support(tx)
         params = {"w": jnp.zeros(2)}
@@ -459,7 +465,8 @@ def test_first_update_of_a_late_parameter():
             _, state = tx.update({"w": jnp.zeros(2)}, state, params,
                                  active_mask={"w": False})
         u, _ = tx.update({"w": g}, state, params, active_mask={"w": True})
-        np.testing.assert_allclose(np.asarray(u["w"]) / np.sign(g), ratio, rtol=2e-3)
+        want = global_ratio(t0 + 1) if count == "global" else 1.0
+        np.testing.assert_allclose(np.asarray(u["w"]) / np.sign(g), want, rtol=2e-5)
 
 
 def test_per_param_adam_skips_parameters_without_gradient_and_defaults_to_all():
