@@ -81,9 +81,10 @@ def leaves_equal(a, b) -> bool:
 
 
 def run_main(config: str, workdir: str, *flags: str, wait: bool = True, timeout: int = 600,
-             module: str = "us3l_jax.main", env: dict | None = None):
-    """Runs ``python -m us3l_jax.main`` as a user would; stdout and stderr merged."""
-    cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}",
+             module: str = "us3l_jax.main", env: dict | None = None, prefix: tuple = ()):
+    """Runs ``python -m us3l_jax.main`` as a user would; stdout and stderr merged. ``prefix``
+    goes before the interpreter (e.g. ``setpriv ... --``)."""
+    cmd = [*prefix, sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}",
            f"--config.train.compilation_cache_dir={CACHE}", *flags]
     full_env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=xla_flags())
     full_env.update(env or {})

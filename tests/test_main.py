@@ -331,6 +331,41 @@ def test_workdir_deleted_mid_run_exits_4_with_one_line(tmp_path):
     assert not os.path.exists(workdir)
 
 
+def _without_permission_override() -> tuple:
+    """A command prefix under which file permissions bite (root ignores them)."""
+    import shutil
+    if os.geteuid() != 0:
+        return ()
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: permissions cannot be made to bite")
+    caps = "-dac_override,-dac_read_search,-fowner"
+    return ("setpriv", f"--bounding-set={caps}", f"--inh-caps={caps}", "--")
+
+
+@pytest.mark.slow
+def test_a_save_into_an_unwritable_checkpoints_folder_exits_4_at_once(tmp_path):
+    """The failed save is reported in one line with the fix, and the process exits (orbax's
+    signalling threads of the failed save would otherwise keep it alive for ever)."""
+    workdir = str(tmp_path / "run")
+    flags = ("--config.train.checkpoint_every_steps=2", "--config.eval.final_sweep=False",
+             "--config.train.compile_ahead=False")
+    assert run_main("configs/demo.py:smoke", workdir, "--config.train.max_steps=4",
+                    *flags).returncode == 0
+    ckpts = os.path.join(workdir, "checkpoints")
+    os.chmod(ckpts, 0o555)
+    try:
+        proc = run_main("configs/demo.py:smoke", workdir, "--config.train.max_steps=8", *flags,
+                        timeout=300, prefix=_without_permission_override())
+    finally:
+        os.chmod(ckpts, 0o755)
+    assert proc.returncode == 4, proc.stdout[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"error: saving checkpoint 6 to {ckpts}/6 failed (errno 13 EACCES"), last
+    assert last.endswith("make the workdir's checkpoints/ writable and rerun to resume"), last
+    assert "Traceback" not in proc.stdout
+    assert sorted(os.listdir(ckpts)) == ["2", "4"]
+
+
 @pytest.mark.slow
 def test_rerunning_a_finished_run_rewrites_nothing(tmp_path):
     """The second run of the same command has nothing to do: no file is written again (the

@@ -27,6 +27,7 @@ of the machine: its traceback, exit 1.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -176,8 +177,19 @@ def _run(config, workdir: str) -> None:
     except workdir_lock.WorkdirLostError as e:
         _fail(str(e), IO_ERROR_EXIT_CODE)
     except checkpointing.CheckpointSaveError as e:
-        _fail(f"{e}; the older checkpoints are intact: free space and rerun to resume",
-              IO_ERROR_EXIT_CODE)
+        fix = {errno.ENOSPC: "free space", errno.EDQUOT: "free space",
+               errno.EACCES: "make the workdir's checkpoints/ writable",
+               errno.EPERM: "make the workdir's checkpoints/ writable",
+               errno.EROFS: "remount the workdir writable"}.get(e.errno_value, "fix the cause")
+        print(f"error: {cli.one_line(e)}; the older checkpoints are intact: {fix} and rerun "
+              "to resume", file=sys.stderr)
+        # orbax's signalling threads of the failed save wait forever for the signals it would
+        # have sent, and they are not daemons: a normal exit would hang in threading._shutdown.
+        # The loop has closed everything it owns by now, so leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(IO_ERROR_EXIT_CODE)
     except OSError as e:  # e.g. a full disk when writing config.json or the lock
         where = "" if e.filename else f" in {workdir}"
         _fail(f"I/O error{where}: {e}", IO_ERROR_EXIT_CODE)
