@@ -192,6 +192,7 @@ def make_bucket(root: str, bucket: str) -> str:
 @contextlib.contextmanager
 def install(root: str) -> Iterator[None]:
     """Serves ``gs://`` from ``root`` for the ``with`` block (see the module docstring)."""
+    from etils.epath import gpath
     from orbax.checkpoint._src.path import gcs_utils  # no public hook for these two
 
     def kvstore(path: str) -> dict:
@@ -199,7 +200,12 @@ def install(root: str) -> Iterator[None]:
         return {"driver": "file", "path": os.path.join(FakeGCS.root, bucket, key)}
 
     saved = (gcs_utils.get_kvstore_for_gcs, gcs_utils.is_hierarchical_namespace_enabled,
-             FakeGCS.root)
+             FakeGCS.root, os.environ.get("EPATH_USE_TF"))
+    # With TensorFlow installed, epath sends gs:// to TensorFlow's gfile, which would try the
+    # real Google Cloud Storage: this switch (read by epath, inherited by subprocesses) keeps
+    # it on fsspec, where the fake is registered.
+    os.environ["EPATH_USE_TF"] = "false"
+    gpath._is_tf_installed.cache_clear()
     for name in PROTOCOLS:
         fsspec.register_implementation(name, FakeGCS, clobber=True)
     FakeGCS.root = root
@@ -209,7 +215,12 @@ def install(root: str) -> Iterator[None]:
         yield
     finally:
         (gcs_utils.get_kvstore_for_gcs, gcs_utils.is_hierarchical_namespace_enabled,
-         FakeGCS.root) = saved
+         FakeGCS.root, use_tf) = saved
+        if use_tf is None:
+            os.environ.pop("EPATH_USE_TF", None)
+        else:
+            os.environ["EPATH_USE_TF"] = use_tf
+        gpath._is_tf_installed.cache_clear()
 
 
 def objects(root: str, bucket: str) -> list[str]:

@@ -89,7 +89,8 @@ def url_problem(path: str | os.PathLike) -> str | None:
             return f"bucket {s}://{bucket} does not exist or cannot be reached"
         if isfile(text):
             return "it exists and is an object (a file), not a folder"
-    except OSError as e:  # no such bucket, no permission, no network
+    except Exception as e:  # noqa: BLE001 - no bucket, permission or network; gfile's
+        # errors (TensorFlow installed) are not OSErrors
         return f"cannot reach it ({type(e).__name__}: {_first_line(e)})"
     return None
 
