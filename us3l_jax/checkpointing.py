@@ -100,17 +100,12 @@ class CheckpointSaveError(OSError):
         self.errno_value = os_error.errno if os_error else None
         detail = (f"errno {os_error.errno} {errno_lib.errorcode.get(os_error.errno, '')}: "
                   f"{os_error.strerror or os.strerror(os_error.errno)}" if os_error else
-                  f"{type(cause).__name__}: {_first_line(cause, 1000)}")
+                  f"{type(cause).__name__}: {paths.first_line(cause, 1000)}")
         super().__init__(self.errno_value, f"saving checkpoint {step} to {path} failed "
                          f"({detail})")
 
     def __str__(self) -> str:
         return self.args[1]
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else ""
 
 
 def find_os_error(e: BaseException | None) -> OSError | None:
@@ -173,7 +168,7 @@ def verify_checksums(root: str, trust_unverified: bool = False) -> str | None:
         if not isinstance(want, dict) or not want:
             raise ValueError("no entries")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"its {CHECKSUM_FILE} is unreadable ({type(e).__name__}: {_first_line(e)})"
+        return f"its {CHECKSUM_FILE} is unreadable ({type(e).__name__}: {paths.first_line(e)})"
     for rel, entry in want.items():
         full = os.path.join(root, rel)
         try:
@@ -186,7 +181,7 @@ def verify_checksums(root: str, trust_unverified: bool = False) -> str | None:
             if crc32_of_file(full) != crc:
                 return f"{rel} fails its CRC-32 check (its data changed after the save)"
         except (OSError, ValueError, TypeError) as e:
-            return f"{rel} cannot be checked ({type(e).__name__}: {_first_line(e)})"
+            return f"{rel} cannot be checked ({type(e).__name__}: {paths.first_line(e)})"
     return None
 
 
@@ -298,7 +293,7 @@ def check_config_change(workdir: str, config: ml_collections.ConfigDict, allow: 
                 write_config(workdir, old)
             log.warning("%s was %s; rebuilt from checkpoint %d", path, problem, step)
         elif not allow:
-            why = "" if problem == "missing" else f" ({type(e).__name__}: {_first_line(e)})"
+            why = "" if problem == "missing" else f" ({type(e).__name__}: {paths.first_line(e)})"
             raise CheckpointError(
                 f"{path} is {problem}{why}, and no checkpoint records the run's config, so "
                 f"this config cannot be compared with the one the run was trained with; rerun "
@@ -540,7 +535,7 @@ class Checkpointer:
                     if not isinstance(meta, dict):
                         raise ValueError(f"meta is {type(meta).__name__}, not a dict")
                 except Exception as e:  # noqa: BLE001 - any unreadable file means "corrupt"
-                    problem = f"{type(e).__name__}: {_first_line(e)}"
+                    problem = f"{type(e).__name__}: {paths.first_line(e)}"
             if problem is None:
                 self.check_identity(meta, step)
                 try:
@@ -550,7 +545,7 @@ class Checkpointer:
                         if partial else ocp.args.StandardRestore(abstract_state))
                     restored = self.manager.restore(step, args=ocp.args.Composite(state=restore))
                 except Exception as e:  # noqa: BLE001
-                    problem = f"{type(e).__name__}: {_first_line(e)}"
+                    problem = f"{type(e).__name__}: {paths.first_line(e)}"
                     if paths.exists(os.path.join(self.step_dir(step), CHECKSUM_FILE)):
                         # Its files are as they were written: not corrupt but another state
                         # (another version's TrainState, or a config change that alters

@@ -91,7 +91,7 @@ def url_problem(path: str | os.PathLike) -> str | None:
             return "it exists and is an object (a file), not a folder"
     except Exception as e:  # noqa: BLE001 - no bucket, permission or network; gfile's
         # errors (TensorFlow installed) are not OSErrors
-        return f"cannot reach it ({type(e).__name__}: {_first_line(e)})"
+        return f"cannot reach it ({type(e).__name__}: {first_line(e)})"
     return None
 
 
@@ -115,9 +115,10 @@ def missing_backend(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an error's text, at most ``limit`` characters (for one-line reports)."""
     text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+    return text.splitlines()[0][:limit] if text else ""
 
 
 def exists(path: str | os.PathLike) -> bool:
