@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 import difflib
 import os
+import shutil
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 
 from absl import flags
@@ -82,6 +84,7 @@ def parse(fv: flags.FlagValues, argv: Sequence[str] | None, prog: str,
         print(usage().rstrip())
         sys.exit(0)
     fv.unparse_flags()  # a second call in one process starts from the defaults again
+    args = [shipped_config(a) for a in args]
     try:
         rest = fv([prog] + [_underscored(a) for a in args])
     except Exception as e:  # noqa: BLE001 - absl and config_flags raise several types
@@ -142,13 +145,33 @@ def unknown_field(fv: flags.FlagValues, args: Sequence[str]) -> str | None:
     return None
 
 
+def _config_dirs() -> list[str]:
+    """Where config files are looked for: ``./configs``, the source checkout's ``configs/``,
+    and the ``us3l_jax/configs/`` a wheel install carries (setup.py ships them there)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    return ["configs", os.path.join(os.path.dirname(package), "configs"),
+            os.path.join(package, "configs")]
+
+
+def shipped_config(arg: str) -> str:
+    """``--config=configs/<file>[:<arg>]`` names the config shipped in the wheel
+    (``us3l_jax/configs/<file>``) when there is no such file here: the README's commands work
+    from any directory after ``pip install``, not only from a checkout."""
+    prefix = "--config=configs/"
+    if not arg.startswith(prefix):
+        return arg
+    name, colon, rest = arg[len(prefix):].partition(":")
+    shipped = os.path.join(_config_dirs()[-1], name)
+    if os.path.exists("configs/" + name) or not os.path.isfile(shipped):
+        return arg
+    return f"--config={shipped}{colon}{rest}"
+
+
 def config_files(directory: str | None = None) -> list[tuple[str, str]]:
-    """``(path, first docstring line)`` of each config file, from ``directory`` or else the
-    first of ``./configs`` and the source checkout's ``configs/`` that exists."""
-    candidates = [directory] if directory else [
-        "configs", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "configs")]
-    for d in candidates:
+    """``(path, summary)`` of each config file, from ``directory`` or else the first of
+    :func:`_config_dirs` that exists. The summary is the docstring's first paragraph, whole
+    (one sentence in every shipped config), with its line breaks folded."""
+    for d in [directory] if directory else _config_dirs():
         if os.path.isdir(d):
             break
     else:
@@ -159,15 +182,25 @@ def config_files(directory: str | None = None) -> list[tuple[str, str]]:
             path = os.path.join(d, name)
             with open(path, encoding="utf-8") as f:
                 doc = ast.get_docstring(ast.parse(f.read())) or ""
-            out.append((os.path.relpath(path), doc.strip().split("\n")[0]))
+            out.append((os.path.relpath(path), " ".join(doc.strip().split("\n\n")[0].split())))
     return out
 
 
-def configs_help() -> str:
+def configs_help(columns: int | None = None) -> str:
+    """The config list of ``--help``: each summary wrapped to the terminal (``columns``,
+    default its width) under its own column, never cut."""
     files = config_files()
     if not files:
-        return ("Configs: none found in ./configs (they ship with the source checkout; "
-                "pass --config=<path to a config file>).")
+        return ("Configs: none found in ./configs (they ship with the source checkout and "
+                "inside the wheel as us3l_jax/configs/; pass --config=<path to a config file>).")
     width = max(len(p) for p, _ in files)
+    columns = columns or shutil.get_terminal_size((100, 24)).columns
+    indent = " " * (width + 4)
+    wrap = max(40, columns - len(indent))
+    lines = []
+    for p, doc in files:
+        body = textwrap.wrap(doc, wrap) or [""]
+        lines.append(f"  {p.ljust(width)}  {body[0]}")
+        lines.extend(indent + more for more in body[1:])
     return "Configs (--config=<file>[:<arg>]; each file's docstring lists its args):\n" + \
-        "\n".join(f"  {p.ljust(width)}  {doc}" for p, doc in files)
+        "\n".join(lines)
