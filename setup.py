@@ -71,7 +71,7 @@ setup(
     description="Universally slimmable self-supervised learning (US3L) in JAX/Flax",
     # The configs travel inside a wheel as us3l_jax/configs/*.py (a wheel carries no
     # configs/ folder of its own), so a wheel install, e.g. in Colab, can run them:
-    # --config=<dirname(us3l_jax.__file__)>/configs/demo.py. A checkout reads configs/.
+    # --config=configs/demo.py falls back to them where ./configs has no such file.
     packages=find_packages(include=["us3l_jax", "us3l_jax.*"]) + ["us3l_jax.configs"],
     package_dir={"us3l_jax.configs": "configs"},
     python_requires=">=3.11",
