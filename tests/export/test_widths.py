@@ -48,6 +48,18 @@ def test_costs_are_the_profilers():
     assert widths.costs(grouped, 0.5, 16) == widths.costs(m, 0.5, 16)
 
 
+def test_costs_of_a_vit_are_the_profilers():
+    """A ViT has no conv or BN layers: the layer trace counted 0 params and 0 MACs."""
+    for slicing in ("official", "embed"):
+        m = models.create("vit_tiny", slicing=slicing)
+        for w in (0.25, 1.0):
+            p = profile.profile("vit_tiny", w, 32, None, "backbone", slicing=slicing)
+            got = widths.costs(m, w, 32)
+            assert got == {"params": p["params"], "macs": p["macs"]}
+            assert got["params"] > 6e5 and got["macs"] > 3e6
+    assert widths.costs(models.create("vit_tiny"), 1.0, 32)["params"] == 5_486_592
+
+
 @functools.lru_cache(maxsize=None)
 def _rows():
     m = _backbone()

@@ -73,7 +73,12 @@ def candidates(backbone: nn.Module, lo: float, hi: float = slim.MAX_WIDTH) -> li
 def costs(backbone: nn.Module, width: float, image_size: int, in_channels: int = 3
           ) -> dict[str, int]:
     """``{'params', 'macs'}`` of the backbone at ``width`` for one image (profile's
-    ``backbone`` convention: conv + BN affine params, conv MACs; no classifier)."""
+    ``backbone`` convention: conv + BN affine params, conv MACs; no classifier). A ViT is
+    counted from the sizes its forward uses (``profile.vit_count``): it has no convolutions
+    or BN for the layer trace to count (which gave 0 and 0)."""
+    if hasattr(backbone, "dims"):
+        c = profile_lib.vit_count(backbone, float(width), image_size)
+        return {"params": c["params"], "macs": c["macs"]}
     # Traced in train mode at batch 1, where per-group BN statistics cannot be taken; the
     # group size changes no count.
     layers = profile_lib.trace_layers(backbone.clone(bn_group_size=None),
