@@ -111,6 +111,17 @@ def test_plain_weight_decay_shrinks_a_predictor_without_gradient():
                                h0 * (1 - lr5 * 1e-4), rtol=1e-6)
     gr = update(state, "group_reg", 0)
     np.testing.assert_array_equal(gr.params["predictor"]["fc1"]["kernel"], p0)
+    # Below width 1.0 (an individually trained BYOL, Table 15) group_reg decays the predictor
+    # in base-only updates too: the method built at that width says so to the update.
+    gr_cfg = dataclasses.replace(cfg, decay_rule="group_reg")
+    at_half = us3l.make(gr_cfg, make_model(gr_cfg), noisy_views, total_steps=20,
+                        teacher_width=0.5)
+    flags = at_half.decay(False, state.step, 0)
+    assert flags["predictor"] and "predictor" not in make_method(gr_cfg).decay(
+        False, state.step, 0)
+    half = jax.jit(lambda s: grads.update(s, zeros, tx, flags)[0])(state)
+    np.testing.assert_allclose(half.params["predictor"]["fc1"]["kernel"],
+                               p0 * (1 - 0.1 * 1e-4), rtol=1e-6)
 
 
 @pytest.mark.slow

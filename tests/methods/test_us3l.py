@@ -70,6 +70,13 @@ def test_decay_groups_follow_official_groupreg():
     assert byol.decay_groups(sub=False) == {"backbone", "projector"}
     assert byol.decay_groups(sub=True) == {"backbone", "projector", "predictor", "distill_head"}
     assert m.late_decay_groups() == byol.late_decay_groups() == frozenset()
+    # ... and only there: an individually trained BYOL below 1.0 (Table 15) regularizes its
+    # predictor in every update.
+    single = us3l.Config(base_loss="mse", aux_head="none", distill_loss="none")
+    assert single.decay_groups(sub=False) == {"backbone", "projector"}
+    assert single.decay_groups(sub=False, base_width=0.5) == {"backbone", "projector",
+                                                              "predictor"}
+    assert byol.decay_groups(sub=False, base_width=0.75) == byol.decay_groups(sub=True)
 
 
 def test_plain_weight_decay_groups_are_every_used_parameter():

@@ -107,14 +107,17 @@ class Config:
                          | ({"distill_head"} if self.uses_distill_head else set())
                          | ({"proj_conv"} if self.feature_distill else set()))
 
-    def decay_groups(self, sub: bool) -> frozenset[str]:
-        """Groups decayed by an update that trains sub-networks (``sub``) or only the base.
+    def decay_groups(self, sub: bool, base_width: float = 1.0) -> frozenset[str]:
+        """Groups decayed by an update that trains sub-networks (``sub``) or only the base
+        network, of width ``base_width``.
 
-        ``group_reg`` (the official GroupReg loss term): the heads are skipped at the base
-        width and included at sub-widths; ``proj_conv`` never. ``weight_decay`` (PyTorch SGD):
-        every group the update's losses reach.
+        ``group_reg`` (the official GroupReg loss term): every group but ``proj_conv``, except
+        that the heads (predictor, auxiliary head) are skipped in an update at width 1.0: the
+        official term skips them by name only when the width is 1.0, so an individually
+        trained network below 1.0 (Table 15) has its predictor regularized in every update.
+        ``weight_decay`` (PyTorch SGD): every group the update's losses reach.
         """
-        if sub:
+        if sub or (self.decay_rule == "group_reg" and base_width != 1.0):
             return self.param_groups() - ({"proj_conv"} if self.decay_rule == "group_reg"
                                           else set())
         base = {"backbone", "projector"}
@@ -152,12 +155,13 @@ class Config:
             flags.update({k: used for k in late})
         return flags
 
-    def decay_flags(self, sub: bool, step: jax.Array, first_sub_step: int | None) -> dict:
+    def decay_flags(self, sub: bool, step: jax.Array, first_sub_step: int | None,
+                    base_width: float = 1.0) -> dict:
         """Per group: decayed by this update? ``weight_decay``: the groups with a gradient
         (``grad_flags``); ``group_reg``: the regularizer's groups (``decay_groups``)."""
         if self.decay_rule == "weight_decay":
             return self.grad_flags(sub, step, first_sub_step)
-        return {k: True for k in self.decay_groups(sub)}
+        return {k: True for k in self.decay_groups(sub, base_width)}
 
 
 class Targets(NamedTuple):
@@ -257,7 +261,8 @@ def make(cfg: Config, model: SSLModel, views_fn, *, total_steps: int,
 
     return Method(init=init, views=lambda key, images, labels: views_fn(key, images),
                   base_loss=base_loss, sub_loss=sub_loss, teacher_step=teacher_step,
-                  decay=cfg.decay_flags, active=cfg.grad_flags,
+                  decay=functools.partial(cfg.decay_flags, base_width=teacher_width),
+                  active=cfg.grad_flags,
                   teacher_per_width=cfg.ema_updates == "width",
                   config_key=model.backbone.channel_config,
                   dtype=model.dtype, sub_sums=("loss/feature",) if features else (),
