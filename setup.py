@@ -13,8 +13,9 @@ on 0.10.2), NumPy 2.5, and orbax-checkpoint down to 0.12.4 (a GPU image's versio
 Extras: ``[cuda12]`` / ``[cuda13]`` / ``[tpu]`` (JAX for NVIDIA GPUs with CUDA 12 or 13 /
 Cloud TPUs, same range), ``[prepare]``
 (TensorFlow, for ``python -m us3l_jax.data.prepare`` of CIFAR / ImageNet; training reads the
-prepared ArrayRecord files without it), ``[test]`` (pytest, pytest-xdist to run the suite on
-both cores, and nbclient + ipykernel to execute the notebook).
+prepared ArrayRecord files without it), ``[wandb]`` (Weights & Biases, for
+``--config.train.wandb_project``), ``[test]`` (pytest, pytest-xdist to run the suite on both
+cores, nbclient + ipykernel to execute the notebook, and the export and wandb extras' packages).
 """
 from setuptools import find_packages, setup
 
@@ -53,6 +54,9 @@ INSTALL_REQUIRES = [
 # so pip's resolver keeps 0.13.0 within this range).
 EXPORT_REQUIRES = ["jax2onnx>=0.13.0,<0.14", "onnxruntime>=1.32.0,<1.33"]
 
+# Metrics to a Weights & Biases project as well (config.train.wandb_project).
+WANDB_REQUIRES = ["wandb>=0.31.0,<0.32"]
+
 EXTRAS_REQUIRE = {
     "cuda12": ["jax[cuda12]" + JAX],
     "cuda13": ["jax[cuda13]" + JAX],
@@ -60,9 +64,10 @@ EXTRAS_REQUIRE = {
     # TFDS builds with TensorFlow; etils needs importlib_resources for a builder's files.
     "prepare": ["tensorflow>=2.21.0,<2.22", "importlib-resources>=7.1.0,<7.2"],
     "export": EXPORT_REQUIRES,
+    "wandb": WANDB_REQUIRES,
     "test": ["pytest>=9.2.0,<9.3", "pytest-xdist>=3.8.0,<3.9", "nbclient>=0.11.0,<0.12",
              "nbformat>=5.11.1,<5.12",
-             "ipykernel>=7.4.0,<7.5", *EXPORT_REQUIRES],
+             "ipykernel>=7.4.0,<7.5", *EXPORT_REQUIRES, *WANDB_REQUIRES],
 }
 
 setup(

@@ -57,6 +57,17 @@ def demo_config(variant=None, **overrides):
     return override(load_config_module("configs/demo.py").get_config(variant), **overrides)
 
 
+def short_run(max_steps: int, every: int = 2, **overrides):
+    """``configs/demo.py:smoke`` cut to ``max_steps`` steps, logging and saving every ``every``
+    steps, compiling on demand (the fewest programs)."""
+    c = demo_config("smoke", **overrides)
+    c.train.max_steps = max_steps
+    c.train.checkpoint_every_steps = every
+    c.train.log_every_steps = every
+    c.train.compile_ahead = False
+    return c
+
+
 # The single-width baselines (SEED, SEED-MSE, MoCo v2) at test size.
 TINY_BASELINE = dict(model__base_width=16, heads__proj_hidden=32, heads__head_hidden=32,
                      heads__proj_out=16, data__image_size=8, optim__batch_size=32,

@@ -18,18 +18,13 @@ import numpy as np
 import pytest
 
 from us3l_jax import build, checkpointing, pretrain, sampling, workdir_lock
-from tests.helpers import REPO, demo_config, load_experiment
+from tests.helpers import REPO, load_experiment, short_run
 
 STEPS = 6
 
 
 def tiny(max_steps=STEPS, **overrides):
-    c = demo_config("smoke", **overrides)
-    c.train.max_steps = max_steps
-    c.train.checkpoint_every_steps = 2
-    c.train.log_every_steps = 2
-    c.train.compile_ahead = False
-    return c
+    return short_run(max_steps, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -207,28 +202,6 @@ def test_sigint_before_the_first_step_stops_without_saving(run_copy, monkeypatch
     assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == ["2", "4", "6"]
     steps = [json.loads(line)["step"] for line in open(os.path.join(run_copy, "metrics.jsonl"))]
     assert max(steps) == 6
-
-
-def test_metric_writer_survives_io_errors_and_drops_steps_after_resume(tmp_path, caplog):
-    writer = pretrain.MetricWriter(str(tmp_path))
-    for step in (1, 2, 4, 6):
-        writer.write(step, {"loss": 1.0 / step})
-    writer.truncate_after(4)
-    writer.write(6, {"loss": 0.5})
-
-    class Full:
-        def write(self, _):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        close = flush = lambda self: None
-    writer._jsonl = Full()
-    with caplog.at_level("WARNING", logger="us3l"):
-        writer.write(8, {"loss": 0.1})
-        writer.write(10, {"loss": 0.1})
-    writer.close()
-    warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "cannot write metrics.jsonl (OSError" in warnings[0]
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
-    assert steps == [1, 2, 4, 6]
 
 
 def test_an_unreadable_file_counts_as_corrupt(trained, monkeypatch):

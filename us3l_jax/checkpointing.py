@@ -202,30 +202,19 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 CONFIG_HISTORY_FILE = "config_history.jsonl"
-# What may change when a run resumes: how often it logs and saves, where it stops, how it
-# compiles and feeds. Everything else changes what is trained and needs --allow_config_change.
+# What may change when a run resumes: how often and where it logs, how often it saves, where
+# it stops, how it compiles and feeds. Everything else changes what is trained and needs
+# --allow_config_change.
 RESUMABLE_CHANGES = ("train.log_every_steps", "train.checkpoint_every_steps",
                      "train.keep_checkpoints", "train.max_steps", "train.compile_ahead",
-                     "train.compilation_cache_dir", "train.transfer_guard", "data.num_threads")
-
-
-def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    out = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix + k] = v
-    walk(json.loads(config_lib.to_json(config)), "")
-    return out
+                     "train.compilation_cache_dir", "train.transfer_guard", "data.num_threads",
+                     "train.wandb_project", "train.wandb_entity", "train.wandb_name")
 
 
 def config_changes(old: ml_collections.ConfigDict,
                    new: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
     """``{dotted field: (old, new)}`` for every field that differs."""
-    a, b = _flat(old), _flat(new)
+    a, b = config_lib.flatten(old), config_lib.flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from us3l_jax import build, eval_names, methods, models, paper, sampling, slim
+from us3l_jax import build, eval_names, methods, metrics, models, paper, sampling, slim
 from us3l_jax.build import DTYPES
 from us3l_jax.data import datasets
 from us3l_jax.models import vit as vit_lib
@@ -158,6 +158,11 @@ def get_default() -> ml_collections.ConfigDict:
     # jax.transfer_guard level for each step's batch, programs and metric fetch: "disallow"
     # (or "log") reports any implicit host<->device copy, which would stall the pipeline.
     c.train.transfer_guard = "allow"
+    # Weights & Biases (the [wandb] extra): a project name logs the metrics there too, beside
+    # metrics.jsonl and TensorBoard; '' logs nowhere else. Entity and run name: W&B's defaults.
+    c.train.wandb_project = ""
+    c.train.wandb_entity = config_dict.placeholder(str)
+    c.train.wandb_name = config_dict.placeholder(str)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.online_every_epochs = 0  # 0 disables the online probe during pretraining
@@ -410,6 +415,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.optim.warmup_epochs >= config.optim.epochs:
         raise ConfigError(f"config.optim.warmup_epochs={config.optim.warmup_epochs} must be "
                           f"below config.optim.epochs={config.optim.epochs}")
+    _validate_wandb(config.train)
     if config.train.max_steps is not None and config.train.max_steps <= 0:
         raise ConfigError(f"config.train.max_steps must be > 0 or None, got "
                           f"{config.train.max_steps}")
@@ -437,6 +443,20 @@ def _validate_baseline(config: ml_collections.ConfigDict, kind: str, sampler) ->
     if method.queue_size and method.queue_size % config.optim.batch_size:
         raise ConfigError(f"config.method.queue_size={method.queue_size} must be a multiple "
                           f"of config.optim.batch_size={config.optim.batch_size}")
+
+
+def _validate_wandb(train: ml_collections.ConfigDict) -> None:
+    """A W&B project only where wandb is installed; entity and name only with a project."""
+    if not train.wandb_project:
+        for key in ("wandb_entity", "wandb_name"):
+            if train[key]:
+                raise ConfigError(f"config.train.{key}={train[key]!r} needs "
+                                  f"config.train.wandb_project (empty: W&B is off)")
+        return
+    problem = metrics.wandb_problem()
+    if problem:
+        raise ConfigError(f"config.train.wandb_project={train.wandb_project!r} logs to "
+                          f"Weights & Biases, but {problem}")
 
 
 TEACHER_BN = ("batch", "calibrated", "stored")  # how a frozen teacher's BNs run
@@ -512,6 +532,21 @@ def _validate_supervised(config: ml_collections.ConfigDict) -> None:
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``{"section.field": value}`` with the values as ``to_json`` writes them (tuples as
+    lists), for comparing configs and for reporting one as a flat table."""
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v
+    walk(json.loads(to_json(config)), "")
+    return out
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ coordinator on TPU pods and under SLURM by itself; elsewhere pass ``--coordinato
 
 One run per workdir: a second run on the same ``--workdir`` stops with exit 2 naming the
 holder's pid and host. Resuming with a changed config is refused with the difference (except
-logging/checkpoint frequency, ``max_steps`` and compile options) unless
+logging/checkpoint frequency, ``max_steps``, compile options and W&B settings) unless
 ``--allow_config_change``, which logs the change in ``config_history.jsonl``. Corrupt
 checkpoints (and unverified ones, without their checksum file, unless
 ``--trust_unverified_checkpoints``) are moved to ``checkpoints/corrupt-<step>/`` and the run

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -23,8 +22,7 @@ import ml_collections
 import numpy as np
 
 from us3l_jax import (build, checkpointing, config as config_lib, errors, mesh as mesh_lib,
-                      paths, sampling, workdir_lock)
-from us3l_jax.fileio import atomic_write_text
+                      metrics as metrics_lib, paths, sampling, workdir_lock)
 from us3l_jax.engine import Engine, TrainState, planning
 
 log = logging.getLogger("us3l")
@@ -127,90 +125,6 @@ class ScheduleCost:
         """Relative cost of iterations a .. b-1 (a base-only iteration costs 1)."""
         n = len(self._cum) - 1
         return float(self._cum[min(b, n)] - self._cum[min(a, n)])
-
-
-class MetricWriter:
-    """JSON lines (``metrics.jsonl``) and TensorBoard events (``tb/``), process 0 only.
-
-    Logs are not worth a run: an I/O error (e.g. a full disk) in either writer is reported in
-    one warning line and that writer is switched off; training and checkpoints go on (a full
-    disk then stops the run at its next checkpoint, with its own exit code)."""
-
-    def __init__(self, workdir: str, resume_step: int | None = None):
-        """``resume_step``: TensorBoard drops events of later steps (written before an
-        interruption and about to be written again), as ``truncate_after`` does for JSON."""
-        self.enabled = jax.process_index() == 0
-        self._jsonl = self._tb = None
-        if not self.enabled:
-            return
-        self.path = paths.join(workdir, "metrics.jsonl")
-        self._guard("metrics.jsonl",
-                    lambda: setattr(self, "_jsonl", paths.AppendFile(self.path)))
-
-        def tb():
-            from tensorboardX import SummaryWriter
-            paths.tensorboard_on_buckets()
-            self._tb = SummaryWriter(paths.join(workdir, "tb"), purge_step=(
-                None if resume_step is None else resume_step + 1))
-        self._guard("tb/", tb)
-
-    def _guard(self, what: str, fn) -> bool:
-        try:
-            fn()
-            return True
-        except Exception as e:  # noqa: BLE001 - any writer failure: warn once, stop writing
-            log.warning("cannot write %s (%s: %s); no more %s for this run", what,
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "", what)
-            if what == "metrics.jsonl":
-                self._jsonl = None
-            else:
-                self._tb = None
-            return False
-
-    def truncate_after(self, step: int) -> None:
-        """Drops the records of steps after ``step`` (written before an interruption and
-        about to be written again by the resumed run), so every step appears once."""
-        if self._jsonl is None or not paths.exists(self.path):
-            return
-
-        def rewrite():
-            kept, dropped = [], 0
-            for line in paths.read_text(self.path).splitlines(keepends=True):
-                try:
-                    ok = json.loads(line)["step"] <= step
-                except (ValueError, KeyError, TypeError):
-                    ok = False  # a line cut short by a kill
-                if ok:
-                    kept.append(line)
-                dropped += not ok
-            if dropped:
-                self._jsonl.close()
-                atomic_write_text(self.path, "".join(kept))
-                self._jsonl = paths.AppendFile(self.path)
-        self._guard("metrics.jsonl", rewrite)
-
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        record = {"step": step, **{k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
-                                   for k, v in metrics.items()}}
-        if self._jsonl is not None:
-            def jsonl():
-                self._jsonl.write(json.dumps(record) + "\n")
-                self._jsonl.flush()
-            self._guard("metrics.jsonl", jsonl)
-        if self._tb is not None:
-            def tb():
-                for k, v in record.items():
-                    if k != "step" and isinstance(v, float):
-                        self._tb.add_scalar(k, v, step)
-                self._tb.flush()
-            self._guard("tb/", tb)
-
-    def close(self) -> None:
-        for what, w in (("metrics.jsonl", self._jsonl), ("tb/", self._tb)):
-            if w is not None:
-                self._guard(what, w.close)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -358,8 +272,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             # Nothing to do: nothing (more) is written, no log files, no config record.
             log.info("nothing to do: the run is at step %d of %d", found[0], end)
             return found[1]
-        writer = MetricWriter(workdir, None if found is None else found[0])
-        stack.callback(writer.close)
+        writer = metrics_lib.MetricWriter(workdir, None if found is None else found[0],
+                                          wandb_run(config))
+        stack.push(lambda exc_type, exc, tb: writer.close(_exit_code(exc)))
         writer.truncate_after(0 if found is None else found[0])
         if found is None:
             state = trainer.init_state(jax.random.key(config.seed), run.image_spec)
@@ -472,6 +387,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         raise
     finally:
         stack.close()
+
+
+def wandb_run(config: ml_collections.ConfigDict) -> metrics_lib.WandbRun | None:
+    """Where the run logs to Weights & Biases (None: it does not), with its whole config."""
+    t = config.train
+    if not t.wandb_project:
+        return None
+    return metrics_lib.WandbRun(project=t.wandb_project, entity=t.wandb_entity,
+                                name=t.wandb_name, config=config_lib.flatten(config))
+
+
+def _exit_code(exc: BaseException | None) -> int:
+    """The exit status the command line gives a run that stops with ``exc``."""
+    if exc is None:
+        return 0
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED_EXIT_CODE
+    return exc.exit_code if isinstance(exc, Preempted) else 1
 
 
 def _main_thread() -> bool:
