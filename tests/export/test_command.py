@@ -225,6 +225,7 @@ def test_table_lists_every_distinct_width_with_sweep_accuracy(tiny_run, tmp_path
     (["--max-macs=lots"], "--max-macs 'lots' is not a positive number"),
     (["--width=0.5", "--calibration=exact"], "unknown calibration 'exact'; valid: custom, "
                                              "official_cifar, official_imagenet"),
+    (["--width=0.5", "--calibration_batches=0"], "--calibration_batches=0 must be > 0"),
     (["--width=0.5", "--out={FILE}"], "--out {FILE!r} is an existing file"),
     (["--width=0.5", "--out={FULL}"], "--out {FULL!r} is a directory that is not empty"),
     (["--width=0.5", "--workdir={NORUN}"], "no run in {NORUN!r}: config.json not found"),
