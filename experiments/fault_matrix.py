@@ -961,16 +961,27 @@ def bad_input_cases(m: Matrix) -> None:
                                                            if written else "")), r)
 
 
+def stats_file(workdir: str, calibration_batches: int | None) -> str:
+    """The width-1.0 statistics file that evaluate and export read for the run's calibration
+    procedure (with ``--calibration_batches``)."""
+    from us3l_jax import calibration as calib
+    from us3l_jax.evaluate.evaluator import calibration_settings
+    config = checkpointing.read_config(workdir)
+    key = calib.procedure_key(config.eval.calibration,
+                              calibration_settings(config, calibration_batches))
+    return calib.stats_path(workdir, BASE_STEPS, 1.0, key)
+
+
 def sidecar_input_cases(m: Matrix) -> None:
     """Damaged files that evaluation and export read: they must be named and worked around."""
-    stats = os.path.join("bn_stats", f"step_{BASE_STEPS}", "width_1.0.msgpack")
     for tool in ("evaluate", "export"):
         name = f"{tool}: corrupt bn_stats file"
         if not m.want(name, slow=tool == "evaluate"):
             continue
         w = m.copy(name)
-        os.makedirs(os.path.dirname(os.path.join(w, stats)))
-        open(os.path.join(w, stats), "wb").write(b"\x81\xa3abc\x00garbage")
+        stats = stats_file(w, 2 if tool == "evaluate" else None)
+        os.makedirs(os.path.dirname(stats))
+        open(stats, "wb").write(b"\x81\xa3abc\x00garbage")
         out = os.path.join(m.root, f"{tool}_corrupt_stats_out")
         flags = (["--widths=1.0", "--calibration_batches=2"] if tool == "evaluate" else
                  ["--width=1.0", "--format=flax"])

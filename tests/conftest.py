@@ -22,3 +22,26 @@ def teacher_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("byol_teacher"))
     pretrain.train(tiny_baseline("byol", train__max_steps=3), d)
     return d
+
+
+@pytest.fixture
+def fake_calibrations(monkeypatch):
+    """``Evaluator.calibrate`` replaced by a stand-in that compiles nothing: the n-th call
+    returns full-size statistics of mean ``n`` and variance ``n + 1`` everywhere (so tests
+    can tell whose statistics they got). Returns the list of ``(width, settings)`` calls."""
+    import numpy as np
+
+    from us3l_jax import calibration as calib
+    from us3l_jax.evaluate.evaluator import Evaluator
+    calls = []
+
+    def calibrate(self, params, width, settings):
+        calls.append((width, settings))
+        n = float(len(calls))
+        template = calib._full_size_template(self.backbone, (self.data.size,) * 2 + (3,))
+        return jax.tree_util.tree_map_with_path(
+            lambda path, s: np.full(s.shape, n if path[-1].key == "mean" else n + 1,
+                                    np.float32), template)
+
+    monkeypatch.setattr(Evaluator, "calibrate", calibrate)
+    return calls

@@ -4,6 +4,7 @@ pretrain, kill -9, resume (bitwise the uninterrupted run on a local disk), evalu
 live lease refuses a second run; what cannot work is refused in one line before any work."""
 import json
 import os
+import re
 import time
 
 import jax
@@ -102,10 +103,13 @@ def test_pretrain_kill_resume_evaluate_export_on_a_bucket(root, tmp_path):
     out = run_cli("us3l_jax.evaluate", root, f"--workdir={WORKDIR}", "--widths=1.0,0.5",
                   "--protocol=fast")
     assert out.returncode == 0, out.stdout[-3000:]
+    sweep_key = re.search(r"^BN statistics (\S+): calibrated at 1.0, 0.5$", out.stdout,
+                          re.M).group(1)
     objects = run_objects(root)
     assert {"eval/fast-1.0_0.5/sweep.json", "eval/fast-1.0_0.5/sweep.md",
-            "eval/fast-1.0_0.5/sweep.png", "bn_stats/step_10/width_1.0.msgpack",
-            "bn_stats/step_10/width_0.5.msgpack"} <= set(objects), objects
+            "eval/fast-1.0_0.5/sweep.png",
+            f"bn_stats/step_10/{sweep_key}/width_1.0.msgpack",
+            f"bn_stats/step_10/{sweep_key}/width_0.5.msgpack"} <= set(objects), objects
     assert any(o.startswith("eval/fast-1.0_0.5/tb/events.") for o in objects)
     with fake_gcs.install(root):
         sweep = json.loads(paths.read_text(f"{WORKDIR}/eval/fast-1.0_0.5/sweep.json"))

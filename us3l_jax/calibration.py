@@ -25,8 +25,9 @@ pretraining batch); ``official_imagenet`` the official ImageNet calibration run'
 pretraining augmentation). docs/fidelity.md, "BN calibration", compares them.
 
 The result is a full-size ``batch_stats`` tree (the layout ``SlimBatchNorm`` reads in eval
-mode): calibrated values in the leading used channels, mean 0 / var 1 beyond. Each width gets
-its own tree and its own file (:func:`stats_path`), so calibrating one width never changes
+mode): calibrated values in the leading used channels, mean 0 / var 1 beyond. Each width and
+procedure gets its own tree and its own file (:func:`stats_path`, keyed by
+:func:`procedure_key`), so calibrating one width, or with one procedure, never changes
 another's. The per-batch step (forward + merge) is compiled once per width and runs on device
 without host round trips.
 
@@ -320,11 +321,67 @@ def input_batches(data: feeding.DeviceDataset, settings: CalibrationSettings,
 # ------------------------------------------------------------------------------------------
 
 
-def stats_path(workdir: str, step: int, width: float, dataset: str | None = None) -> str:
-    """``<workdir>/bn_stats/step_<N>/[<dataset>/]width_<w>.msgpack``; ``dataset`` names a
-    calibration set other than the pretraining one (transfer evaluation)."""
-    parts = [workdir, STATS_DIR, f"step_{int(step)}"] + ([dataset] if dataset else [])
-    return os.path.join(*parts, f"width_{float(width)!r}.msgpack")
+def check_preset(name: str) -> str:
+    """``name`` if it is a calibration procedure (``PRESETS``), else a one-line ``ValueError``
+    listing them."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown calibration {name!r}; valid: {', '.join(PRESETS)}")
+    return name
+
+
+def procedure_key(preset: str, settings: CalibrationSettings) -> str:
+    """The folder name of one calibration procedure's statistics: the preset, then every
+    setting, so that different procedures never share a file:
+    ``<preset>-<mode>-<augment>-<batches>x<batch size>-s<seed>`` (``-m<momentum>`` when not
+    0.1), e.g. ``custom-cumulative-linear_train-100x512-s0``."""
+    s = settings
+    key = f"{check_preset(preset)}-{s.mode}-{s.augment}-{s.num_batches}x{s.batch_size}-s{s.seed}"
+    return key if s.momentum == EMA_MOMENTUM else f"{key}-m{s.momentum!r}"
+
+
+def stats_path(workdir: str, step: int, width: float, procedure: str,
+               dataset: str | None = None) -> str:
+    """``<workdir>/bn_stats/step_<N>/[<dataset>/]<procedure>/width_<w>.msgpack``;
+    ``procedure``: a :func:`procedure_key`; ``dataset`` names a calibration set other than the
+    pretraining one (transfer evaluation)."""
+    return os.path.join(_step_dir(workdir, step, dataset), procedure,
+                        f"width_{float(width)!r}.msgpack")
+
+
+def legacy_stats_path(workdir: str, step: int, width: float,
+                      dataset: str | None = None) -> str:
+    """Where statistics were stored before they were keyed by procedure (one file per width,
+    whichever procedure ran last): ``<workdir>/bn_stats/step_<N>/[<dataset>/]width_<w>.msgpack``.
+    Only read, and only used when its meta is the requested procedure's."""
+    return os.path.join(_step_dir(workdir, step, dataset), f"width_{float(width)!r}.msgpack")
+
+
+def _step_dir(workdir: str, step: int, dataset: str | None) -> str:
+    return os.path.join(workdir, STATS_DIR, f"step_{int(step)}", *([dataset] if dataset else []))
+
+
+def stored_paths(workdir: str, step: int, width: float, procedure: str,
+                 dataset: str | None = None) -> tuple[str, str]:
+    """Where a procedure's statistics may be found, in the order to try: the keyed file, then
+    the old layout's."""
+    return (stats_path(workdir, step, width, procedure, dataset),
+            legacy_stats_path(workdir, step, width, dataset))
+
+
+def find_stats(candidates: Iterable[str], meta: dict[str, Any],
+               unreadable: Callable[[str, Exception], None]) -> tuple[PyTree, str] | None:
+    """``(batch_stats, path)`` of the first of ``candidates`` whose stored meta is ``meta``
+    (the meta is the authority: a file made otherwise is not used), None if none is.
+    ``unreadable(path, error)`` is called for a file that cannot be read, which is skipped."""
+    for path in candidates:
+        try:
+            stored = load_stats(path)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is the caller's to report
+            unreadable(path, e)
+            continue
+        if stored is not None and stored[1] == meta:
+            return stored[0], path
+    return None
 
 
 def save_stats(path: str, batch_stats: PyTree, meta: dict[str, Any]) -> None:

@@ -102,17 +102,20 @@ def test_one_width_never_changes_another(model, batches, tmp_path):
     backbone, params = model
     workdir = str(tmp_path)
     s_full = calib.calibrate(backbone, params, 1.0, batches)
-    path_full = calib.stats_path(workdir, 7, 1.0)
+    key = calib.procedure_key("custom", calib.CalibrationSettings())
+    path_full = calib.stats_path(workdir, 7, 1.0, key)
     calib.save_stats(path_full, s_full, {"width": 1.0})
     before_bytes = open(path_full, "rb").read()
     before_tree = jax.tree.map(np.copy, s_full)
 
     s_half = calib.calibrate(backbone, params, 0.5, batches)
-    path_half = calib.stats_path(workdir, 7, 0.5)
+    path_half = calib.stats_path(workdir, 7, 0.5, key)
     calib.save_stats(path_half, s_half, {"width": 0.5})
 
     assert path_full != path_half
-    assert path_full == os.path.join(workdir, "bn_stats", "step_7", "width_1.0.msgpack")
+    assert path_full == os.path.join(workdir, "bn_stats", "step_7",
+                                     "custom-cumulative-linear_train-100x512-s0",
+                                     "width_1.0.msgpack")
     assert open(path_full, "rb").read() == before_bytes
     jax.tree.map(np.testing.assert_array_equal, s_full, before_tree)
     loaded, meta = calib.load_stats(path_full)
@@ -124,7 +127,7 @@ def test_one_width_never_changes_another(model, batches, tmp_path):
     deep_half, deep_full = s_half["layer4_0"]["bn1"], s_full["layer4_0"]["bn1"]
     assert not np.allclose(deep_half["mean"][:32], deep_full["mean"][:32])
     assert np.all(deep_half["mean"][32:] == 0) and np.all(deep_full["mean"][32:] != 0)
-    assert calib.load_stats(calib.stats_path(workdir, 7, 0.75)) is None
+    assert calib.load_stats(calib.stats_path(workdir, 7, 0.75, key)) is None
     assert not [f for f in os.listdir(os.path.dirname(path_full)) if f.startswith(".")]
 
 

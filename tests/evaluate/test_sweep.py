@@ -98,36 +98,50 @@ def test_fast_probe_is_well_above_chance_at_every_width(sweep):
 @pytest.mark.slow
 def test_statistics_are_stored_per_width_and_reused(run, sweep, tmp_path):
     _, first = sweep
+    key = first[0]["calibration_procedure"]
+    assert key == "custom-cumulative-linear_train-4x64-s0"
     for w in WIDTHS:
-        stats, meta = calib.load_stats(calib.stats_path(run, STEP, w))
+        stats, meta = calib.load_stats(calib.stats_path(run, STEP, w, key))
         assert meta["width"] == w and meta["num_batches"] == 4 and meta["mode"] == "cumulative"
     again = run_sweep(run, [0.5], "fast", out=str(tmp_path), echo=None)
     assert again[0]["calibration_reused"] is True
     before = next(r for r in first if r["width"] == 0.5 and r["protocol"] == "fast")
     assert again[0]["accuracy"] == before["accuracy"]
-    # Different settings recalibrate (and replace only that width's file).
-    other = calib.load_stats(calib.stats_path(run, STEP, 1.0))
+    # Different settings are another procedure: calibrated into their own file; the first
+    # procedure's files stay as they were.
+    kept = {w: calib.load_stats(calib.stats_path(run, STEP, w, key))[1] for w in WIDTHS}
     changed = run_sweep(run, [0.5], "fast", out=str(tmp_path), calibration_batches=2,
                         echo=None)
+    other = changed[0]["calibration_procedure"]
     assert changed[0]["calibration_reused"] is False
-    assert calib.load_stats(calib.stats_path(run, STEP, 0.5))[1]["num_batches"] == 2
-    assert calib.load_stats(calib.stats_path(run, STEP, 1.0))[1] == other[1]
+    assert other == "custom-cumulative-linear_train-2x64-s0"
+    assert calib.load_stats(calib.stats_path(run, STEP, 0.5, other))[1]["num_batches"] == 2
+    assert {w: calib.load_stats(calib.stats_path(run, STEP, w, key))[1]
+            for w in WIDTHS} == kept
 
 
 @pytest.mark.slow
 def test_official_calibration_procedures(run, tmp_path):
     """Named official procedures reach the calibration: EMA, 128-image batches and the
-    linear-eval crops (CIFAR); the SSL views and the per-device batch (ImageNet)."""
+    linear-eval crops (CIFAR); the SSL views and the per-device batch (ImageNet). Each keeps
+    its own statistics: the second evaluation with a procedure reuses its file."""
     cifar = run_sweep(run, [0.5], "fast", out=str(tmp_path / "c"), calibration="official_cifar",
                       calibration_batches=2, echo=None)
-    meta = calib.load_stats(calib.stats_path(run, STEP, 0.5))[1]
+    cifar_key = cifar[0]["calibration_procedure"]
+    assert cifar_key == "official_cifar-ema-linear_train-2x128-s0"
+    meta = calib.load_stats(calib.stats_path(run, STEP, 0.5, cifar_key))[1]
     assert (meta["mode"], meta["batch_size"], meta["augment"], meta["num_batches"]) == \
         ("ema", 128, "linear_train", 2)
     assert cifar[0]["calibration"] == "official_cifar" and not cifar[0]["calibration_reused"]
-    run_sweep(run, [0.5], "fast", out=str(tmp_path / "i"), calibration="official_imagenet",
-              calibration_batches=2, echo=None)
-    meta = calib.load_stats(calib.stats_path(run, STEP, 0.5))[1]
+    imagenet = run_sweep(run, [0.5], "fast", out=str(tmp_path / "i"),
+                         calibration="official_imagenet", calibration_batches=2, echo=None)
+    imagenet_key = imagenet[0]["calibration_procedure"]
+    meta = calib.load_stats(calib.stats_path(run, STEP, 0.5, imagenet_key))[1]
     assert (meta["mode"], meta["batch_size"], meta["augment"]) == ("ema", 32, "ssl")
+    again = run_sweep(run, [0.5], "fast", out=str(tmp_path / "c2"),
+                      calibration="official_cifar", calibration_batches=2, echo=None)
+    assert again[0]["calibration_reused"] is True
+    assert again[0]["accuracy"] == cifar[0]["accuracy"]
     with pytest.raises(ValueError, match="unknown calibration 'exact'; valid: custom, "):
         run_sweep(run, [0.5], "fast", out=str(tmp_path / "x"), calibration="exact", echo=None)
 
@@ -272,9 +286,10 @@ def test_transfer_dataset_through_the_loaders(run, sweep, tmp_path):
     assert (records[0]["num_train"], records[0]["num_test"]) == (n_train, 96) == (96, 96)
     assert records[0]["input_size"] == 16  # the run's 16 px crop of images stored at 18 px
     # Calibrated on Flowers' own training split, stored apart from the digits statistics.
-    _, meta = calib.load_stats(calib.stats_path(run, STEP, 0.25, "oxford_flowers102"))
+    key = "custom-cumulative-linear_train-4x64-s0"
+    _, meta = calib.load_stats(calib.stats_path(run, STEP, 0.25, key, "oxford_flowers102"))
     assert meta["dataset"] == "oxford_flowers102"
-    assert calib.load_stats(calib.stats_path(run, STEP, 0.25))[1]["dataset"] == "digits"
+    assert calib.load_stats(calib.stats_path(run, STEP, 0.25, key))[1]["dataset"] == "digits"
 
 
 @pytest.mark.parametrize("flag,message", [
@@ -338,7 +353,8 @@ def test_statistics_go_to_out_when_the_workdir_cannot_take_them(run, sweep, tmp_
     out = str(tmp_path / "out")
     first = run_sweep(copy, [0.25], "fast", out=out, echo=None)
     assert first[0]["calibration_reused"] is False
-    _, meta = calib.load_stats(calib.stats_path(out, STEP, 0.25))
+    _, meta = calib.load_stats(calib.stats_path(out, STEP, 0.25,
+                                                first[0]["calibration_procedure"]))
     assert (meta["width"], meta["step"], meta["num_batches"]) == (0.25, STEP, 4)
 
     ev = Evaluator(checkpointing.read_config(copy))
@@ -347,10 +363,12 @@ def test_statistics_go_to_out_when_the_workdir_cannot_take_them(run, sweep, tmp_
     settings = calib.CalibrationSettings(num_batches=2, batch_size=64, seed=0)
     _, reused = ev.calibrated(params, 0.25, settings, copy, STEP, store_in=out)
     assert reused is False  # other settings than the sweep's: calibrated, stored in out
-    assert calib.load_stats(calib.stats_path(out, STEP, 0.25))[1]["num_batches"] == 2
+    key = calib.procedure_key("custom", settings)
+    assert calib.load_stats(calib.stats_path(out, STEP, 0.25, key))[1]["num_batches"] == 2
     _, reused = ev.calibrated(params, 0.25, settings, copy, STEP, store_in=out)
     assert reused is True
     with pytest.raises(ValueError, match="cannot store calibrated BN statistics: .*bn_stats/"
-                                         "step_8/width_0.25.msgpack: .*bn_stats is a file"):
+                                         f"step_8/{key}/width_0.25.msgpack: .*bn_stats is a "
+                                         "file"):
         ev.calibrated(params, 0.25, settings, copy, STEP, recalibrate=True)
     assert open(os.path.join(copy, calib.STATS_DIR)).read() == "keep"

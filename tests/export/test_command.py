@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tests import helpers
 from tests.export.conftest import STEP
 
 ALL = "onnx,stablehlo,torch,flax"
+TINY_KEY = "custom-cumulative-linear_train-2x64-s0"  # the tiny run's calibration procedure
 
 
 def _import_file(path, name="exported_model"):
@@ -36,7 +38,7 @@ def _reference(workdir, width, x):
     """The slimmable backbone of the checkpoint in eval mode at ``width``, with the stored
     calibrated statistics: what every export must compute."""
     pre = checkpointing.load_pretrained(workdir, abstract_state=build.abstract_state)
-    stats, meta = calib.load_stats(calib.stats_path(workdir, pre.step, width))
+    stats, meta = calib.load_stats(calib.stats_path(workdir, pre.step, width, TINY_KEY))
     backbone = build.backbone(pre.config)
     y = backbone.apply({"params": pre.params["backbone"], "batch_stats": stats}, x,
                        width=width, train=False)
@@ -115,6 +117,8 @@ def test_model_card_describes_the_export(tiny_run, exported):
     assert card["source"]["step"] == STEP and card["source"]["config_identity"] == \
         checkpointing.identity(checkpointing.read_config(tiny_run))
     assert card["batchnorm"]["folded_into_convs"] and card["probe_accuracy"] == {}
+    assert card["batchnorm"]["calibration_procedure"] == {"name": "custom", "key": TINY_KEY}
+    assert card["batchnorm"]["calibration"]["num_batches"] == 2
     # Folding drops BN's scale and bias (2 per channel) and adds a conv bias (1 per channel).
     bn_channels = sum(card["channels"].values())
     assert card["folded_params"] == card["params"] - bn_channels
@@ -219,6 +223,9 @@ def test_table_lists_every_distinct_width_with_sweep_accuracy(tiny_run, tmp_path
     (["--width=0.5", "--format=onnx,tflite"], "unknown format 'tflite'; valid: onnx, "
                                               "stablehlo, torch, flax"),
     (["--max-macs=lots"], "--max-macs 'lots' is not a positive number"),
+    (["--width=0.5", "--calibration=exact"], "unknown calibration 'exact'; valid: custom, "
+                                             "official_cifar, official_imagenet"),
+    (["--width=0.5", "--calibration_batches=0"], "--calibration_batches=0 must be > 0"),
     (["--width=0.5", "--out={FILE}"], "--out {FILE!r} is an existing file"),
     (["--width=0.5", "--out={FULL}"], "--out {FULL!r} is a directory that is not empty"),
     (["--width=0.5", "--workdir={NORUN}"], "no run in {NORUN!r}: config.json not found"),
@@ -369,7 +376,7 @@ def test_corrupt_bn_stats_and_sweep_are_named_and_the_export_goes_on(tiny_run, t
     recalibrated; a garbage sweep.json costs only the probe accuracies."""
     run = str(tmp_path / "run")
     shutil.copytree(tiny_run, run)
-    path = calib.stats_path(run, STEP, 0.75)
+    path = calib.stats_path(run, STEP, 0.75, TINY_KEY)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(b"\x93garbage that is not msgpack")
@@ -388,3 +395,35 @@ def test_corrupt_bn_stats_and_sweep_are_named_and_the_export_goes_on(tiny_run, t
     assert card["batchnorm"]["calibration_reused"] is False and card["probe_accuracy"] == {}
     assert os.listdir(tmp_path / "out") == ["model.msgpack", "model_card.json"] or \
         sorted(os.listdir(tmp_path / "out")) == ["model.msgpack", "model_card.json"]
+
+
+def test_calibration_flag_picks_the_statistics_and_the_card_names_them(tiny_run, tmp_path,
+                                                                       capsys,
+                                                                       fake_calibrations):
+    """``--calibration`` exports that procedure's statistics (calibrated by a stand-in here),
+    says which in its output line and records name, key and settings in the card; without
+    it, the run's ``eval.calibration``, whose statistics are kept apart (reuse:
+    test_api.py)."""
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(os.path.join(run, calib.STATS_DIR), ignore_errors=True)  # other tests'
+    cifar = "official_cifar-ema-linear_train-9x128-s0"
+    cards = {}
+    for name, flags in (("cifar", ["--calibration=official_cifar"]), ("default", [])):
+        main([f"--workdir={run}", "--width=0.5", "--format=flax", "--repeats=1",
+              f"--out={tmp_path / name}", *flags])
+        with open(tmp_path / name / command.CARD) as f:
+            cards[name] = json.load(f)["batchnorm"]
+    out = capsys.readouterr().out
+    assert re.findall(r"BN statistics (\S+) (calibrated now|reused)\) to ", out) == [
+        (cifar, "calibrated now"), (TINY_KEY, "calibrated now")]
+    assert len(fake_calibrations) == 2
+    assert cards["cifar"]["calibration_procedure"] == {"name": "official_cifar", "key": cifar}
+    assert cards["default"]["calibration_procedure"] == {"name": "custom", "key": TINY_KEY}
+    assert (cards["cifar"]["calibration"]["mode"], cards["cifar"]["calibration"]["num_batches"],
+            cards["cifar"]["calibration"]["batch_size"]) == ("ema", 9, 128)
+    assert cards["default"]["calibration"]["mode"] == "cumulative"
+    # The files hold the statistics of their procedure: the stand-in's 1st and 2nd calls.
+    for name, n in (("cifar", 1.0), ("default", 2.0)):
+        _, variables = command.load_flax(str(tmp_path / name))
+        assert variables["batch_stats"]["bn1"]["mean"][0] == n

@@ -8,8 +8,8 @@
   monitor.
 
 Per-width BN statistics come from ``us3l_jax.calibration`` (cumulative or official EMA,
-stored next to the checkpoint in ``<workdir>/bn_stats/step_<N>/width_<w>.msgpack``), which
-export and the SEED teacher share.
+stored next to the checkpoint in ``<workdir>/bn_stats/step_<N>/<procedure>/width_<w>.msgpack``,
+one file per calibration procedure), which export and the SEED teacher share.
 
 CLI: ``python -m us3l_jax.evaluate --workdir=RUN --widths=1.0,0.5,0.25 --protocol=fast``.
 """

@@ -63,12 +63,15 @@ def check_width(config: ml_collections.ConfigDict, width: Any) -> float:
 
 
 def calibration_settings(config: ml_collections.ConfigDict, num_batches: int | None = None,
-                         dataset: str | None = None) -> calib.CalibrationSettings:
+                         dataset: str | None = None,
+                         preset: str | None = None) -> calib.CalibrationSettings:
     """How BN statistics are calibrated for ``config`` on ``dataset`` (default: the
-    pretraining set): ``config.eval.calibration``'s named procedure, or the ``custom``
-    fields; ``num_batches`` overrides the number of batches."""
+    pretraining set): the named procedure ``preset`` (default ``config.eval.calibration``),
+    ``custom`` being the config's ``calibration_*`` fields; ``num_batches`` overrides the
+    number of batches."""
     e = config.eval
-    if e.calibration == "custom":
+    preset = calib.check_preset(preset or e.calibration)
+    if preset == "custom":
         settings = calib.CalibrationSettings(
             num_batches=int(e.calibration_batches),
             batch_size=int(e.calibration_batch_size or e.batch_size),
@@ -76,13 +79,13 @@ def calibration_settings(config: ml_collections.ConfigDict, num_batches: int | N
     else:
         dataset = dataset or config.data.dataset
         size = 0
-        if e.calibration == "official_cifar":  # only this one depends on the data's size
+        if preset == "official_cifar":  # only this one depends on the data's size
             size = datasets.num_examples(dataset, transforms.SPLITS[dataset][0],
                                          data_dir=config.data.data_dir)
         linear_batch = linear.recipe_for(e.linear_recipe, dataset, None,
                                          config.model.name).batch_size
         settings = calib.official_settings(
-            e.calibration, train_size=size, linear_batch=linear_batch,
+            preset, train_size=size, linear_batch=linear_batch,
             group_size=config.method.group_size, num_devices=jax.device_count(),
             seed=int(config.seed))
     if num_batches:
@@ -133,26 +136,32 @@ class Evaluator:
 
     def calibrated(self, params: PyTree, width: float, settings: calib.CalibrationSettings,
                    workdir: str, step: int, recalibrate: bool = False, *,
-                   store_in: str | None = None) -> tuple[PyTree, bool]:
+                   store_in: str | None = None, preset: str | None = None
+                   ) -> tuple[PyTree, bool]:
         """Statistics stored next to checkpoint ``step`` (in ``workdir``, else in
         ``store_in``) if they were made with the same settings (and not ``recalibrate``),
         else calibrated now and stored: in ``workdir``, or in ``store_in`` (e.g. the report
-        folder) when the workdir cannot be written (a read-only copy of a run). Returns
-        ``(batch_stats, reused)``; a ``ValueError`` before any work when neither can hold
-        new statistics."""
+        folder) when the workdir cannot be written (a read-only copy of a run). Each
+        procedure (``preset``, default ``config.eval.calibration``, with these ``settings``)
+        has its own file (``calibration.stats_path``); a file of the layout before that is
+        used when its settings are these. Returns ``(batch_stats, reused)``; a
+        ``ValueError`` before any work when neither can hold new statistics."""
         own = self.dataset == self.config.data.dataset
-        paths = [calib.stats_path(d, step, width, None if own else self.dataset)
-                 for d in (workdir, store_in) if d is not None]
+        dataset = None if own else self.dataset
+        key = calib.procedure_key(preset or self.config.eval.calibration, settings)
+        dirs = [d for d in (workdir, store_in) if d is not None]
         meta = calib.settings_meta(settings, width, step, self.dataset)
         if not recalibrate:
-            for path in paths:
-                try:
-                    stored = calib.load_stats(path)
-                except Exception as e:  # noqa: BLE001 - an unreadable file is recalibrated
-                    log.warning("ignoring unreadable BN statistics %s (%s)", path, e)
-                    continue
-                if stored is not None and stored[1] == meta:
-                    return stored[0], True
+            def unreadable(path: str, e: Exception) -> None:
+                log.warning("ignoring unreadable BN statistics %s (%s)", path, e)
+
+            found = calib.find_stats(
+                [p for d in dirs for p in calib.stored_paths(d, step, width, key, dataset)],
+                meta, unreadable)
+            if found is not None:
+                log.info("width %g: BN statistics %s reused from %s", width, key, found[1])
+                return found[0], True
+        paths = [calib.stats_path(d, step, width, key, dataset) for d in dirs]
         problems = {p: fileio.unusable_dir(os.path.dirname(p)) for p in paths}
         writable = [p for p in paths if problems[p] is None]
         if not writable:
@@ -161,6 +170,8 @@ class Evaluator:
         stats = self.calibrate(params, width, settings)
         if jax.process_index() == 0:  # every process computed the same statistics
             calib.save_stats(writable[0], stats, meta)
+        log.info("width %g: BN statistics %s calibrated, stored in %s", width, key,
+                 writable[0])
         return stats, False
 
     def features(self, params: PyTree, batch_stats: PyTree, width: float) -> Features:

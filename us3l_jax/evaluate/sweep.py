@@ -2,7 +2,7 @@
 
 ``run_sweep`` evaluates a pretraining run's checkpoint at every requested width with one or
 more protocols. Per width the BN statistics are calibrated once (or reused from
-``<workdir>/bn_stats/...`` when made with the same settings) and the cached features are
+``<workdir>/bn_stats/...`` when made with the same procedure and settings) and the cached features are
 shared by ``fast`` and ``knn``. Arguments are checked before anything heavy runs: a missing
 run or checkpoint, a width outside the trained range, an unknown protocol, dataset or paper
 row each raise one clear error.
@@ -89,10 +89,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
     """
     config = checkpointing.read_config(workdir)
     if calibration is not None:
-        if calibration not in calib.PRESETS:
-            raise ValueError(f"unknown calibration {calibration!r}; valid: "
-                             f"{', '.join(calib.PRESETS)}")
-        config.eval.calibration = calibration
+        config.eval.calibration = calib.check_preset(calibration)
     protocols = _as_list(protocol or config.eval.sweep_protocol)
     widths = list(dict.fromkeys(check_width(config, w)
                                 for w in _widths(widths or config.eval.sweep_widths)))
@@ -109,6 +106,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
                              "--out, or leave it out for a new folder under <workdir>/eval/")
     pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     settings = calibration_settings(config, calibration_batches, dataset)
+    procedure = calib.procedure_key(config.eval.calibration, settings)
     t_load = time.perf_counter()
     ev = Evaluator(config, dataset, mesh=mesh)
     log.info("loaded %s (%d train / %d test) in %.1fs", dataset, ev.train.num_examples,
@@ -137,6 +135,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
                 "num_test": ev.test.num_examples, "time_s": round(t_probe, 3),
                 "calibration_s": round(t_cal, 3), "features_s": round(t_feat, 3),
                 "calibration_reused": reused, "calibration": config.eval.calibration,
+                "calibration_procedure": procedure,
                 "calibration_mode": settings.mode,
                 "calibration_batches": settings.num_batches}
             if p == "paper":
@@ -159,6 +158,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
     if echo is not None:
         echo(report.describe(records))
         echo(report.markdown_table(records, paper))
+        echo(format_calibration(records))
         echo(format_times(totals, len(widths)))
         echo("wrote " + ", ".join(paths))
     return records
@@ -203,6 +203,17 @@ def log_tensorboard(records: Sequence[Record], out: str, config, paper=None) -> 
         tb.add_text("config", "\n".join("    " + line for line in
                                          config_lib.to_json(config).splitlines()), step)
     return logdir
+
+
+def format_calibration(records: Sequence[Record]) -> str:
+    """``BN statistics custom-cumulative-linear_train-4x64-s0: reused at 1.0, calibrated at
+    0.5``: which stored procedure each width used."""
+    how: dict[str, list[str]] = {"reused": [], "calibrated": []}
+    for w in dict.fromkeys(r["width"] for r in records):
+        r = next(r for r in records if r["width"] == w)
+        how["reused" if r["calibration_reused"] else "calibrated"].append(f"{w}")
+    return (f"BN statistics {records[0]['calibration_procedure']}: "
+            + ", ".join(f"{k} at {', '.join(ws)}" for k, ws in how.items() if ws))
 
 
 def format_times(totals: dict[str, float], num_widths: int) -> str:

@@ -1,17 +1,21 @@
 """``python -m us3l_jax.export --workdir=RUN (--width=W | --max-macs=N | --max-params=N |
 --max-latency-ms=MS) --out=DIR [--format=onnx,stablehlo,torch,flax] [--batch=1]
-[--image-size=N] [--step=N]``: export one width of a run (see ``command.export_run``);
-``python -m us3l_jax.export --workdir=RUN --table [--out=DIR]``: params, MACs, latency and
-accuracy of every distinct width (``command.width_table``).
+[--image-size=N] [--step=N] [--calibration=NAME] [--calibration_batches=N]``: export one
+width of a run (see ``command.export_run``); ``python -m us3l_jax.export --workdir=RUN
+--table [--out=DIR]``: params, MACs, latency and accuracy of every distinct width
+(``command.width_table``).
 
 Without ``--format``, every format whose dependencies are installed is written, and a note
 on stderr names any left out (ONNX needs the ``[export]`` extra). A format named in
 ``--format`` whose dependencies are missing is an error, found before any work.
+``--calibration`` (and ``--calibration_batches``, as ``python -m us3l_jax.evaluate`` takes
+them) picks whose BN statistics are folded in (each procedure has its own, see
+``us3l_jax.calibration``); the output line and the model card name it.
 
 Bad arguments (no run, a width outside the trained range, a budget no width fits, an unknown
-format or one not installed, ``--out`` an existing file, a non-empty directory or in a
-folder that cannot be written) print one line ``python -m us3l_jax.export: error: ...`` and
-exit 2, writing nothing.
+format or one not installed, an unknown ``--calibration``, ``--calibration_batches`` < 1,
+``--out`` an existing file, a non-empty directory or in a folder that cannot be written)
+print one line ``python -m us3l_jax.export: error: ...`` and exit 2, writing nothing.
 """
 from __future__ import annotations
 
@@ -46,8 +50,15 @@ absl_flags.DEFINE_integer("image_size", None, "input side (default the run's eva
                           flag_values=FLAGS)
 absl_flags.DEFINE_integer("step", None, "checkpoint step (default latest)", flag_values=FLAGS)
 absl_flags.DEFINE_integer("repeats", 20, "latency repeats (median)", flag_values=FLAGS)
+absl_flags.DEFINE_string("calibration", None, "whose BN statistics are folded in: custom, "
+                         "official_cifar, official_imagenet (default the run's "
+                         "eval.calibration); named in the card", flag_values=FLAGS)
+absl_flags.DEFINE_integer("calibration_batches", None, "BN calibration batches (default the "
+                          "procedure's), as python -m us3l_jax.evaluate takes it",
+                          flag_values=FLAGS)
 _NAMES = ("workdir", "width", "max_macs", "max_params", "max_latency_ms", "table", "format",
-          "out", "batch", "image_size", "step", "repeats")
+          "out", "batch", "image_size", "step", "repeats", "calibration",
+          "calibration_batches")
 _CHOICES = ("width", "max_macs", "max_params", "max_latency_ms", "table")
 
 
@@ -79,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.fail(PROG, "give exactly one of --width, --max-macs, --max-params, "
                        f"--max-latency-ms, --table (got {len(chosen)}: "
                        f"{', '.join('--' + c.replace('_', '-') for c in chosen) or 'none'})")
+    if args.calibration_batches is not None and args.calibration_batches < 1:
+        cli.fail(PROG, f"--calibration_batches={args.calibration_batches} must be > 0")
     # Our progress at INFO; other libraries (jax2onnx logs every conversion step, absl via
     # orbax installs its own handler) only at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
@@ -111,7 +124,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if text is not None:
                 budget = (key, widths.parse_count(text, "--" + flag.replace("_", "-")))
         command.export_run(args.workdir, args.out, args.width, budget, formats, args.batch,
-                           args.image_size, args.step, repeats=args.repeats)
+                           args.image_size, args.step, repeats=args.repeats,
+                           calibration=args.calibration,
+                           calibration_batches=args.calibration_batches)
     except (CheckpointError, ValueError) as e:  # the same one line (exit 2) as bad flags
         cli.fail(PROG, e)
     return 0

@@ -6,7 +6,9 @@
     features = net(images)                     # float32 (batch, C) from normalised NHWC
 
 ``run.at(w)`` uses the BN statistics stored for ``w`` next to the checkpoint, or calibrates
-them now exactly as ``python -m us3l_jax.evaluate`` does (and stores them). The network is
+them now exactly as ``python -m us3l_jax.evaluate`` does (and stores them); each calibration
+procedure has its own statistics, ``run.at(w, calibration="official_cifar")`` picks one (default:
+the run's ``eval.calibration``) and ``net.calibration_procedure`` names it. The network is
 the plain (compact) network of that width, so it costs what the width costs; ``net.module``
 and ``net.variables`` are ordinary Flax, and ``net.folded()`` gives the BN-folded form that
 the export files compute. ``run.widths()`` lists one width per distinct sub-network.
@@ -35,7 +37,9 @@ class Width:
     module: nn.Module
     variables: dict[str, Any]
     step: int
-    calibration: dict[str, Any] | None
+    calibration: dict[str, Any] | None  # the calibration settings (None: no BatchNorm)
+    # The procedure those statistics came from: name (calibration.PRESETS) and key.
+    calibration_procedure: dict[str, Any] | None = None
 
     @functools.cached_property
     def _apply(self):
@@ -69,12 +73,18 @@ class Run:
                                      self.config.sampler.width_range[0],
                                      self.config.sampler.width_range[1])
 
-    def at(self, width: float, calibration_batches: int | None = None) -> Width:
-        """The network of ``width`` with its calibrated BN statistics. ``ValueError`` for a
-        width outside the trained range."""
+    def at(self, width: float, calibration_batches: int | None = None,
+           calibration: str | None = None) -> Width:
+        """The network of ``width`` with the BN statistics of the calibration procedure
+        ``calibration`` (``custom``, ``official_cifar``, ``official_imagenet``; default the
+        run's ``eval.calibration``). ``ValueError`` for a width outside the trained range or
+        an unknown procedure."""
         module, variables, info = command.load_width(
-            self.workdir, width, calibration_batches=calibration_batches, pre=self._pre)
-        return Width(info["width"], module, variables, self.step, info["calibration"])
+            self.workdir, width, calibration_batches=calibration_batches, pre=self._pre,
+            calibration=calibration)
+        procedure = info["calibration_procedure"]
+        return Width(info["width"], module, variables, self.step, info["calibration"],
+                     procedure and {k: procedure[k] for k in ("name", "key")})
 
 
 def load(workdir: str, step: int | None = None) -> Run:

@@ -122,29 +122,34 @@ def read_sweep(workdir: str) -> list[dict[str, Any]]:
 
 
 def _calibrated(config: ml_collections.ConfigDict, params: Any, width: float, workdir: str,
-                step: int, calibration_batches: int | None
+                step: int, calibration_batches: int | None, calibration: str | None = None
                 ) -> tuple[Any, dict[str, Any] | None, bool]:
-    """``(batch_stats, meta, reused)`` of ``width``: the stored statistics when they were made
-    with the run's calibration settings, else calibrated now (and stored) by the evaluator.
-    A backbone without BatchNorm (a ViT) has none: ``({}, None, False)``. A stored file that
-    cannot be read is named, moved aside (``<file>.corrupt``) and recalibrated."""
+    """``(batch_stats, procedure, reused)`` of ``width``: the statistics stored for the
+    calibration procedure ``calibration`` (default the run's ``eval.calibration``), else
+    calibrated now (and stored) by the evaluator. ``procedure``: its ``name``, ``key`` (the
+    folder of its statistics) and ``settings`` (the stored meta). A backbone without
+    BatchNorm (a ViT) has none: ``({}, None, False)``. A stored file that cannot be read is
+    named, moved aside (``<file>.corrupt``) and recalibrated."""
+    preset = calib.check_preset(calibration or config.eval.calibration)
     if not getattr(_backbone(config), "has_batch_norm", True):
         return {}, None, False
-    settings = calibration_settings(config, calibration_batches)
+    settings = calibration_settings(config, calibration_batches, preset=preset)
+    key = calib.procedure_key(preset, settings)
     meta = calib.settings_meta(settings, width, step, config.data.dataset)
-    path = calib.stats_path(workdir, step, width)
-    try:
-        stored = calib.load_stats(path)
-    except Exception as e:  # noqa: BLE001 - any unreadable file: keep it aside, recalibrate
+    procedure = {"name": preset, "key": key, "settings": meta}
+
+    def unreadable(path: str, e: Exception) -> None:  # keep it aside, recalibrate
         aside = _move_aside(path)
         log.warning("BN statistics %s are unreadable (%s: %s); moved to %s, recalibrating",
                     path, type(e).__name__, e, aside)
-        stored = None
-    if stored is not None and stored[1] == meta:
-        return stored[0], meta, True
+
+    found = calib.find_stats(calib.stored_paths(workdir, step, width, key), meta, unreadable)
+    if found is not None:
+        return found[0], procedure, True
     # Only now is the dataset loaded: exporting a calibrated width needs no data.
-    stats, reused = Evaluator(config).calibrated(params, width, settings, workdir, step)
-    return stats, meta, reused
+    stats, _ = Evaluator(config).calibrated(params, width, settings, workdir, step,
+                                            recalibrate=True, preset=preset)
+    return stats, procedure, False
 
 
 def _move_aside(path: str) -> str:
@@ -294,25 +299,30 @@ def _verify(outputs: Mapping[str, np.ndarray], reference: np.ndarray) -> dict[st
 
 
 def load_width(workdir: str, width: float, step: int | None = None,
-               calibration_batches: int | None = None, pre: Any = None
+               calibration_batches: int | None = None, pre: Any = None,
+               calibration: str | None = None
                ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """``(plain network, variables, info)`` of ``width`` of run ``workdir``: the compact
     network of that width (``plain.apply(variables, x, train=False)`` on normalised NHWC
-    images gives its features) with the calibrated BN statistics (stored, or calibrated now
-    as ``python -m us3l_jax.evaluate`` does). ``info``: step, width, calibration meta and
-    whether stored statistics were reused. ``pre``: an already loaded checkpoint."""
+    images gives its features) with the BN statistics of the calibration procedure
+    ``calibration`` (``calibration.PRESETS``; default the run's ``eval.calibration``):
+    stored, or calibrated now as ``python -m us3l_jax.evaluate`` does. ``info``: step,
+    width, the calibration meta, the procedure (name, key, settings) and whether stored
+    statistics were reused. ``pre``: an already loaded checkpoint."""
     config = checkpointing.read_config(workdir) if pre is None else pre.config
     width = check_width(config, width)
+    calib.check_preset(calibration or config.eval.calibration)
     if pre is None:
         pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     backbone = _backbone(config)
     params = pre.params["backbone"]
-    stats, meta, reused = _calibrated(config, params, width, workdir, pre.step,
-                                      calibration_batches)
+    stats, procedure, reused = _calibrated(config, params, width, workdir, pre.step,
+                                           calibration_batches, calibration)
     variables = {"params": params, "batch_stats": stats} if stats else {"params": params}
     plain, sliced = slice_module(backbone, variables, width)
-    return plain, sliced, {"step": pre.step, "width": width, "calibration": meta,
-                           "calibration_reused": reused}
+    return plain, sliced, {"step": pre.step, "width": width,
+                           "calibration": procedure and procedure["settings"],
+                           "calibration_procedure": procedure, "calibration_reused": reused}
 
 
 def export_run(workdir: str, out: str, width: float | None = None,
@@ -320,7 +330,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
                formats: Sequence[str] = artifacts.FORMATS, batch: int = 1,
                size: int | None = None, step: int | None = None,
                calibration_batches: int | None = None, repeats: int = 20,
-               echo: Echo = print) -> dict[str, Any]:
+               echo: Echo = print, calibration: str | None = None) -> dict[str, Any]:
     """Exports one width of run ``workdir`` into directory ``out``; returns the model card.
 
     Args:
@@ -331,6 +341,8 @@ def export_run(workdir: str, out: str, width: float | None = None,
       batch / size: latency is measured on ``(batch, size, size, 3)``; the files take any
         batch; size defaults to the run's evaluation crop.
       step: checkpoint (default latest); calibration_batches: instead of the run's setting.
+      calibration: the BN calibration procedure whose statistics are folded in
+        (``calibration.PRESETS``; default the run's ``eval.calibration``), named in the card.
     Raises ``ValueError`` / ``CheckpointError`` for bad arguments before anything is written.
     """
     t0 = time.perf_counter()
@@ -341,6 +353,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
     config = checkpointing.read_config(workdir)
     if width is not None:
         check_width(config, width)
+    calib.check_preset(calibration or config.eval.calibration)
     size = image_size(config, size)
     sweep = read_sweep(workdir)  # a bad file is reported now, not after the work
     pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
@@ -349,7 +362,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
     width, picked = _resolve_width(config, backbone, params, width, budget, size, batch,
                                    repeats)
     plain, sliced, info = load_width(workdir, width, calibration_batches=calibration_batches,
-                                     pre=pre)
+                                     pre=pre, calibration=calibration)
     folded, folded_vars = fold_batchnorm(plain, sliced)
     stats = sliced.get("batch_stats", {})
 
@@ -399,6 +412,8 @@ def export_run(workdir: str, out: str, width: float | None = None,
                    "(no classifier)" if stats else "the normalised class token (no head)"},
         "compute_dtype": "float32", "training_compute_dtype": config.model.dtype,
         "batchnorm": ({"folded_into_convs": True, "calibration": info["calibration"],
+                       "calibration_procedure": {
+                           k: info["calibration_procedure"][k] for k in ("name", "key")},
                        "calibration_reused": info["calibration_reused"]} if stats else
                       {"folded_into_convs": False, "calibration": None,
                        "note": "the network has no BatchNorm"}),
@@ -412,9 +427,13 @@ def export_run(workdir: str, out: str, width: float | None = None,
     }
     _write_dir(out, files, card)
     if echo is not None:
+        bn = ""
+        if stats:
+            bn = (f", BN statistics {info['calibration_procedure']['key']} "
+                  f"{'reused' if info['calibration_reused'] else 'calibrated now'}")
         echo(f"exported {config.model.name} width {width} ({cost['params']:,} params, "
              f"{cost['macs']:,} MACs, {latency_ms:.3f} ms at batch {batch} on "
-             f"{widths_lib.device_name()}) to {out} in {time.perf_counter() - t0:.1f}s: "
+             f"{widths_lib.device_name()}{bn}) to {out} in {time.perf_counter() - t0:.1f}s: "
              + ", ".join(f"{f} {n:,} B" for f, n in
                          ((f, card["files"][f]["bytes"]) for f in card["files"])))
     return card
