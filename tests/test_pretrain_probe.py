@@ -19,10 +19,11 @@ STEPS = 44
 
 
 def smoke(probe=True, **overrides):
-    return demo_config("smoke", eval__online_linear=probe, train__max_steps=STEPS,
-                       train__checkpoint_every_steps=5, train__log_every_steps=5,
-                       train__compile_ahead=False, eval__final_sweep=False,
-                       eval__online_every_epochs=1, eval__online_widths=(1.0,), **overrides)
+    return demo_config("smoke", **{
+        "eval__online_linear": probe, "train__max_steps": STEPS,
+        "train__checkpoint_every_steps": 5, "train__log_every_steps": 5,
+        "train__compile_ahead": False, "eval__final_sweep": False,
+        "eval__online_every_epochs": 1, "eval__online_widths": (1.0,), **overrides})
 
 
 def train(config, workdir, **kw):
