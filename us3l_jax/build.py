@@ -21,6 +21,8 @@ from jax.sharding import Mesh
 from us3l_jax import engine as engine_lib, methods, mesh as mesh_lib, models, optim, sampling
 from us3l_jax import slim
 from us3l_jax.data import augment, datasets, feeding
+from us3l_jax.engine import online_probe as probe_lib
+from us3l_jax.engine.online_probe import OnlineProbe
 from us3l_jax.models.heads import SSLModel, hooked_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -292,7 +294,23 @@ def trainer(config: Config, mesh: Mesh, steps_per_epoch: int,
     return engine_lib.Engine(
         training_method(config, steps_per_epoch, frozen_teacher), tx, mesh,
         batch_size=config.optim.batch_size, group_size=config.method.group_size,
-        update_mode=config.method.update_mode, lr_schedule=lr, first_sub_step=first_sub)
+        update_mode=config.method.update_mode, lr_schedule=lr, first_sub_step=first_sub,
+        probe=online_probe(config, total))
+
+
+def online_probe(config: Config, total_steps: int) -> OnlineProbe | None:
+    """The online linear probe (``config.eval.online_linear``) on the backbone's features at
+    the base width, or None."""
+    if not config.eval.online_linear:
+        return None
+    bb, width = backbone(config), teacher_width(config)
+
+    def features(params, x):
+        return bb.apply({"params": params["backbone"]}, x, width=width, train=True)
+    return probe_lib.make(features, feature_dim=bb.feature_dim(width),
+                          num_classes=datasets.num_classes(config.data.dataset,
+                                                           config.data.data_dir),
+                          lr=config.eval.online_linear_lr, total_steps=total_steps)
 
 
 def abstract_state(config: Config, mesh: Mesh | None = None,

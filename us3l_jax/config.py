@@ -188,6 +188,12 @@ def get_default() -> ml_collections.ConfigDict:
     c.eval.online_calibration_batches = 10  # smaller budget for the online probe
     c.eval.knn_k = 200
     c.eval.knn_temperature = 0.1
+    # Online linear probe (solo-learn's online classifier, us3l_jax.engine.online_probe): a
+    # linear classifier trained every step on the base network's detached features of the
+    # training batch; logs probe/loss, probe/acc1 and, at online evals, probe/val_acc1. SGD
+    # momentum 0.9, no weight decay, online_linear_lr cosine-decayed over the run.
+    c.eval.online_linear = False
+    c.eval.online_linear_lr = 0.1
     # Paper-protocol recipe: "auto" (ViT backbones: SGD lr 0.1, cosine, 90 ep, head N(0, 0.01);
     # ImageNet: LARS/cosine/60 ep; transfer sets: batch 256, 9.4; otherwise CIFAR: SGD lr 30,
     # 100 ep, x0.1 at 60/80, 9.2), or "cifar", "transfer", "imagenet", "vit". linear_epochs
@@ -295,6 +301,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                  "train.keep_checkpoints", "eval.batch_size", "heads.proj_hidden",
                  "heads.proj_out", "heads.head_hidden", "eval.calibration_batches",
                  "eval.online_calibration_batches", "eval.knn_k", "eval.knn_temperature",
+                 "eval.online_linear_lr",
                  "optim.reg_groups", "data.num_threads"):
         section, key = path.split(".")
         _positive(path, config[section][key])
@@ -515,6 +522,10 @@ def _validate_supervised(config: ml_collections.ConfigDict) -> None:
                               "an individual width (config.sampler.individual_width) needs "
                               "switchable_widths=()")
     protocols = {config.eval.sweep_protocol}
+    if config.train.objective == "supervised" and config.eval.online_linear:
+        raise ConfigError("config.eval.online_linear probes a self-supervised run; a "
+                          "supervised run trains its own classifier (its loss and the top1 "
+                          "sweep): set online_linear=False")
     if config.train.objective != "supervised":
         if "top1" in protocols:
             raise ConfigError("config.eval.sweep_protocol='top1' reads the classifier of a "

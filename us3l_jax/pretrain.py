@@ -72,6 +72,7 @@ def setup(config, mesh=None) -> Run:
         raise config_lib.ConfigError(
             f"config.optim.batch_size={config.optim.batch_size} is larger than the "
             f"{config.data.dataset} training split")
+    check_probe_labels(config)
     frozen = None
     if build.method_kind(config) == "seed":  # SEED: another run's network
         from us3l_jax import teacher as teacher_lib
@@ -80,6 +81,20 @@ def setup(config, mesh=None) -> Run:
                trainer=build.trainer(config, mesh, data.steps_per_epoch, frozen),
                sampler=build.sampler(config), steps_per_epoch=data.steps_per_epoch,
                total_steps=config.optim.epochs * data.steps_per_epoch, frozen_teacher=frozen)
+
+
+def check_probe_labels(config) -> None:
+    """The online linear probe learns the training batches' labels: an unlabelled image
+    folder (one class of every image) has none."""
+    if not config.eval.online_linear:
+        return
+    from us3l_jax.data import datasets
+    n = datasets.num_classes(config.data.dataset, config.data.data_dir)
+    if n < 2:
+        raise config_lib.ConfigError(
+            f"config.eval.online_linear needs labelled training images, but "
+            f"{config.data.dataset} at {config.data.data_dir} has {n} class; put them in "
+            f"train/<class>/ folders or set config.eval.online_linear=False")
 
 
 def possible_sub_widths(run: Run) -> list[float]:
@@ -160,8 +175,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
           start_over: bool = False, trust_unverified: bool = False) -> TrainState:
     """Pretrains (or resumes) the run in ``workdir`` and returns the final TrainState.
 
-    ``online_eval``: optional ``callable(params, step) -> dict`` run every
-    ``config.eval.online_every_epochs`` epochs; its metrics are logged.
+    ``online_eval``: optional ``callable(params, step, probe=None) -> dict`` run every
+    ``config.eval.online_every_epochs`` epochs (``probe``: the online linear probe's state,
+    passed when ``config.eval.online_linear``); its metrics are logged.
     Raises ``Preempted`` after saving on SIGTERM or SIGINT, ``NonFiniteLossError`` on
     NaN/Inf, ``checkpointing.CheckpointSaveError`` when a save fails (checked at every step;
     older checkpoints stay intact), ``workdir_lock.WorkdirLockedError`` when another process
@@ -295,7 +311,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
         cost = ScheduleCost(run, end)
-        labels = (lambda b: (b.labels,)) if build.is_supervised(config) else (lambda b: ())
+        labels = (lambda b: (b.labels,)) if trainer.needs_labels else (lambda b: ())
         shown_programs = None
         online_every = config.eval.online_every_epochs * run.steps_per_epoch
         t0, last_log_t, last_log_step = time.perf_counter(), time.perf_counter(), start
@@ -317,7 +333,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                     metrics = fetch(metrics)
             if log_now:
                 guard(f"at step {done}")
-                if not all(np.isfinite(v) for v in metrics.values()):
+                # A diverged probe is logged, not fatal: it does not touch the training.
+                if not all(np.isfinite(v) for k, v in metrics.items()
+                           if not k.startswith("probe/")):
                     raise NonFiniteLossError(
                         f"non-finite loss at step {step}: " + ", ".join(
                             f"{k}={float(v):.4g}" for k, v in sorted(metrics.items())) +
@@ -350,13 +368,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
                             f" | programs {programs[0]} ({programs[1]} compiled ahead, "
                             f"{trainer.programs.compile_seconds:.0f}s)")
                 shown_programs = programs
-                log.info("step %d/%d ep %.2f | %s | widths %s | %s%s | ETA %s", done, end,
+                probe = ("" if "probe/acc1" not in metrics else
+                         f" | probe acc1 {float(metrics['probe/acc1']):.1f}%")
+                log.info("step %d/%d ep %.2f | %s%s | widths %s | %s%s | ETA %s", done, end,
                          extra["epoch"], " ".join(
                              f"{k.split('/')[-1]} {float(v):.4f}"
                              for k, v in sorted(metrics.items()) if k.startswith("loss/")),
-                         ",".join(f"{w:.3g}" for w in widths), speed, compiled, eta)
+                         probe, ",".join(f"{w:.3g}" for w in widths), speed, compiled, eta)
             if online_eval is not None and online_every and done % online_every == 0:
-                out = online_eval(state.params, done)
+                out = (online_eval(state.params, done) if state.probe is None else
+                       online_eval(state.params, done, probe=state.probe))
                 writer.write(done, out)
                 log.info("online eval at step %d: %s", done, ", ".join(
                     f"{k} {v:.4f}" for k, v in sorted(out.items())))

@@ -9,7 +9,10 @@ network's, the rest are sub-networks):
    sub-networks;
 3. ``sub``: every sub-network's loss against the targets (preceded, for a method with
    ``teacher_per_width``, by another teacher step from the parameters that sub-network sees);
-4. the update. ``accumulate`` (paper) makes one update per iteration with the summed
+4. with an online linear probe (``online_probe``), its own update from the base network's
+   detached features of the first view, before the training updates; no training program
+   reads it;
+5. the update. ``accumulate`` (paper) makes one update per iteration with the summed
    gradients (``apply``); ``per_width`` (official code) updates after each width
    (``base_update`` / ``sub_update``), later widths seeing the already-updated parameters,
    and ``finish`` counts the iteration. The method's ``after_step`` (an enqueue) runs last.
@@ -33,7 +36,7 @@ import optax
 from jax.sharding import Mesh
 
 from us3l_jax import mesh as mesh_lib
-from us3l_jax.engine import grads as grads_lib
+from us3l_jax.engine import grads as grads_lib, online_probe
 from us3l_jax.engine.programs import Programs
 from us3l_jax.engine.state import TrainState
 from us3l_jax.methods.base import Context, Method
@@ -45,14 +48,17 @@ UPDATE_MODES = ("accumulate", "per_width")
 
 
 def init_state(rng: jax.Array, *, method: Method, tx: optax.GradientTransformation,
-               view_spec: jax.ShapeDtypeStruct) -> TrainState:
-    """The method's full-width parameters, teacher and queue, and the optimizer's state."""
+               view_spec: jax.ShapeDtypeStruct,
+               probe: online_probe.OnlineProbe | None = None) -> TrainState:
+    """The method's full-width parameters, teacher and queue, the optimizer's state and the
+    online probe's (None without one)."""
     init_rng, data_rng = jax.random.split(rng)
     # The extra key is derived from, not split off, ``rng``: methods without a queue keep
     # exactly the initialisation they always had.
     params, teacher, queue = method.init(init_rng, jax.random.fold_in(rng, 1), view_spec)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=teacher,
-                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng), queue=queue)
+                      opt_state=tx.init(params), rng=jax.random.key_data(data_rng), queue=queue,
+                      probe=None if probe is None else probe.init())
 
 
 # ------------------------------------------------------------------------------ programs
@@ -64,6 +70,11 @@ def views(rng, step, images, labels, *, method: Method):
     batch = method.views(key, images, labels)
     return jax.tree.map(lambda a: a.astype(method.dtype)
                         if jnp.issubdtype(a.dtype, jnp.floating) else a, batch)
+
+
+def probe_update(params, probe_state, batch, labels, *, probe: online_probe.OnlineProbe):
+    """The online probe's update on the first view of the batch (``online_probe.step``)."""
+    return online_probe.step(probe, probe_state, params, batch[0], labels)
 
 
 def _base(params, teacher, queue, constants, step, batch, *, method: Method, width: float,
@@ -201,17 +212,20 @@ class Engine:
         results to float32 rounding).
       first_sub_step: the first iteration that trains sub-networks (``sampling.
         first_sub_network_step``; None: none does), for the method's ``decay``.
+      probe: an online linear probe (``online_probe.make``) trained beside the method; its
+        iterations then need the batch's labels.
     """
 
     def __init__(self, method: Method, tx: optax.GradientTransformation, mesh: Mesh, *,
                  batch_size: int, group_size: int | None = None,
                  update_mode: str = "accumulate",
                  lr_schedule: Callable[[Any], Any] | None = None, compile_threads: int = 2,
-                 reduce_once: bool | None = None, first_sub_step: int | None = 0):
+                 reduce_once: bool | None = None, first_sub_step: int | None = 0,
+                 probe: online_probe.OnlineProbe | None = None):
         if update_mode not in UPDATE_MODES:
             raise ValueError(f"update_mode={update_mode!r} is not one of {UPDATE_MODES}")
         self.method, self.tx, self.mesh, self.lr_schedule = method, tx, mesh, lr_schedule
-        self.update_mode = update_mode
+        self.update_mode, self.probe = update_mode, probe
         local = grads_lib.device_local_groups(group_size, batch_size, mesh.devices.size)
         if reduce_once is None and update_mode == "per_width":
             # Kept per device, a sub-network's gradient would travel full-size and
@@ -233,25 +247,33 @@ class Engine:
 
     # ---------------------------------------------------------------- state
 
+    @property
+    def needs_labels(self) -> bool:
+        """Whether iterations read the batch's labels (the method's loss or the probe)."""
+        return self.method.needs_labels or self.probe is not None
+
     def _labels_spec(self, image_spec):
         return jax.ShapeDtypeStruct(image_spec.shape[:1], jnp.int32) \
-            if self.method.needs_labels else None
+            if self.needs_labels else None
+
+    def _views_spec(self, image_spec):
+        return self._labels_spec(image_spec) if self.method.needs_labels else None
 
     def view_spec(self, image_spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
         """Shape and dtype of the (first) view the networks see."""
         return jax.eval_shape(self.method.views, jax.random.key(0), image_spec,
-                              self._labels_spec(image_spec))[0]
+                              self._views_spec(image_spec))[0]
 
     def init_state(self, rng: jax.Array, image_spec: jax.ShapeDtypeStruct) -> TrainState:
         init = functools.partial(init_state, method=self.method, tx=self.tx,
-                                 view_spec=self.view_spec(image_spec))
+                                 view_spec=self.view_spec(image_spec), probe=self.probe)
         return jax.jit(init, out_shardings=self._repl)(rng)
 
     def abstract_state(self, image_spec: jax.ShapeDtypeStruct) -> TrainState:
         """Shapes, dtypes and shardings of the TrainState, computing nothing (for restores)."""
         shapes = jax.eval_shape(functools.partial(
-            init_state, method=self.method, tx=self.tx, view_spec=self.view_spec(image_spec)),
-            jax.random.key(0))
+            init_state, method=self.method, tx=self.tx, view_spec=self.view_spec(image_spec),
+            probe=self.probe), jax.random.key(0))
         return jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self._repl), shapes)
 
@@ -272,6 +294,9 @@ class Engine:
 
         if kind == "views":
             return jit(functools.partial(views, method=m), (r, r, b, b), b)
+        if kind == "probe":
+            return jit(functools.partial(probe_update, probe=self.probe), (r, r, b, b), (r, r),
+                       donate=(1,))
         if kind == "base":
             return jit(functools.partial(base_grads, width=width, **s),
                        (r, r, r, r, r, b), (r, g, b, r, r), donate=(1,))
@@ -320,8 +345,14 @@ class Engine:
             raise ValueError(f"{m.name} trains one width per run, got widths {list(widths)}")
         base_w, subs = float(widths[0]), [float(w) for w in widths[1:]]
         prog = functools.partial(self._program, run)
-        batch = prog("views", state.rng, state.step, images, labels)
+        batch = prog("views", state.rng, state.step, images,
+                     labels if m.needs_labels else None)
         metrics: dict[str, Any] = {}
+        if self.probe is not None:
+            # From the parameters at the start of the iteration, as the base network's loss.
+            probe_state, out = prog("probe", state.params, state.probe, batch, labels)
+            state = state.replace(probe=probe_state)
+            metrics.update(out)
         if self.update_mode == "accumulate":
             teacher, partial, targets, out, total = prog(
                 "base", state.params, state.ema_params, state.queue, self._constants,
@@ -349,12 +380,14 @@ class Engine:
     def step(self, state: TrainState, images: jax.Array, widths: Sequence[float],
              labels: jax.Array | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
         """Runs iteration ``state.step`` on a uint8 batch (and its int32 labels, for methods
-        that need them). ``widths[0]`` is the base network's width, the rest are
+        that need them and the online probe). ``widths[0]`` is the base network's width, the rest are
         sub-networks. Returns the new state and device-side metrics (fetch them only when
         logging, to keep dispatch asynchronous)."""
-        if self.method.needs_labels and labels is None:
-            raise ValueError(f"{self.method.name} needs the batch's labels")
-        if not self.method.needs_labels:
+        if self.needs_labels and labels is None:
+            raise ValueError(f"{self.method.name} needs the batch's labels" if
+                             self.method.needs_labels else
+                             "the online linear probe needs the batch's labels")
+        if not self.needs_labels:
             labels = None
         return self.iteration(self.programs.call, state, images, widths, labels)
 
