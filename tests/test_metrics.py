@@ -99,6 +99,7 @@ def test_metric_writer_survives_io_errors_and_drops_steps_after_resume(tmp_path,
     assert steps == [1, 2, 4, 6]
 
 
+@pytest.mark.slow
 def test_wandb_logs_the_losses_of_metrics_jsonl_and_a_resume_continues_its_run(
         tmp_path, offline_wandb):
     workdir = str(tmp_path / "run")

@@ -74,6 +74,7 @@ def test_the_probe_does_not_change_the_training(update_mode, steps):
     np.testing.assert_allclose(metrics[0]["probe/loss"], np.log(CLASSES), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_probe_step_is_sgd_with_momentum_on_detached_features():
     """Two steps of ``online_probe.step`` equal optax SGD (momentum 0.9, cosine lr) on the
     features computed by hand, and no gradient reaches the network's parameters."""
