@@ -41,7 +41,8 @@ flags.DEFINE_string("dataset", None, "evaluation dataset (default: the pretraini
 flags.DEFINE_string("out", None, "report directory; must not already hold a sweep (default: "
                     "a new <workdir>/eval/<protocols>-<widths>[-<n>]/)", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "checkpoint step (default latest)", flag_values=FLAGS)
-flags.DEFINE_integer("epochs", None, "paper protocol epochs (default the recipe's)",
+flags.DEFINE_integer("epochs", None,
+                     "epochs of the paper and finetune protocols (default the recipe's)",
                      flag_values=FLAGS)
 flags.DEFINE_string("calibration", None, "BN calibration procedure: custom (the config's "
                     "calibration_* fields), official_cifar, official_imagenet (default "

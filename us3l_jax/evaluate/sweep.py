@@ -75,7 +75,8 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
         their own training split.
       out: report directory (default ``workdir``, or a new folder with ``new_report``);
         ``step``: checkpoint (default latest).
-      epochs: paper protocol epochs instead of the recipe's (milestones scale with it).
+      epochs: epochs of the paper and finetune protocols instead of the recipe's
+        (milestones scale with it).
       calibration_batches: instead of ``config.eval.calibration_batches``.
       recalibrate: ignore stored statistics.
       calibration: a BN calibration procedure (``calibration.PRESETS``) instead of
