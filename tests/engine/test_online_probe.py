@@ -54,8 +54,7 @@ def run(engine, steps=len(WIDTHS)):
 
 
 @pytest.mark.parametrize("update_mode,steps", [
-    ("accumulate", 2), pytest.param("accumulate", 3, marks=pytest.mark.slow),
-    pytest.param("per_width", 3, marks=pytest.mark.slow)])
+    ("accumulate", 2), pytest.param("per_width", 3, marks=pytest.mark.slow)])
 def test_the_probe_does_not_change_the_training(update_mode, steps):
     """Parameters, teacher, optimizer state, key and step after base-only and sandwich
     iterations are bitwise those of the same engine without a probe; the probe's own state
@@ -129,9 +128,10 @@ def test_the_probe_runs_on_two_devices():
         from tests.helpers import leaves_equal
         from us3l_jax import mesh as mesh_lib
         two = mesh_lib.make_mesh(jax.devices()[:2])
-        plain, _ = run(make_engine("accumulate", probe=False, mesh=two))
-        probed, m = run(make_engine("accumulate", probe=True, mesh=two))
-        single, m1 = run(make_engine("accumulate", probe=True))
+        # Two iterations (base-only, then one sub-network): the compiles are the cost.
+        plain, _ = run(make_engine("accumulate", probe=False, mesh=two), 2)
+        probed, m = run(make_engine("accumulate", probe=True, mesh=two), 2)
+        single, m1 = run(make_engine("accumulate", probe=True), 2)
         print(json.dumps(dict(
             same=leaves_equal(plain.params, probed.params) and
                  leaves_equal(plain.opt_state, probed.opt_state) and
