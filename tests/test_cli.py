@@ -53,6 +53,14 @@ def test_config_files_reads_the_wheels_configs_when_there_is_no_checkout(tmp_pat
     assert cli.shipped_config("--config=configs/demo.py:smoke") == \
         f"--config={shipped / 'demo.py'}:smoke"
     assert cli.shipped_config("--config=configs/nothere.py") == "--config=configs/nothere.py"
+    # An editable install's checkout comes before the wheel's copy.
+    checkout = tmp_path / "checkout" / "configs"
+    checkout.mkdir(parents=True)
+    (checkout / "demo.py").write_text('"""Checkout."""\n')
+    monkeypatch.setattr(cli, "_config_dirs", lambda: ["configs", str(checkout), str(shipped)])
+    assert cli.shipped_config("--config=configs/demo.py") == f"--config={checkout / 'demo.py'}"
+    monkeypatch.setattr(cli, "_config_dirs", lambda: ["configs", str(tmp_path / "nowhere"),
+                                                      str(shipped)])
     assert cli.shipped_config("--workdir=configs/demo.py") == "--workdir=configs/demo.py"
     # A configs/ folder here wins over the shipped one.
     (tmp_path / "configs").mkdir()

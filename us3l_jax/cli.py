@@ -154,17 +154,20 @@ def _config_dirs() -> list[str]:
 
 
 def shipped_config(arg: str) -> str:
-    """``--config=configs/<file>[:<arg>]`` names the config shipped in the wheel
-    (``us3l_jax/configs/<file>``) when there is no such file here: the README's commands work
-    from any directory after ``pip install``, not only from a checkout."""
+    """``--config=configs/<file>[:<arg>]`` names the config of the installed package (the
+    checkout's ``configs/`` of an editable install, or the wheel's ``us3l_jax/configs/``) when
+    there is no such file here: the README's commands work from any directory after
+    ``pip install``, not only from a checkout."""
     prefix = "--config=configs/"
     if not arg.startswith(prefix):
         return arg
     name, colon, rest = arg[len(prefix):].partition(":")
-    shipped = os.path.join(_config_dirs()[-1], name)
-    if os.path.exists("configs/" + name) or not os.path.isfile(shipped):
+    if os.path.exists("configs/" + name):
         return arg
-    return f"--config={shipped}{colon}{rest}"
+    for d in _config_dirs()[1:]:
+        if os.path.isfile(os.path.join(d, name)):
+            return f"--config={os.path.join(d, name)}{colon}{rest}"
+    return arg
 
 
 def config_files(directory: str | None = None) -> list[tuple[str, str]]:
