@@ -333,6 +333,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
         return found[1]
 
 
+# Orbax announces at WARNING what opening checkpoints read-only implies (no saves, no
+# cleanup); evaluation and export only read, so these lines would read as problems.
+_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
+def _quiet_read_only(record: logging.LogRecord) -> bool:
+    return not str(record.getMessage()).startswith(_READ_ONLY_NOTICES)
+
+
 class Checkpointer:
     """Saves and restores the TrainState of a run in ``<workdir>/checkpoints``."""
 
@@ -348,6 +357,8 @@ class Checkpointer:
         self._trust_unverified, self._read_only = trust_unverified, read_only
         self._saving: int | None = None  # the step of the save in flight
         self._failed = False  # a save error has been raised already
+        if read_only:
+            logging.getLogger("absl").addFilter(_quiet_read_only)  # (added once)
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:

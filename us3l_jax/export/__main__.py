@@ -62,15 +62,6 @@ _NAMES = ("workdir", "width", "max_macs", "max_params", "max_latency_ms", "table
 _CHOICES = ("width", "max_macs", "max_params", "max_latency_ms", "table")
 
 
-# Orbax announces at WARNING what opening checkpoints read-only implies (no saves, no
-# cleanup); the export only reads, so these lines would read as problems.
-_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
-
-
-def _quiet_read_only(record: logging.LogRecord) -> bool:
-    return not str(record.getMessage()).startswith(_READ_ONLY_NOTICES)
-
-
 def usage() -> str:
     return ("Export one width of a US3L run (ONNX, StableHLO, torch safetensors, Flax) or "
             "tabulate every width's cost.\n"
@@ -97,7 +88,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         force=True)
     logging.getLogger("us3l_jax").setLevel(logging.INFO)
-    logging.getLogger("absl").addFilter(_quiet_read_only)
     note = None
     if not args.table:  # a missing dependency is found before any import or work
         try:
