@@ -6,6 +6,7 @@ import errno
 import glob
 import json
 import os
+import signal
 import sys
 
 import pytest
@@ -157,12 +158,17 @@ def test_a_failing_wandb_log_is_one_warning_and_training_completes(
 class FakeRun:
     def __init__(self, starting_step):
         self.starting_step, self.logged, self.exit_code = starting_step, [], None
+        self.events = []
+
+    def mark_preempting(self):
+        self.events.append("preempting")
 
     def log(self, data, step):
         self.logged.append((step, data))
 
     def finish(self, exit_code=0):
         self.exit_code = exit_code
+        self.events.append(f"finish {exit_code}")
 
 
 def test_a_resumed_wandb_run_gets_only_the_steps_it_lacks(tmp_path, monkeypatch):
@@ -176,7 +182,8 @@ def test_a_resumed_wandb_run_gets_only_the_steps_it_lacks(tmp_path, monkeypatch)
     writer = metrics.MetricWriter(str(tmp_path), resume_step=4, wandb_run=spec)
     for step in (5, 6, 7, 8):
         writer.write(step, {"loss": float(step), "widths": [1.0, 0.5]})
-    writer.close(143)
+    writer.close(143, preempted=True)  # SIGTERM: W&B hears "preempting" before the exit code
+    assert fake.events == ["preempting", "finish 143"]
     assert calls == [dict(project="p", entity="e", name="n", id="abc123", resume="allow",
                           config={"a.b": 1}, dir=str(tmp_path))]
     assert fake.logged == [(7, {"loss": 7.0}), (8, {"loss": 8.0})]
@@ -187,6 +194,32 @@ def test_a_resumed_wandb_run_gets_only_the_steps_it_lacks(tmp_path, monkeypatch)
     writer.close()
     new_id = (tmp_path / metrics.WANDB_ID_FILE).read_text().strip()
     assert new_id != "abc123" and calls[-1]["id"] == new_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, events", [
+    (signal.SIGTERM, ["preempting", "finish 143"]),  # requeued by a W&B sweep, not failed
+    (signal.SIGINT, ["finish 130"]),  # the user stopped it
+])
+def test_a_run_stopped_by_a_signal_tells_wandb_why(tmp_path, monkeypatch, signum, events):
+    """Training saves and stops on SIGTERM (preemption) or Ctrl-C; W&B hears "preempting"
+    only for the first, then the exit status the command line gives."""
+    import wandb
+    from us3l_jax import sampling
+    fake = FakeRun(starting_step=0)
+    monkeypatch.setattr(wandb, "init", lambda **kw: fake)
+    sample, calls = sampling.sample_widths, []
+
+    def signal_in_step_3(s, step, *args):
+        calls.append(step)
+        if step == 2 and calls.count(2) == 2:  # (the ETA's cost table draws it first)
+            os.kill(os.getpid(), signum)
+        return sample(s, step, *args)
+    monkeypatch.setattr(pretrain.sampling, "sample_widths", signal_in_step_3)
+    with pytest.raises(pretrain.Preempted) as e:
+        pretrain.train(tiny(8, train__wandb_project="us3l-test"), str(tmp_path / "run"))
+    assert e.value.exit_code == 128 + signum
+    assert fake.events == events
 
 
 def test_a_bucket_workdir_keeps_the_wandb_id_in_the_bucket_and_wandb_files_here(

@@ -154,10 +154,17 @@ class MetricWriter:
         if run is not None and step >= self._wandb_from:
             self._guard(WANDB, lambda: run.log(scalars, step=step))
 
-    def close(self, exit_code: int = 0) -> None:
-        """Closes every sink; ``exit_code`` is the run's (W&B marks a non-zero one failed)."""
+    def close(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Closes every sink; ``exit_code`` is the run's (W&B marks a non-zero one failed).
+        ``preempted`` (stopped by SIGTERM after saving, to be resumed) tells W&B so first: it
+        then shows the run as preempted, and a W&B sweep agent requeues it, not failed."""
+        def finish_wandb(run):
+            if preempted:
+                run.mark_preempting()
+            run.finish(exit_code=exit_code)
+
         for what, sink in self._sinks.items():
             if sink is not None:
-                self._guard(what, (lambda: sink.finish(exit_code=exit_code)) if what == WANDB
+                self._guard(what, (lambda: finish_wandb(sink)) if what == WANDB
                             else sink.close)
         self._sinks = {}

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -42,6 +43,7 @@ class Preempted(Exception):
         what = "interrupted (Ctrl-C)" if signum == signal.SIGINT else "preempted"
         super().__init__(f"{what} at step {step}; checkpoint saved")
         self.step = step
+        self.signum = int(signum)
         self.exit_code = 128 + int(signum)
 
 
@@ -290,7 +292,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
             return found[1]
         writer = metrics_lib.MetricWriter(workdir, None if found is None else found[0],
                                           wandb_run(config))
-        stack.push(lambda exc_type, exc, tb: writer.close(_exit_code(exc)))
+        stack.push(lambda exc_type, exc, tb: writer.close(
+            _exit_code(exc), preempted=isinstance(exc, Preempted)
+            and exc.signum == signal.SIGTERM))
         writer.truncate_after(0 if found is None else found[0])
         if found is None:
             state = trainer.init_state(jax.random.key(config.seed), run.image_spec)
@@ -407,7 +411,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
         guard("during a save")  # a save failed because the workdir vanished: say that
         raise
     finally:
-        stack.close()
+        # The callbacks learn why the run stops, as a ``with`` block would tell them (W&B's
+        # exit status, which error the checkpointer reports); stack.close() passes none.
+        exc = sys.exc_info()[1]
+        if exc is None:
+            stack.close()
+        else:
+            stack.__exit__(type(exc), exc, exc.__traceback__)
 
 
 def wandb_run(config: ml_collections.ConfigDict) -> metrics_lib.WandbRun | None:
