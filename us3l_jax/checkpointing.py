@@ -655,7 +655,11 @@ def load_pretrained(workdir: str, step: int | None = None, *,
         found = ckpt.restore_latest(params, steps=[step] if step is not None else None,
                                     partial=True)
         if found is None:
-            raise CheckpointError(f"no readable checkpoint in {workdir!r} (steps {steps})")
+            unverified = [s for s in steps
+                          if not paths.exists(os.path.join(ckpt.step_dir(s), CHECKSUM_FILE))]
+            hint = (f"; {len(unverified)} of them only lack their {CHECKSUM_FILE}: "
+                    f"{TRUST_FLAG} uses them" if unverified and not trust_unverified else "")
+            raise CheckpointError(f"no readable checkpoint in {workdir!r} (steps {steps}){hint}")
         return Pretrained(config=config, step=found[0], params=found[1]["params"])
     finally:
         ckpt.close()

@@ -168,7 +168,8 @@ def _run(config, workdir: str) -> None:
             if config.eval.final_sweep and not _swept(workdir, before, config):
                 from us3l_jax import evaluate
                 evaluate.run_sweep(workdir, widths=config.eval.sweep_widths,
-                                   protocol=config.eval.sweep_protocol)
+                                   protocol=config.eval.sweep_protocol,
+                                   trust_unverified=_TRUST_UNVERIFIED.value)
     except (UsageError, config_lib.ConfigError, DatasetNotFoundError,
             checkpointing.CheckpointError, workdir_lock.WorkdirLockedError) as e:
         _fail(str(e), 2)  # errors the user can fix; any other keeps its traceback

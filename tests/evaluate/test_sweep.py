@@ -2,6 +2,7 @@
 statistics, online monitoring, and the errors of bad inputs (also through the CLI)."""
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
@@ -372,3 +373,30 @@ def test_statistics_go_to_out_when_the_workdir_cannot_take_them(run, sweep, tmp_
                                          "file"):
         ev.calibrated(params, 0.25, settings, copy, STEP, recalibrate=True)
     assert open(os.path.join(copy, calib.STATS_DIR)).read() == "keep"
+
+
+@pytest.mark.slow
+def test_unverified_checkpoints_need_the_trust_flag(run, tmp_path, capsys):
+    """A run whose checkpoints lack their checksum file (written before checksums existed, or
+    the file was lost) is refused with the flag that uses them named; with it, the sweep
+    runs on that checkpoint."""
+    from us3l_jax.evaluate import __main__ as cli_main
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy)
+    for step in checkpointing.Checkpointer(copy, demo_config()).all_steps():
+        os.remove(os.path.join(copy, "checkpoints", str(step), checkpointing.CHECKSUM_FILE))
+    with pytest.raises(SystemExit) as e:
+        cli_main.main([f"--workdir={copy}", "--widths=1.0", "--protocol=fast"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"(steps [{STEP}]); 1 of them only lack their us3l_checksums.json: "
+        "--trust_unverified_checkpoints uses them")
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(run))  # no report, no statistics
+    reports = lambda: set(os.listdir(os.path.join(copy, "eval")))  # noqa: E731
+    before = reports() if os.path.isdir(os.path.join(copy, "eval")) else set()
+
+    assert cli_main.main([f"--workdir={copy}", "--widths=1.0", "--protocol=fast",
+                          "--trust_unverified_checkpoints"]) == 0
+    (report,) = reports() - before
+    records = json.load(open(os.path.join(copy, "eval", report, "sweep.json")))
+    assert [(r["step"], r["width"]) for r in records] == [(STEP, 1.0)]

@@ -226,6 +226,9 @@ def test_table_lists_every_distinct_width_with_sweep_accuracy(tiny_run, tmp_path
     (["--width=0.5", "--calibration=exact"], "unknown calibration 'exact'; valid: custom, "
                                              "official_cifar, official_imagenet"),
     (["--width=0.5", "--calibration_batches=0"], "--calibration_batches=0 must be > 0"),
+    (["--table", "--calibration=official_cifar"], "--calibration applies to an export, not "
+                                                  "to --table"),
+    (["--table", "--format=onnx"], "--format applies to an export, not to --table"),
     (["--width=0.5", "--out={FILE}"], "--out {FILE!r} is an existing file"),
     (["--width=0.5", "--out={FULL}"], "--out {FULL!r} is a directory that is not empty"),
     (["--width=0.5", "--workdir={NORUN}"], "no run in {NORUN!r}: config.json not found"),
@@ -427,3 +430,26 @@ def test_calibration_flag_picks_the_statistics_and_the_card_names_them(tiny_run,
     for name, n in (("cifar", 1.0), ("default", 2.0)):
         _, variables = command.load_flax(str(tmp_path / name))
         assert variables["batch_stats"]["bn1"]["mean"][0] == n
+
+
+def test_unverified_checkpoints_need_the_trust_flag(tiny_run, tmp_path, capsys,
+                                                    fake_calibrations):
+    """A run whose checkpoints lack their checksum file is refused in one line naming the
+    flag that uses them (nothing written); with the flag, it exports."""
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    os.remove(os.path.join(run, "checkpoints", str(STEP), checkpointing.CHECKSUM_FILE))
+    argv = [f"--workdir={run}", "--width=0.5", "--format=flax", "--repeats=1",
+            f"--out={tmp_path / 'out'}"]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err[-1] == (
+        f"python -m us3l_jax.export: error: no readable checkpoint in {run!r} (steps [{STEP}]); "
+        "1 of them only lack their us3l_checksums.json: --trust_unverified_checkpoints uses "
+        "them")
+    assert not (tmp_path / "out").exists()
+
+    assert main(argv + ["--trust_unverified_checkpoints"]) == 0
+    with open(tmp_path / "out" / command.CARD) as f:
+        assert json.load(f)["source"]["step"] == STEP

@@ -1,6 +1,6 @@
 """``python -m us3l_jax.evaluate --workdir=RUN [--widths=1.0,0.5,0.25] [--protocol=fast|knn|paper]
 [--dataset=NAME] [--out=DIR] [--step=N] [--epochs=N] [--calibration=NAME] [--calibration_batches=N]
-[--recalibrate] [--paper_row=KEY]``: the width sweep of a pretraining run (see ``sweep.run_sweep``).
+[--recalibrate] [--paper_row=KEY] [--trust_unverified_checkpoints]``: the width sweep of a pretraining run (see ``sweep.run_sweep``).
 
 Each evaluation writes ``sweep.json/.md/.png`` (and TensorBoard events) into a new folder
 ``<workdir>/eval/<protocols>-<widths>[-<n>]/``, or into ``--out``, which must not already
@@ -11,6 +11,8 @@ absl flags like ``python -m us3l_jax.main`` (the earlier hyphenated spellings su
 trained range, an unknown protocol, dataset or paper row, an ``--out`` that holds a sweep)
 print one line ``python -m us3l_jax.evaluate: error: ...`` and exit 2. A workdir that cannot
 be written (read-only) needs ``--out``, which then also receives the calibrated BN statistics.
+Checkpoints that lack their checksum file are skipped (a warning names each) unless
+``--trust_unverified_checkpoints``, as in pretraining.
 """
 from __future__ import annotations
 
@@ -53,8 +55,12 @@ flags.DEFINE_bool("recalibrate", False, "recalibrate even if stored statistics m
                   flag_values=FLAGS)
 flags.DEFINE_string("paper_row", None, "paper row to draw beside ours, e.g. "
                     "table2/resnet18/ours (default config.eval.paper_row)", flag_values=FLAGS)
+flags.DEFINE_bool("trust_unverified_checkpoints", False, "use checkpoints that lack their "
+                  "checksum file (written before checksums existed, or the file was lost); "
+                  "otherwise they are skipped", flag_values=FLAGS)
 _NAMES = ("workdir", "widths", "protocol", "dataset", "out", "step", "epochs",
-          "calibration", "calibration_batches", "recalibrate", "paper_row")
+          "calibration", "calibration_batches", "recalibrate", "paper_row",
+          "trust_unverified_checkpoints")
 
 
 def usage() -> str:
@@ -111,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_sweep(FLAGS.workdir, FLAGS.widths, FLAGS.protocol, FLAGS.dataset, FLAGS.out,
                   FLAGS.step, epochs=FLAGS.epochs, calibration_batches=FLAGS.calibration_batches,
                   recalibrate=FLAGS.recalibrate, paper_row=FLAGS.paper_row,
-                  calibration=FLAGS.calibration, new_report=True)
+                  calibration=FLAGS.calibration, new_report=True,
+                  trust_unverified=FLAGS.trust_unverified_checkpoints)
     except (CheckpointError, ValueError) as e:
         cli.fail(PROG, e)
     except OSError as e:  # e.g. a full disk or a folder that vanished while writing

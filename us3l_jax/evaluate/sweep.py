@@ -62,7 +62,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
               recalibrate: bool = False, paper_row: str | None = None,
               calibration: str | None = None, mesh=None,
               echo: Callable[[str], None] | None = print,
-              new_report: bool = False) -> list[Record]:
+              new_report: bool = False, trust_unverified: bool = False) -> list[Record]:
     """Evaluates run ``workdir`` at ``widths`` and writes ``sweep.json/.md/.png`` into ``out``.
 
     Args:
@@ -85,6 +85,7 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
       echo: where the table and timings are printed (None: silent).
       new_report: never replace a report: ``out`` must hold no sweep yet, and without
         ``out`` the report goes to a new ``<workdir>/eval/...`` folder (module docstring).
+      trust_unverified: use checkpoints that lack their checksum file (else skipped).
     Returns:
       The records (also in ``sweep.json``), widest width first, protocols in the given order.
     """
@@ -105,7 +106,8 @@ def run_sweep(workdir: str, widths: str | Sequence[float] | None = None,
         if held:
             raise ValueError(f"{out} already holds a sweep ({', '.join(held)}); choose another "
                              "--out, or leave it out for a new folder under <workdir>/eval/")
-    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
+    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state,
+                                        trust_unverified=trust_unverified)
     settings = calibration_settings(config, calibration_batches, dataset)
     procedure = calib.procedure_key(config.eval.calibration, settings)
     t_load = time.perf_counter()

@@ -1,6 +1,7 @@
 """``python -m us3l_jax.export --workdir=RUN (--width=W | --max-macs=N | --max-params=N |
 --max-latency-ms=MS) --out=DIR [--format=onnx,stablehlo,torch,flax] [--batch=1]
-[--image-size=N] [--step=N] [--calibration=NAME] [--calibration_batches=N]``: export one
+[--image-size=N] [--step=N] [--calibration=NAME] [--calibration_batches=N]
+[--trust_unverified_checkpoints]``: export one
 width of a run (see ``command.export_run``); ``python -m us3l_jax.export --workdir=RUN
 --table [--out=DIR]``: params, MACs, latency and accuracy of every distinct width
 (``command.width_table``).
@@ -16,6 +17,8 @@ Bad arguments (no run, a width outside the trained range, a budget no width fits
 format or one not installed, an unknown ``--calibration``, ``--calibration_batches`` < 1,
 ``--out`` an existing file, a non-empty directory or in a folder that cannot be written)
 print one line ``python -m us3l_jax.export: error: ...`` and exit 2, writing nothing.
+Checkpoints that lack their checksum file are skipped (a warning names each) unless
+``--trust_unverified_checkpoints``, as in pretraining.
 """
 from __future__ import annotations
 
@@ -56,9 +59,11 @@ absl_flags.DEFINE_string("calibration", None, "whose BN statistics are folded in
 absl_flags.DEFINE_integer("calibration_batches", None, "BN calibration batches (default the "
                           "procedure's), as python -m us3l_jax.evaluate takes it",
                           flag_values=FLAGS)
+absl_flags.DEFINE_bool("trust_unverified_checkpoints", False, "use checkpoints that lack "
+                       "their checksum file (otherwise they are skipped)", flag_values=FLAGS)
 _NAMES = ("workdir", "width", "max_macs", "max_params", "max_latency_ms", "table", "format",
           "out", "batch", "image_size", "step", "repeats", "calibration",
-          "calibration_batches")
+          "calibration_batches", "trust_unverified_checkpoints")
 _CHOICES = ("width", "max_macs", "max_params", "max_latency_ms", "table")
 
 
@@ -81,6 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.fail(PROG, "give exactly one of --width, --max-macs, --max-params, "
                        f"--max-latency-ms, --table (got {len(chosen)}: "
                        f"{', '.join('--' + c.replace('_', '-') for c in chosen) or 'none'})")
+    if args.table:  # the table reads no BN statistics and writes no format: say so, not ignore
+        given = [f for f in ("format", "calibration", "calibration_batches")
+                 if args[f].value is not None]
+        if given:
+            cli.fail(PROG, f"--{given[0]} applies to an export, not to --table (the table's "
+                           "accuracy column comes from the run's sweep.json, its latency from "
+                           "uncalibrated weights)")
     if args.calibration_batches is not None and args.calibration_batches < 1:
         cli.fail(PROG, f"--calibration_batches={args.calibration_batches} must be > 0")
     # Our progress at INFO; other libraries (jax2onnx logs every conversion step, absl via
@@ -102,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.table:
             command.width_table(args.workdir, args.out, args.batch, args.image_size, args.step,
-                                args.repeats)
+                                args.repeats,
+                                trust_unverified=args.trust_unverified_checkpoints)
             return 0
         if args.out is None:
             raise ValueError("--out is required to export (a new or empty directory)")
@@ -116,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         command.export_run(args.workdir, args.out, args.width, budget, formats, args.batch,
                            args.image_size, args.step, repeats=args.repeats,
                            calibration=args.calibration,
-                           calibration_batches=args.calibration_batches)
+                           calibration_batches=args.calibration_batches,
+                           trust_unverified=args.trust_unverified_checkpoints)
     except (CheckpointError, ValueError) as e:  # the same one line (exit 2) as bad flags
         cli.fail(PROG, e)
     return 0

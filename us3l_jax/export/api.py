@@ -60,10 +60,11 @@ class Width:
 class Run:
     """A pretraining run's config and one checkpoint's parameters (loaded once)."""
 
-    def __init__(self, workdir: str, step: int | None = None):
+    def __init__(self, workdir: str, step: int | None = None, trust_unverified: bool = False):
         self.workdir = workdir
         self._pre = checkpointing.load_pretrained(workdir, step,
-                                                  abstract_state=build.abstract_state)
+                                                  abstract_state=build.abstract_state,
+                                                  trust_unverified=trust_unverified)
         self.config = self._pre.config
         self.step = self._pre.step
 
@@ -87,7 +88,8 @@ class Run:
                      procedure and {k: procedure[k] for k in ("name", "key")})
 
 
-def load(workdir: str, step: int | None = None) -> Run:
+def load(workdir: str, step: int | None = None, trust_unverified: bool = False) -> Run:
     """The run in ``workdir`` (its latest checkpoint, or ``step``); ``run.at(width)`` gives a
-    callable network. Raises ``CheckpointError`` when there is no run or checkpoint."""
-    return Run(workdir, step)
+    callable network. Raises ``CheckpointError`` when there is no run or checkpoint.
+    ``trust_unverified``: use checkpoints that lack their checksum file (else skipped)."""
+    return Run(workdir, step, trust_unverified)

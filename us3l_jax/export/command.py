@@ -300,7 +300,7 @@ def _verify(outputs: Mapping[str, np.ndarray], reference: np.ndarray) -> dict[st
 
 def load_width(workdir: str, width: float, step: int | None = None,
                calibration_batches: int | None = None, pre: Any = None,
-               calibration: str | None = None
+               calibration: str | None = None, trust_unverified: bool = False
                ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """``(plain network, variables, info)`` of ``width`` of run ``workdir``: the compact
     network of that width (``plain.apply(variables, x, train=False)`` on normalised NHWC
@@ -308,12 +308,14 @@ def load_width(workdir: str, width: float, step: int | None = None,
     ``calibration`` (``calibration.PRESETS``; default the run's ``eval.calibration``):
     stored, or calibrated now as ``python -m us3l_jax.evaluate`` does. ``info``: step,
     width, the calibration meta, the procedure (name, key, settings) and whether stored
-    statistics were reused. ``pre``: an already loaded checkpoint."""
+    statistics were reused. ``pre``: an already loaded checkpoint; ``trust_unverified``: use
+    checkpoints that lack their checksum file (else skipped)."""
     config = checkpointing.read_config(workdir) if pre is None else pre.config
     width = check_width(config, width)
     calib.check_preset(calibration or config.eval.calibration)
     if pre is None:
-        pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
+        pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state,
+                                            trust_unverified=trust_unverified)
     backbone = _backbone(config)
     params = pre.params["backbone"]
     stats, procedure, reused = _calibrated(config, params, width, workdir, pre.step,
@@ -330,7 +332,8 @@ def export_run(workdir: str, out: str, width: float | None = None,
                formats: Sequence[str] = artifacts.FORMATS, batch: int = 1,
                size: int | None = None, step: int | None = None,
                calibration_batches: int | None = None, repeats: int = 20,
-               echo: Echo = print, calibration: str | None = None) -> dict[str, Any]:
+               echo: Echo = print, calibration: str | None = None,
+               trust_unverified: bool = False) -> dict[str, Any]:
     """Exports one width of run ``workdir`` into directory ``out``; returns the model card.
 
     Args:
@@ -343,6 +346,7 @@ def export_run(workdir: str, out: str, width: float | None = None,
       step: checkpoint (default latest); calibration_batches: instead of the run's setting.
       calibration: the BN calibration procedure whose statistics are folded in
         (``calibration.PRESETS``; default the run's ``eval.calibration``), named in the card.
+      trust_unverified: use checkpoints that lack their checksum file (else skipped).
     Raises ``ValueError`` / ``CheckpointError`` for bad arguments before anything is written.
     """
     t0 = time.perf_counter()
@@ -356,7 +360,8 @@ def export_run(workdir: str, out: str, width: float | None = None,
     calib.check_preset(calibration or config.eval.calibration)
     size = image_size(config, size)
     sweep = read_sweep(workdir)  # a bad file is reported now, not after the work
-    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
+    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state,
+                                        trust_unverified=trust_unverified)
     backbone = _backbone(config)
     params = pre.params["backbone"]
     width, picked = _resolve_width(config, backbone, params, width, budget, size, batch,
@@ -486,8 +491,8 @@ def load_flax(directory: str) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def width_table(workdir: str, out: str | None = None, batch: int = 1, size: int | None = None,
-                step: int | None = None, repeats: int = 20,
-                echo: Echo = print) -> list[widths_lib.Row]:
+                step: int | None = None, repeats: int = 20, echo: Echo = print,
+                trust_unverified: bool = False) -> list[widths_lib.Row]:
     """Params, MACs, measured latency and (with a ``sweep.json``) probe accuracy of every
     distinct width of run ``workdir``; printed and written as ``width_table.json/.png`` into
     ``out`` (default ``workdir``). Returns the rows, narrowest first."""
@@ -499,7 +504,8 @@ def width_table(workdir: str, out: str | None = None, batch: int = 1, size: int 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is an existing file; give a directory")
     _check_writable(out, f"--out {out!r}")
-    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
+    pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state,
+                                        trust_unverified=trust_unverified)
     backbone = _backbone(config)
     accuracy = widths_lib.sweep_accuracy(backbone, read_sweep(workdir))
     rows = widths_lib.table(backbone, pre.params["backbone"], config.sampler.width_range[0],
