@@ -74,3 +74,24 @@ def test_check_notices_a_deleted_or_replaced_lock(tmp_path, fault):
                                  rf"5 without writing anything more"):
             workdir_lock.check(workdir, "at step 5")
     workdir_lock.check(str(tmp_path / "never_held"))  # not held here: nothing to check
+
+
+def test_a_failed_start_leaves_no_workdir_behind(tmp_path):
+    """A workdir the lock created and nobody wrote in (setup failed) is removed with its lock;
+    one that existed before, or that holds anything else, stays as it was."""
+    new = tmp_path / "new" / "run"
+    with pytest.raises(RuntimeError):
+        with workdir_lock.hold(str(new)):
+            assert os.listdir(new) == [workdir_lock.LOCK_FILE]
+            raise RuntimeError("dataset not prepared")
+    assert not new.exists() and (tmp_path / "new").is_dir()  # only the folder it made goes
+
+    with workdir_lock.hold(str(new)):
+        (new / "config.json").write_text("{}")
+    assert sorted(os.listdir(new)) == [workdir_lock.LOCK_FILE, "config.json"]
+
+    old = tmp_path / "old"
+    old.mkdir()
+    with workdir_lock.hold(str(old)):
+        pass
+    assert os.listdir(old) == [workdir_lock.LOCK_FILE]

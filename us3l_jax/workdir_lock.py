@@ -80,7 +80,8 @@ def _identity_of_fd(fd: int) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
-    """Holds the workdir's lock (creating the workdir) for the ``with`` block; raises
+    """Holds the workdir's lock (creating the workdir, and removing it again if nothing but
+    the lock was written in it) for the ``with`` block; raises
     ``WorkdirLockedError`` naming the holder if another process has it, ``OSError`` if the
     workdir cannot be created. ``enabled=False`` (processes other than 0) does nothing.
     A bucket workdir (``gs://``), where no OS lock exists, gets a lease instead
@@ -100,6 +101,7 @@ def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
         finally:
             _held[path][1] -= 1
         return
+    created = not os.path.exists(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     f = open(path, "a+")
     try:
@@ -127,4 +129,21 @@ def hold(workdir: str, enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         del _held[path]
+        if created:
+            _remove_if_unused(path)
         f.close()  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def _remove_if_unused(path: str) -> None:
+    """A workdir this lock created and that holds nothing but the lock file (a run that
+    stopped in setup, e.g. on an unprepared dataset) is removed, so a failed start leaves no
+    trace. Done while the lock is still held: a second run that opened the old file gets its
+    lock only after the directory is gone, and then stops (its workdir no longer exists)."""
+    workdir = os.path.dirname(path)
+    try:
+        if os.listdir(workdir) != [LOCK_FILE]:
+            return
+        os.unlink(path)
+        os.rmdir(workdir)  # fails (and is ignored) if something appeared meanwhile
+    except OSError:
+        pass
