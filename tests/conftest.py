@@ -1,5 +1,6 @@
 """Test-wide setup: CPU only, float32 matmuls, and a persistent compilation cache so that
 programs compiled by one test (or one test process) are reused by the next."""
+import logging
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,6 +13,22 @@ _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_as_it_was():
+    """A command's ``main(argv)`` called in a test installs a root handler on that test's
+    captured stderr (``logging.basicConfig(force=True)``), which pytest closes afterwards: a
+    later test in the same worker that logs (absl's flag parser does) would print a
+    'Logging error' traceback into its own stderr. Such handlers go after each test, and the
+    root level is put back (pytest's own capture handlers are subclasses, left alone)."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for h in root.handlers[:]:
+        if type(h) is logging.StreamHandler and h not in before:
+            root.removeHandler(h)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
