@@ -54,10 +54,11 @@ def run(engine, steps=len(WIDTHS)):
 
 
 @pytest.mark.parametrize("update_mode,steps", [
-    ("accumulate", 2), pytest.param("per_width", 3, marks=pytest.mark.slow)])
+    ("accumulate", 2), pytest.param("per_width", 2, marks=pytest.mark.slow)])
 def test_the_probe_does_not_change_the_training(update_mode, steps):
-    """Parameters, teacher, optimizer state, key and step after base-only and sandwich
-    iterations are bitwise those of the same engine without a probe; the probe's own state
+    """Parameters, teacher, optimizer state, key and step after a base-only and a sandwich
+    iteration (two updates in per_width mode) are bitwise those of the same engine without a
+    probe; the probe's own state
     has moved from its zero start and its metrics are logged."""
     plain, _ = run(make_engine(update_mode, probe=False), steps)
     probed, metrics = run(make_engine(update_mode, probe=True), steps)
@@ -117,25 +118,23 @@ def test_the_probe_needs_labels_and_two_classes():
 
 @pytest.mark.slow
 def test_the_probe_runs_on_two_devices():
-    """On a mesh of two (forced CPU) devices the training beside the probe is bitwise the
-    training without it, and the probe's state matches one device's to float32 rounding."""
+    """On a mesh of two (forced CPU) devices the probe's state and the training beside it
+    match one device's to float32 rounding (that the probe leaves the training bitwise
+    unchanged is checked on one device above: compiling a third engine here cost 20 s)."""
     script = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {REPO!r})
         import jax, numpy as np
         jax.config.update("jax_default_matmul_precision", "highest")
         from tests.engine.test_online_probe import make_engine, run
-        from tests.helpers import leaves_equal
         from us3l_jax import mesh as mesh_lib
         two = mesh_lib.make_mesh(jax.devices()[:2])
         # Two iterations (base-only, then one sub-network): the compiles are the cost.
-        plain, _ = run(make_engine("accumulate", probe=False, mesh=two), 2)
         probed, m = run(make_engine("accumulate", probe=True, mesh=two), 2)
         single, m1 = run(make_engine("accumulate", probe=True), 2)
+        flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]).tolist()
         print(json.dumps(dict(
-            same=leaves_equal(plain.params, probed.params) and
-                 leaves_equal(plain.opt_state, probed.opt_state) and
-                 leaves_equal(plain.ema_params, probed.ema_params),
+            p2=flat(probed.params), p1=flat(single.params),
             devices=len(probed.probe["params"]["w"].sharding.device_set),
             w2=np.asarray(probed.probe["params"]["w"]).ravel().tolist(),
             w1=np.asarray(single.probe["params"]["w"]).ravel().tolist(),
@@ -146,7 +145,8 @@ def test_the_probe_runs_on_two_devices():
                           env=env, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["same"] and out["devices"] == 2
+    assert out["devices"] == 2
+    np.testing.assert_allclose(out["p2"], out["p1"], rtol=1e-3, atol=1e-4)  # two updates
     np.testing.assert_allclose(out["loss2"], out["loss1"], rtol=1e-5)
     np.testing.assert_allclose(out["w2"], out["w1"], rtol=1e-4, atol=1e-6)
 
