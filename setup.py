@@ -41,6 +41,8 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.9.1,<1.10",
     # Colour-space ops with documented semantics (jitter, grayscale) instead of our own.
     "dm-pix>=0.4.5,<0.5",
+    # The StableHLO export file: jax.export's serialization imports it, jax does not require it.
+    "flatbuffers>=25.12.19,<25.13",
     # Torch-layout weight files without a torch dependency.
     "safetensors>=0.8.0,<0.9",
     # TensorBoard event files without TensorFlow.

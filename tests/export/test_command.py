@@ -357,6 +357,28 @@ def test_default_formats_leave_out_what_is_not_installed(tiny_run, tmp_path, mon
                    "'us3l_jax[export]' (from a checkout: pip install -e \".[export]\"))\n")
 
 
+def test_stablehlo_needs_flatbuffers_and_says_so(monkeypatch):
+    """jax.export cannot serialize without flatbuffers (a core dependency, which a --no-deps
+    install into a prepared image may lack): found before any work, with its own hint."""
+    import importlib.util
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "flatbuffers" else find(name, *a))
+    formats, note = artifacts.default_formats()
+    assert "stablehlo" not in formats and "torch" in formats
+    assert note == "note: not exporting stablehlo: flatbuffers not installed (pip install " \
+                   "flatbuffers)"
+    with pytest.raises(ValueError, match="format 'stablehlo' needs flatbuffers, not installed: "
+                                         "pip install flatbuffers, or leave stablehlo out"):
+        artifacts.check_formats("stablehlo")
+    # Installed (as here), the serialization the file needs works: without it this raised
+    # "Please install 'flatbuffers' in order to use Exported serialization".
+    monkeypatch.undo()
+    exported = jax.export.export(jax.jit(lambda x: x + 1))(
+        jax.ShapeDtypeStruct((2,), jnp.float32))
+    assert len(exported.serialize()) > 0
+
+
 @pytest.mark.parametrize("text", ['{"width": 1.0', "[1, 2]", '{"a": 1}',
                                   '[{"width": "wide", "protocol": "fast", "accuracy": 1}]',
                                   "\udcff"])

@@ -36,9 +36,19 @@ INPUT_NAME, OUTPUT_NAME = "images", "features"
 PLATFORMS = ("cpu", "cuda", "tpu")
 # The batch dimension's name in both files: any batch size runs.
 BATCH = "batch"
-# What writing and checking a format imports beyond the core install (the [export] extra).
-REQUIRES = {"onnx": ("jax2onnx", "onnxruntime"), "stablehlo": (), "torch": (), "flax": ()}
+# What writing and checking a format imports that JAX and flax do not bring: ONNX needs the
+# [export] extra; jax.export's serialization needs flatbuffers (a core dependency of ours,
+# which an install with --no-deps or into a prepared image may still lack).
+REQUIRES = {"onnx": ("jax2onnx", "onnxruntime"), "stablehlo": ("flatbuffers",), "torch": (),
+            "flax": ()}
 EXTRA_HINT = "pip install 'us3l_jax[export]' (from a checkout: pip install -e \".[export]\")"
+
+
+def install_hint(modules: Sequence[str]) -> str:
+    """How to install ``modules``: the [export] extra for ONNX's, else by name."""
+    if set(modules) & set(REQUIRES["onnx"]):
+        return EXTRA_HINT
+    return "pip install " + " ".join(modules)
 
 Fn = Callable[[jax.Array], jax.Array]
 
@@ -65,7 +75,7 @@ def check_formats(text: str) -> list[str]:
     for f in items:
         if missing(f):
             raise ValueError(f"format {f!r} needs {', '.join(missing(f))}, not installed: "
-                             f"{EXTRA_HINT}, or leave {f} out of --format")
+                             f"{install_hint(missing(f))}, or leave {f} out of --format")
     return list(dict.fromkeys(items))
 
 
@@ -76,9 +86,10 @@ def default_formats() -> tuple[list[str], str | None]:
     if not left_out:
         return list(FORMATS), None
     needs = sorted({m for f in left_out for m in missing(f)})
+    hints = "; ".join(dict.fromkeys(install_hint(missing(f)) for f in left_out))
     return available_formats(), (
         f"note: not exporting {', '.join(left_out)}: {', '.join(needs)} not installed "
-        f"({EXTRA_HINT})")
+        f"({hints})")
 
 
 def input_spec(input_shape: Sequence[int | None]) -> jax.ShapeDtypeStruct:
