@@ -44,7 +44,11 @@ class Preempted(Exception):
         super().__init__(f"{what} at step {step}; checkpoint saved")
         self.step = step
         self.signum = int(signum)
-        self.exit_code = 128 + int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """The command line's exit status: 128 + the signal, as a shell reports it."""
+        return 128 + self.signum
 
 
 @dataclasses.dataclass
@@ -413,11 +417,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, mesh=None,
     finally:
         # The callbacks learn why the run stops, as a ``with`` block would tell them (W&B's
         # exit status, which error the checkpointer reports); stack.close() passes none.
-        exc = sys.exc_info()[1]
-        if exc is None:
-            stack.close()
-        else:
-            stack.__exit__(type(exc), exc, exc.__traceback__)
+        stack.__exit__(*sys.exc_info())
 
 
 def wandb_run(config: ml_collections.ConfigDict) -> metrics_lib.WandbRun | None:

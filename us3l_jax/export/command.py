@@ -300,7 +300,7 @@ def _verify(outputs: Mapping[str, np.ndarray], reference: np.ndarray) -> dict[st
 
 def load_width(workdir: str, width: float, step: int | None = None,
                calibration_batches: int | None = None, pre: Any = None,
-               calibration: str | None = None, trust_unverified: bool = False
+               calibration: str | None = None
                ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """``(plain network, variables, info)`` of ``width`` of run ``workdir``: the compact
     network of that width (``plain.apply(variables, x, train=False)`` on normalised NHWC
@@ -308,14 +308,12 @@ def load_width(workdir: str, width: float, step: int | None = None,
     ``calibration`` (``calibration.PRESETS``; default the run's ``eval.calibration``):
     stored, or calibrated now as ``python -m us3l_jax.evaluate`` does. ``info``: step,
     width, the calibration meta, the procedure (name, key, settings) and whether stored
-    statistics were reused. ``pre``: an already loaded checkpoint; ``trust_unverified``: use
-    checkpoints that lack their checksum file (else skipped)."""
+    statistics were reused. ``pre``: an already loaded checkpoint."""
     config = checkpointing.read_config(workdir) if pre is None else pre.config
     width = check_width(config, width)
     calib.check_preset(calibration or config.eval.calibration)
     if pre is None:
-        pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state,
-                                            trust_unverified=trust_unverified)
+        pre = checkpointing.load_pretrained(workdir, step, abstract_state=build.abstract_state)
     backbone = _backbone(config)
     params = pre.params["backbone"]
     stats, procedure, reused = _calibrated(config, params, width, workdir, pre.step,
